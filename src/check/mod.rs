@@ -1,0 +1,281 @@
+//! Dependency checks: one module per protocol behind the [`Check`] trait.
+//!
+//! A check knows how to probe its dependency once within a deadline and how to
+//! close its connection cleanly. It knows nothing of intervals, thresholds or
+//! state: the monitor loop (`crate::monitor`) owns those.
+//!
+//! Every failure carries a [`Cause`] from a fixed vocabulary, so metric labels
+//! stay bounded and an operator can tell "refused" from "connect timeout" from
+//! "the server answered, but not well" (seed 003).
+
+pub mod amqp;
+pub mod http;
+pub mod mysql;
+pub mod net;
+pub mod redis;
+pub mod tcp;
+
+use std::fmt;
+use std::future::Future;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::config::{DependencyConfig, DependencyKind};
+
+/// Why a check failed: a bounded set of label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The host name did not resolve.
+    Dns,
+    /// Connection refused (nothing listening).
+    Refused,
+    /// The TCP connect did not complete in time (black-holed, frozen, filtered).
+    ConnectTimeout,
+    /// Connected, but the reply did not come in time.
+    ReadTimeout,
+    /// The peer reset or closed the connection unexpectedly.
+    Reset,
+    /// No route to the host or network.
+    Unreachable,
+    /// TLS handshake or certificate failure.
+    Tls,
+    /// Credentials rejected.
+    Auth,
+    /// The peer spoke something unexpected.
+    Protocol,
+    /// The server reported an error of its own.
+    ServerError,
+    /// HTTP status not in the expected set.
+    UnexpectedStatus,
+    /// HTTP body or TCP `expect` did not match.
+    UnexpectedResponse,
+    /// MySQL 1040.
+    TooManyConnections,
+    /// MySQL 1129: this host is blocked for too many connection errors.
+    HostBlocked,
+    /// The server is up but not ready to serve (read_only, Galera state, 1047).
+    NotReady,
+    /// Redis is loading its dataset.
+    Loading,
+    /// Redis replica lost its master (`-MASTERDOWN`).
+    MasterDown,
+    /// Redis is busy running a script (`-BUSY`).
+    Busy,
+    /// The node is not the master/primary that `require_role` asks for.
+    NotMaster,
+    /// AMQP virtual host missing or not allowed.
+    Vhost,
+    /// AMQP connection blocked by a resource alarm.
+    Blocked,
+    /// A required object (AMQP queue) does not exist.
+    NotFound,
+    /// The check could not run as configured (e.g. the password file is missing).
+    Config,
+}
+
+impl Cause {
+    /// Every cause, for tests and documentation.
+    pub const ALL: [Cause; 23] = [
+        Cause::Dns,
+        Cause::Refused,
+        Cause::ConnectTimeout,
+        Cause::ReadTimeout,
+        Cause::Reset,
+        Cause::Unreachable,
+        Cause::Tls,
+        Cause::Auth,
+        Cause::Protocol,
+        Cause::ServerError,
+        Cause::UnexpectedStatus,
+        Cause::UnexpectedResponse,
+        Cause::TooManyConnections,
+        Cause::HostBlocked,
+        Cause::NotReady,
+        Cause::Loading,
+        Cause::MasterDown,
+        Cause::Busy,
+        Cause::NotMaster,
+        Cause::Vhost,
+        Cause::Blocked,
+        Cause::NotFound,
+        Cause::Config,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Dns => "dns",
+            Cause::Refused => "refused",
+            Cause::ConnectTimeout => "connect_timeout",
+            Cause::ReadTimeout => "read_timeout",
+            Cause::Reset => "reset",
+            Cause::Unreachable => "unreachable",
+            Cause::Tls => "tls",
+            Cause::Auth => "auth",
+            Cause::Protocol => "protocol",
+            Cause::ServerError => "server_error",
+            Cause::UnexpectedStatus => "unexpected_status",
+            Cause::UnexpectedResponse => "unexpected_response",
+            Cause::TooManyConnections => "too_many_connections",
+            Cause::HostBlocked => "host_blocked",
+            Cause::NotReady => "not_ready",
+            Cause::Loading => "loading",
+            Cause::MasterDown => "master_down",
+            Cause::Busy => "busy",
+            Cause::NotMaster => "not_master",
+            Cause::Vhost => "vhost",
+            Cause::Blocked => "blocked",
+            Cause::NotFound => "not_found",
+            Cause::Config => "config",
+        }
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed check: a bounded cause and a short human message.
+///
+/// The message must never contain a secret; it is shown in `/status` and logs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{cause}: {message}")]
+pub struct CheckError {
+    /// The classified cause (a metric label).
+    pub cause: Cause,
+    /// What happened, for humans (no secrets).
+    pub message: String,
+}
+
+impl CheckError {
+    /// Builds an error.
+    pub fn new(cause: Cause, message: impl Into<String>) -> Self {
+        CheckError { cause, message: message.into() }
+    }
+}
+
+/// Extra facts a check reports for `/status` (e.g. the current Redis master,
+/// each AMQP node's state).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Details {
+    /// The server's version, when the protocol tells it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_version: Option<String>,
+    /// The address actually checked (e.g. the master a Sentinel named).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_master: Option<String>,
+    /// Per-node results, for dependencies checked as a cluster.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One node of a clustered dependency.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeStatus {
+    /// The node's address as configured (no credentials).
+    pub address: String,
+    /// Whether the node passed its last check.
+    pub up: bool,
+    /// The cause of its last failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    /// The message of its last failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A protocol check of one dependency.
+///
+/// Implementations keep whatever connection they like between calls (one
+/// persistent connection is the norm), but must bound every step by
+/// `deadline` and classify each failure precisely. A call may be cancelled
+/// by the monitor after the deadline plus a small grace; the next call must
+/// then start from a clean state.
+pub trait Check: Send {
+    /// Probes the dependency once; every step finishes by `deadline`.
+    fn check(&mut self, deadline: Instant) -> impl Future<Output = Result<(), CheckError>> + Send;
+
+    /// Extra facts for `/status`, read after each `check`.
+    fn details(&self) -> Details {
+        Details::default()
+    }
+
+    /// Ends any open connection cleanly (COM_QUIT, connection.close, ...), by `deadline`.
+    fn close(&mut self, deadline: Instant) -> impl Future<Output = ()> + Send {
+        let _ = deadline;
+        async {}
+    }
+}
+
+/// Any configured check (enum dispatch keeps the monitor generic-free and allocation-free).
+pub enum AnyCheck {
+    /// `type: tcp`.
+    Tcp(tcp::TcpCheck),
+    /// `type: http`.
+    Http(http::HttpCheck),
+    /// `type: mysql`.
+    Mysql(mysql::MysqlCheck),
+    /// `type: redis`.
+    Redis(redis::RedisCheck),
+    /// `type: amqp`.
+    Amqp(amqp::AmqpCheck),
+}
+
+impl AnyCheck {
+    /// Builds the check for a dependency.
+    pub fn new(dep: &DependencyConfig) -> AnyCheck {
+        match &dep.kind {
+            DependencyKind::Tcp(s) => AnyCheck::Tcp(tcp::TcpCheck::new(s.clone())),
+            DependencyKind::Http(s) => AnyCheck::Http(http::HttpCheck::new(s.clone())),
+            DependencyKind::Mysql(s) => AnyCheck::Mysql(mysql::MysqlCheck::new(s.clone(), dep)),
+            DependencyKind::Redis(s) => AnyCheck::Redis(redis::RedisCheck::new(s.clone(), dep)),
+            DependencyKind::Amqp(s) => AnyCheck::Amqp(amqp::AmqpCheck::new(s.clone(), dep)),
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $c:ident => $e:expr) => {
+        match $self {
+            AnyCheck::Tcp($c) => $e,
+            AnyCheck::Http($c) => $e,
+            AnyCheck::Mysql($c) => $e,
+            AnyCheck::Redis($c) => $e,
+            AnyCheck::Amqp($c) => $e,
+        }
+    };
+}
+
+impl Check for AnyCheck {
+    async fn check(&mut self, deadline: Instant) -> Result<(), CheckError> {
+        dispatch!(self, c => c.check(deadline).await)
+    }
+
+    fn details(&self) -> Details {
+        dispatch!(self, c => c.details())
+    }
+
+    async fn close(&mut self, deadline: Instant) {
+        dispatch!(self, c => c.close(deadline).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cause_labels_are_unique_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for c in Cause::ALL {
+            let s = c.as_str();
+            assert!(s.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_'), "{s}");
+            assert!(seen.insert(s), "duplicate {s}");
+            assert_eq!(serde_json::to_value(c).unwrap(), serde_json::Value::String(s.into()));
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! healthgate: a sidecar health proxy.
+//!
+//! # Layout
+//! * [`config`]: the YAML schema, validated once into typed structs.
+//! * [`check`]: one module per protocol behind the [`check::Check`] trait.
+//! * [`monitor`]: the loop that runs a check on its interval with jitter,
+//!   timeout and rise/fall hysteresis, and publishes the verdict.
+//! * [`state`]: the shared health state: one writer per dependency,
+//!   lock-free reads on the request path.
+//! * [`proxy`]: the data plane (HTTP and TCP listeners).
+//! * [`admin`]: probes, `/status` and `/metrics` on their own thread.
+//! * [`metrics`]: the Prometheus registry.
+//! * [`server`]: wires the threads together and runs the drain on SIGTERM.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod check;
+pub mod config;
