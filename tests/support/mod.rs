@@ -1,0 +1,62 @@
+//! Test support shared by the integration tests: private servers on
+//! ephemeral ports, a fault-injecting relay, and a healthgate launcher.
+//!
+//! Every test binary includes this with `mod support;` and uses only parts
+//! of it, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+pub mod healthgate;
+pub mod mariadb;
+pub mod rabbitmq;
+pub mod redis;
+pub mod relay;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Bound on any single await in a test, so a hang fails fast.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// Polls `f` every 50 ms until it returns `Some`, failing the test after `within`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(Some(v)) = tokio::time::timeout(within, f()).await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Blocking variant of [`eventually`] for code outside a runtime.
+pub fn eventually_blocking<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TCP port that was free a moment ago (for servers that cannot bind port 0
+/// and report it back, such as mariadbd or rabbitmq).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Sends SIGSTOP / SIGCONT / SIGKILL / SIGTERM to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
