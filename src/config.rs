@@ -501,11 +501,35 @@ struct RawShortCircuit {
 }
 
 /// `needs: all` or a list of dependency names.
-#[derive(Deserialize)]
-#[serde(untagged)]
+///
+/// Deserialized by hand: serde's `untagged` would buffer the value and lose
+/// the position of each name.
 enum RawNeeds {
     Keyword(String),
     List(Vec<S<String>>),
+}
+
+impl<'de> Deserialize<'de> for RawNeeds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawNeeds;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`all` or a list of dependency names")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawNeeds, E> {
+                Ok(RawNeeds::Keyword(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawNeeds, A::Error> {
+                let mut names = Vec::new();
+                while let Some(n) = seq.next_element::<S<String>>()? {
+                    names.push(n);
+                }
+                Ok(RawNeeds::List(names))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -762,14 +786,16 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Config {
     let mut dep_names = HashSet::new();
     for (i, d) in raw.dependencies.into_iter().enumerate() {
         let pos = Pos::from(&d);
-        if let Some(dep) = validate_dependency(d.value, i, pos, problems) {
-            if !dep_names.insert(dep.name.clone()) {
-                problems.at_pos(
-                    pos,
+        if let Some(name) = &d.value.name {
+            if !dep_names.insert(name.value.clone()) {
+                problems.at(
+                    name,
                     format!("dependencies[{i}].name"),
-                    format!("duplicate dependency name {:?}", dep.name),
+                    format!("duplicate dependency name {:?}", name.value),
                 );
             }
+        }
+        if let Some(dep) = validate_dependency(d.value, i, pos, problems) {
             dependencies.push(dep);
         }
     }
@@ -1167,13 +1193,6 @@ dependencies:
     fn observe_dependencies_are_not_needed_by_default() {
         let c = load(&format!("{MINIMAL}dependencies:\n  - name: a\n    type: tcp\n    address: a:1\n    impact: observe\n  - name: b\n    type: tcp\n    address: b:1\n")).unwrap();
         assert_eq!(c.listeners[0].needs, vec![1]);
-    }
-
-    #[test]
-    fn redis_defaults_to_degraded_impact() {
-        let c =
-            load(&format!("{MINIMAL}dependencies:\n  - name: cache\n    type: redis\n    address: r:6379\n")).unwrap();
-        assert_eq!(c.dependencies[0].impact, Impact::Degraded);
     }
 
     #[test]

@@ -16,3 +16,6 @@
 
 pub mod check;
 pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod state;

@@ -1,0 +1,128 @@
+//! The data plane: HTTP and TCP listeners gated by the shared health state.
+//!
+//! Each worker thread runs its own current-thread runtime and its own
+//! `SO_REUSEPORT` socket per listener (see `crate::server`), and calls
+//! [`http::serve`] or [`tcp::serve`] with a shared [`ListenerCtx`]. Anything
+//! per-connection or per-worker (the upstream connection pool) lives inside
+//! `serve`, so workers share nothing mutable but atomics.
+
+pub mod http;
+pub mod tcp;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::{Config, ListenerConfig, ShortCircuitConfig};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::state::{Health, Reject};
+
+/// The drain signal: `None` while running; `Some(deadline)` once the listener
+/// must stop accepting and finish in-flight work by `deadline`.
+pub type DrainSignal = watch::Receiver<Option<Instant>>;
+
+/// Everything a listener's workers share (read-only but for atomics).
+pub struct ListenerCtx {
+    /// The listener's config.
+    pub config: ListenerConfig,
+    /// Shared health state.
+    pub health: Arc<Health>,
+    /// Dependencies the listener needs by default (bit mask).
+    pub needs: u64,
+    /// Pre-rendered short-circuit responses.
+    pub responses: Responses,
+    /// Request metrics of the listener's default route.
+    pub metrics: RouteMetrics,
+    /// Open client connections.
+    pub active_connections: Gauge,
+    /// The registry, for per-route or per-protocol handles.
+    pub registry: Arc<Metrics>,
+}
+
+impl ListenerCtx {
+    /// Builds the context of listener `index` of `config`.
+    pub fn new(config: &Config, index: usize, health: Arc<Health>, registry: Arc<Metrics>) -> Arc<ListenerCtx> {
+        let l = &config.listeners[index];
+        Arc::new(ListenerCtx {
+            config: l.clone(),
+            needs: Health::mask(&l.needs),
+            responses: Responses::new(&config.short_circuit),
+            metrics: registry.route(&l.name, "default"),
+            active_connections: registry.active_connections(&l.name),
+            health,
+            registry,
+        })
+    }
+}
+
+/// Short-circuit responses, rendered once at startup.
+#[derive(Debug, Clone)]
+pub struct Responses {
+    /// Body of the 503.
+    pub out_of_service: Bytes,
+    /// Body of the 500.
+    pub degraded: Bytes,
+    /// `Retry-After` value (seconds) for the 503.
+    pub retry_after: Bytes,
+    /// Whether to name missing dependencies in the body.
+    pub expose_dependencies: bool,
+}
+
+/// The media type of short-circuit bodies (RFC 9457).
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+impl Responses {
+    /// Renders the configured bodies.
+    pub fn new(c: &ShortCircuitConfig) -> Responses {
+        Responses {
+            out_of_service: Bytes::from(c.out_of_service_body.clone()),
+            degraded: Bytes::from(c.degraded_body.clone()),
+            retry_after: Bytes::from(c.retry_after.as_secs().max(1).to_string()),
+            expose_dependencies: c.expose_dependencies,
+        }
+    }
+
+    /// Status and body for a rejection; `missing` names the dependencies that
+    /// are not up (used only when the operator opted in).
+    pub fn body(&self, reject: Reject, missing: u64, health: &Health) -> (u16, Bytes) {
+        let (status, base) = match reject {
+            Reject::OutOfService => (503, &self.out_of_service),
+            Reject::Degraded => (500, &self.degraded),
+        };
+        if !self.expose_dependencies {
+            return (status, base.clone());
+        }
+        // Opt-in detail: add `"dependencies":[...]` to the configured object.
+        let mut obj: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(base).unwrap_or_default();
+        obj.insert("dependencies".into(), health.names(missing).map(|n| serde_json::Value::String(n.into())).collect());
+        (status, Bytes::from(serde_json::to_vec(&obj).unwrap_or_else(|_| base.to_vec())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_OUT_OF_SERVICE_BODY;
+    use std::path::Path;
+
+    #[test]
+    fn opt_in_body_names_the_missing_dependencies_only_when_asked() {
+        let yaml = "short_circuit:\n  expose_dependencies: true\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\ndependencies:\n  - name: db\n    type: tcp\n    address: x:1\n";
+        let c = Config::from_yaml(yaml, Path::new("t")).unwrap();
+        let h = Health::new(&c);
+        let r = Responses::new(&c.short_circuit);
+        let (status, body) = r.body(Reject::OutOfService, 1, &h);
+        assert_eq!(status, 503);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["cause"], "OUT OF SERVICE");
+        assert_eq!(v["dependencies"], serde_json::json!(["db"]));
+        let plain = Responses { expose_dependencies: false, ..r };
+        assert_eq!(
+            plain.body(Reject::OutOfService, 1, &h).1,
+            Bytes::from_static(DEFAULT_OUT_OF_SERVICE_BODY.as_bytes())
+        );
+    }
+}
