@@ -287,7 +287,7 @@ pub const DEFAULT_DEGRADED_BODY: &str =
     r#"{"type":"about:blank","title":"Internal Server Error","status":500,"cause":"Internal Server Error"}"#;
 
 /// Listener protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ListenerProtocol {
     /// HTTP/1.1 reverse proxy.
@@ -681,14 +681,7 @@ impl Config {
         let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| {
             let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
-            let message = e.without_snippet().to_string();
-            // saphyr prefixes "error: line L column C: "; keep only the message.
-            let message = message
-                .split_once(": ")
-                .and_then(|(_, m)| m.split_once(": ").map(|(_, m)| m.to_string()))
-                .filter(|_| line > 0)
-                .unwrap_or(message);
-            invalid(vec![Problem { line, column, key: "(yaml)".into(), message }])
+            invalid(vec![yaml_problem(&e.without_snippet().to_string(), line, column, text)])
         })?;
         let mut problems = Problems::default();
         let config = validate(raw, path, &mut problems);
@@ -704,6 +697,33 @@ impl Config {
     pub fn dependency_index(&self, name: &str) -> Option<usize> {
         self.dependencies.iter().position(|d| d.name == name)
     }
+}
+
+/// Turns a YAML/serde error message into a [`Problem`], naming the key when
+/// the message does (`unknown field `x``, `missing field `x``).
+fn yaml_problem(message: &str, line: u64, column: u64, text: &str) -> Problem {
+    // saphyr says "error: line L column C: <message> at line L, column C"; keep the message.
+    let mut m = message.trim();
+    if let Some(rest) = m.strip_prefix("error: ") {
+        m = rest.split_once(": ").filter(|(pos, _)| pos.starts_with("line ")).map(|(_, r)| r).unwrap_or(rest);
+    }
+    if let Some(i) = m.rfind(" at line ") {
+        m = &m[..i];
+    }
+    let key = ["unknown field `", "missing field `", "unknown variant `"]
+        .iter()
+        .find_map(|p| m.split_once(p).and_then(|(_, r)| r.split_once('`')).map(|(k, _)| k.to_string()))
+        .or_else(|| key_on_line(text, line))
+        .unwrap_or_else(|| "(yaml)".into());
+    Problem { line, column, key, message: m.to_string() }
+}
+
+/// The mapping key written on a line (`  rise: x` → `rise`), if any.
+fn key_on_line(text: &str, line: u64) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)? as usize)?;
+    let (k, _) = l.split_once(':')?;
+    let k = k.trim().trim_start_matches("- ").trim().trim_matches(['"', '\'']);
+    (!k.is_empty() && !k.contains(' ')).then(|| k.to_string())
 }
 
 fn parse_socket_addr(s: &S<String>, key: &str, problems: &mut Problems) -> SocketAddr {
@@ -786,14 +806,10 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Config {
     let mut dep_names = HashSet::new();
     for (i, d) in raw.dependencies.into_iter().enumerate() {
         let pos = Pos::from(&d);
-        if let Some(name) = &d.value.name {
-            if !dep_names.insert(name.value.clone()) {
-                problems.at(
-                    name,
-                    format!("dependencies[{i}].name"),
-                    format!("duplicate dependency name {:?}", name.value),
-                );
-            }
+        if let Some(name) = &d.value.name
+            && !dep_names.insert(name.value.clone())
+        {
+            problems.at(name, format!("dependencies[{i}].name"), format!("duplicate dependency name {:?}", name.value));
         }
         if let Some(dep) = validate_dependency(d.value, i, pos, problems) {
             dependencies.push(dep);
@@ -838,10 +854,10 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Config {
             None => default,
         };
         let max_header_bytes = positive(&l.max_header_bytes, "max_header_bytes", 16 * 1024, problems);
-        if max_header_bytes < 8192 {
-            if let Some(s) = &l.max_header_bytes {
-                problems.at(s, key("max_header_bytes"), "must be at least 8192");
-            }
+        if max_header_bytes < 8192
+            && let Some(s) = &l.max_header_bytes
+        {
+            problems.at(s, key("max_header_bytes"), "must be at least 8192");
         }
         let protocol = l.protocol.map(|p| p.value).unwrap_or(ListenerProtocol::Http);
         listeners.push(ListenerConfig {
@@ -959,10 +975,10 @@ fn validate_dependency(d: RawDependency, i: usize, pos: Pos, problems: &mut Prob
     let interval = d.interval.as_ref().map(|d| d.value.0).unwrap_or(Duration::from_secs(2));
     let timeout = d.timeout.as_ref().map(|d| d.value.0).unwrap_or(Duration::from_secs(1));
     let nonzero = |v: &Option<S<HumanDuration>>, k: &str, problems: &mut Problems| {
-        if let Some(v) = v {
-            if v.value.0.is_zero() {
-                problems.at(v, key(k), "must be greater than zero");
-            }
+        if let Some(v) = v
+            && v.value.0.is_zero()
+        {
+            problems.at(v, key(k), "must be greater than zero");
         }
     };
     nonzero(&d.interval, "interval", problems);

@@ -14,8 +14,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod check;
 pub mod config;
 pub mod metrics;
+pub mod monitor;
+pub mod oneshot;
 pub mod proxy;
+pub mod server;
 pub mod state;

@@ -61,7 +61,8 @@ pub struct DepStatus {
 }
 
 impl DepStatus {
-    fn new() -> Self {
+    /// The status of a dependency that has no verdict yet.
+    pub fn unknown() -> Self {
         DepStatus {
             state: DepHealth::Unknown,
             since: SystemTime::now(),
@@ -200,7 +201,7 @@ impl Health {
                 name: d.name.clone(),
                 kind: d.kind.type_name(),
                 impact: d.impact,
-                tx: watch::Sender::new(DepStatus::new()),
+                tx: watch::Sender::new(DepStatus::unknown()),
             })
             .collect();
         let initial = if n == 0 { ServiceState::InService } else { ServiceState::Starting };
@@ -393,7 +394,7 @@ mod tests {
     }
 
     fn set(h: &Health, i: usize, state: DepHealth) {
-        h.publish(i, DepStatus { state, ..DepStatus::new() });
+        h.publish(i, DepStatus { state, ..DepStatus::unknown() });
     }
 
     #[test]

@@ -137,10 +137,10 @@ impl HttpCheck {
         if !ok {
             return Err(CheckError::new(Cause::UnexpectedStatus, format!("status {status}")));
         }
-        if let Some(want) = &s.expect_body {
-            if !body.windows(want.len().max(1)).any(|w| w == want.as_bytes()) {
-                return Err(CheckError::new(Cause::UnexpectedResponse, format!("body does not contain {want:?}")));
-            }
+        if let Some(want) = &s.expect_body
+            && !body.windows(want.len().max(1)).any(|w| w == want.as_bytes())
+        {
+            return Err(CheckError::new(Cause::UnexpectedResponse, format!("body does not contain {want:?}")));
         }
         Ok(())
     }

@@ -38,10 +38,10 @@ impl TcpSettings {
         };
         let send = bytes(&d.send, "send");
         let expect = bytes(&d.expect, "expect");
-        if let Some(e) = &d.expect {
-            if e.value.is_empty() {
-                ctx.error(e, "expect", "must not be empty");
-            }
+        if let Some(e) = &d.expect
+            && e.value.is_empty()
+        {
+            ctx.error(e, "expect", "must not be empty");
         }
         Some(TcpSettings { address: address?, send, expect })
     }

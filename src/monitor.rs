@@ -1,0 +1,212 @@
+//! The monitor loop: runs one dependency's check on its interval (with
+//! jitter), bounds it by its timeout, applies rise/fall hysteresis, and
+//! publishes the verdict. One task per dependency, the only writer of its
+//! state. Also the aggregator, which turns verdicts into the service state
+//! and emits the seed's "OUT OF SERVICE" / "IN SERVICE" events.
+//!
+//! Logging: one event per transition, never one per probe.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until, timeout_at};
+use tracing::{debug, error, info, warn};
+
+use crate::check::{AnyCheck, Cause, Check, CheckError};
+use crate::config::DependencyConfig;
+use crate::metrics::{DepLabels, Metrics, NodeLabels, TransitionLabels};
+use crate::state::{DepHealth, Health, ServiceState};
+
+/// Slack past a check's deadline before the monitor cancels it. A
+/// well-behaved check returns by its deadline; this only catches one that
+/// does not, so that no check can ever hang the loop.
+pub const CANCEL_GRACE: Duration = Duration::from_millis(250);
+
+/// Hysteresis: the verdict after one more result.
+///
+/// The first verdict is taken from the first result, so that startup needs
+/// one check round, not `rise` of them; after that `rise` consecutive
+/// successes turn a down dependency up and `fall` consecutive failures turn
+/// an up one down.
+pub fn next_health(current: DepHealth, successes: u32, failures: u32, rise: u32, fall: u32) -> DepHealth {
+    match current {
+        DepHealth::Unknown if successes > 0 => DepHealth::Up,
+        DepHealth::Unknown => DepHealth::Down,
+        DepHealth::Up if failures >= fall => DepHealth::Down,
+        DepHealth::Down if successes >= rise => DepHealth::Up,
+        other => other,
+    }
+}
+
+/// Runs one check within `timeout` (+ grace), converting a hang into a timeout.
+pub async fn run_once(check: &mut AnyCheck, timeout: Duration) -> (Result<(), CheckError>, Duration) {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let result = match timeout_at(deadline + CANCEL_GRACE, check.check(deadline)).await {
+        Ok(r) => r,
+        Err(_) => Err(CheckError::new(Cause::ReadTimeout, format!("check did not finish within {timeout:?}"))),
+    };
+    (result, started.elapsed())
+}
+
+/// Monitors dependency `index` until `stop` turns true, then closes the check's
+/// connection cleanly.
+pub async fn monitor(
+    index: usize,
+    dep: DependencyConfig,
+    mut check: AnyCheck,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let kind = dep.kind.type_name();
+    let labels = DepLabels { dependency: dep.name.clone(), r#type: kind.into() };
+    let up_gauge = metrics.dependency_up.get_or_create_owned(&labels);
+    let duration = metrics.check_duration.get_or_create_owned(&labels);
+    let mut status = health.deps()[index].status();
+
+    loop {
+        let (result, latency) = tokio::select! {
+            r = run_once(&mut check, dep.timeout) => r,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        duration.observe(latency.as_secs_f64());
+        status.checks_total += 1;
+        status.last_check = Some(SystemTime::now());
+        status.last_latency_seconds = Some(latency.as_secs_f64());
+        status.last_ok = Some(result.is_ok());
+        match &result {
+            Ok(()) => {
+                status.consecutive_successes += 1;
+                status.consecutive_failures = 0;
+            }
+            Err(e) => {
+                status.consecutive_failures += 1;
+                status.consecutive_successes = 0;
+                status.last_cause = Some(e.cause);
+                status.last_message = Some(e.message.clone());
+                metrics.check_failed(&dep.name, e.cause);
+                debug!(dependency = %dep.name, cause = %e.cause, message = %e.message, "check failed");
+            }
+        }
+        status.details = check.details();
+        for node in &status.details.nodes {
+            metrics
+                .node_up
+                .get_or_create(&NodeLabels { dependency: dep.name.clone(), node: node.address.clone() })
+                .set(node.up as i64);
+        }
+
+        let next =
+            next_health(status.state, status.consecutive_successes, status.consecutive_failures, dep.rise, dep.fall);
+        if next != status.state {
+            let to = if next == DepHealth::Up { "up" } else { "down" };
+            match (&result, next) {
+                (_, DepHealth::Up) => info!(
+                    dependency = %dep.name, r#type = kind, impact = dep.impact.as_str(),
+                    from = ?status.state, "dependency up"
+                ),
+                (Err(e), _) => warn!(
+                    dependency = %dep.name, r#type = kind, impact = dep.impact.as_str(), cause = %e.cause,
+                    message = %e.message, failures = status.consecutive_failures, "dependency down"
+                ),
+                (Ok(()), _) => {}
+            }
+            metrics.transitions.get_or_create(&TransitionLabels { dependency: dep.name.clone(), to: to.into() }).inc();
+            up_gauge.set((next == DepHealth::Up) as i64);
+            status.state = next;
+            status.since = SystemTime::now();
+        }
+        health.publish(index, status.clone());
+
+        let base = if status.state == DepHealth::Down { dep.interval_down } else { dep.interval };
+        let wake = Instant::now() + jittered(base, dep.jitter);
+        tokio::select! {
+            _ = sleep_until(wake) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    // Leave the server a clean goodbye (COM_QUIT, connection.close, QUIT).
+    check.close(Instant::now() + dep.timeout.min(Duration::from_secs(2))).await;
+}
+
+/// `base` spread by ±`fraction`, so that many pods do not check in lockstep.
+fn jittered(base: Duration, fraction: f64) -> Duration {
+    if fraction <= 0.0 {
+        return base;
+    }
+    let f = rand::rng().random_range(-fraction..=fraction);
+    base.mul_f64(1.0 + f)
+}
+
+/// Derives the service state from the verdicts whenever one changes, keeps
+/// the `service_state` gauge current and logs each service transition once.
+pub async fn aggregate(health: Arc<Health>, metrics: Arc<Metrics>) {
+    metrics.set_service_state(health.service_state().0);
+    loop {
+        let state = health.compute_service_state();
+        if health.set_service_state(state) {
+            metrics.set_service_state(state);
+            log_service_transition(&health, state);
+        }
+        health.changed().await;
+    }
+}
+
+/// The seed's banners, as one structured event each.
+fn log_service_transition(health: &Health, state: ServiceState) {
+    let down: Vec<String> = health
+        .deps()
+        .iter()
+        .map(|d| (d, d.status()))
+        .filter(|(_, s)| s.state == DepHealth::Down)
+        .map(|(d, s)| format!("{}({})", d.name, s.last_cause.map(Cause::as_str).unwrap_or("unknown")))
+        .collect();
+    let down = down.join(",");
+    match state {
+        ServiceState::OutOfService => {
+            error!(state = state.as_str(), dependencies = %down, "OUT OF SERVICE: a critical dependency is down; requests are answered 503")
+        }
+        ServiceState::Degraded => {
+            warn!(state = state.as_str(), dependencies = %down, "DEGRADED: a degraded dependency is down; requests are answered 500")
+        }
+        ServiceState::InService => info!(state = state.as_str(), "IN SERVICE: every dependency is up"),
+        ServiceState::Draining => info!(state = state.as_str(), "DRAINING: shutdown requested; readiness fails"),
+        ServiceState::Starting => info!(state = state.as_str(), "STARTING: waiting for the first check round"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DepHealth::*;
+
+    #[test]
+    fn first_result_decides_the_first_verdict() {
+        assert_eq!(next_health(Unknown, 1, 0, 3, 3), Up);
+        assert_eq!(next_health(Unknown, 0, 1, 3, 3), Down);
+    }
+
+    #[test]
+    fn up_needs_fall_consecutive_failures_to_go_down() {
+        assert_eq!(next_health(Up, 0, 1, 2, 2), Up);
+        assert_eq!(next_health(Up, 0, 2, 2, 2), Down);
+    }
+
+    #[test]
+    fn down_needs_rise_consecutive_successes_to_go_up() {
+        assert_eq!(next_health(Down, 1, 0, 2, 2), Down);
+        assert_eq!(next_health(Down, 2, 0, 2, 2), Up);
+    }
+
+    #[test]
+    fn jitter_stays_within_its_fraction() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(2), 0.1);
+            assert!(d >= Duration::from_millis(1800) && d <= Duration::from_millis(2200), "{d:?}");
+        }
+        assert_eq!(jittered(Duration::from_secs(2), 0.0), Duration::from_secs(2));
+    }
+}
