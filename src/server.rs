@@ -271,8 +271,9 @@ pub fn run(config: Config) -> Result<i32, StartError> {
         let mut int =
             signal(SignalKind::interrupt()).map_err(|source| StartError::Runtime { what: "signals", source })?;
         let running = start(config)?;
+        let listeners: Vec<String> = running.listeners.iter().map(|a| a.to_string()).collect();
         info!(
-            listeners = ?running.listeners, admin = %running.admin, workers = running.config.workers,
+            listeners = %listeners.join(","), admin = %running.admin, workers = running.config.workers,
             dependencies = running.config.dependencies.len(), "healthgate started"
         );
         let which = tokio::select! {
