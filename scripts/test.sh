@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The one test command: installs what a fresh machine lacks, then runs the
+# lint gates and every test. Tests start their own private MariaDB, Redis and
+# RabbitMQ instances on ephemeral ports; they never touch services already
+# running on the machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/lib/rabbitmq/bin/$1" ]; }
+need=()
+have mariadbd || need+=(mariadb-server)
+have mariadb-install-db || need+=(mariadb-server)
+have redis-server || need+=(redis-server)
+have rabbitmq-server || need+=(rabbitmq-server)
+have promtool || need+=(prometheus)
+have curl || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing: ${need[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  # Keep package scripts from starting system services: tests run their own.
+  had_policy=0; [ -e /usr/sbin/policy-rc.d ] && had_policy=1
+  if [ $had_policy -eq 0 ]; then printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+  if [ $had_policy -eq 0 ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
+fi
+export PATH="$PATH:/usr/sbin:/usr/lib/rabbitmq/bin"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --locked --no-fail-fast
