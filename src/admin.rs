@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::config::{AdminConfig, Config};
 use crate::metrics::Metrics;
-use crate::state::{Health, ServiceState, age};
+use crate::state::{Admission, Health, ServiceState, age};
 
 /// Heartbeats of the process's event loops, for `/livez`.
 pub struct Heartbeats {
@@ -69,6 +69,8 @@ impl Heartbeats {
 pub struct Admin {
     config: AdminConfig,
     listeners: Vec<serde_json::Value>,
+    /// Per listener: (route name, needs mask), for live per-route admission.
+    routes: Vec<Vec<(String, u64)>>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     heartbeats: Arc<Heartbeats>,
@@ -99,7 +101,18 @@ impl Admin {
                 })
             })
             .collect();
-        Arc::new(Admin { config: config.admin.clone(), listeners, health, metrics, heartbeats })
+        let routes = config
+            .listeners
+            .iter()
+            .map(|l| {
+                l.routes
+                    .iter()
+                    .map(|r| (r.name.clone(), Health::mask(&r.needs)))
+                    .chain(std::iter::once(("default".to_string(), Health::mask(&l.needs))))
+                    .collect()
+            })
+            .collect();
+        Arc::new(Admin { config: config.admin.clone(), listeners, routes, health, metrics, heartbeats })
     }
 
     /// Whether `/readyz` answers 200 in `state`.
@@ -140,8 +153,33 @@ impl Admin {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": age(self.health.started()).as_secs_f64(),
             "dependencies": deps,
-            "listeners": self.listeners,
+            "listeners": self.listeners_status(),
         })
+    }
+
+    /// The listeners, each with its routes and whether each is admitted now.
+    fn listeners_status(&self) -> Vec<serde_json::Value> {
+        self.listeners
+            .iter()
+            .zip(&self.routes)
+            .map(|(l, routes)| {
+                let routes: Vec<_> = routes
+                    .iter()
+                    .map(|(name, needs)| {
+                        let (admitted, missing) = match self.health.admission(*needs) {
+                            Admission::Admit => (true, 0),
+                            Admission::Reject(_, m) => (false, m),
+                        };
+                        let needs: Vec<&str> = self.health.names(*needs).collect();
+                        let missing: Vec<&str> = self.health.names(missing).collect();
+                        json!({ "name": name, "needs": needs, "admitted": admitted, "missing": missing })
+                    })
+                    .collect();
+                let mut l = l.clone();
+                l["routes"] = json!(routes);
+                l
+            })
+            .collect()
     }
 
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {

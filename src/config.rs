@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::check::{amqp, http as http_check, mysql, redis, tcp as tcp_check};
+use crate::routes::{RouteConfig, RouteMatch, shadows};
 
 /// Most dependencies one process checks (the state is a 64-bit mask).
 pub const MAX_DEPENDENCIES: usize = 64;
@@ -312,6 +313,8 @@ pub struct ListenerConfig {
     pub needs: Vec<usize>,
     /// Path prefixes always proxied, whatever the state.
     pub bypass: Vec<String>,
+    /// Routes in priority order (`bypass` prefixes first, as routes needing nothing).
+    pub routes: Vec<RouteConfig>,
     /// Most concurrent client connections (further ones wait in the backlog).
     pub max_connections: usize,
     /// HTTP options (meaningful for `protocol: http`).
@@ -542,6 +545,8 @@ struct RawListener {
     needs: Option<S<RawNeeds>>,
     #[serde(default)]
     bypass: Vec<S<String>>,
+    #[serde(default)]
+    routes: Vec<S<RawRoute>>,
     max_connections: Option<S<usize>>,
     // http
     x_forwarded_for: Option<bool>,
@@ -562,6 +567,41 @@ struct RawListener {
     admit_degraded: Option<bool>,
     idle_timeout: Option<HumanDuration>,
     connect_timeout: Option<HumanDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: S<String>,
+    #[serde(rename = "match")]
+    matcher: Option<S<RawMatch>>,
+    needs: Option<S<RawNeeds>>,
+    short_circuit: Option<RawRouteShortCircuit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    path_prefix: Option<S<String>>,
+    path: Option<S<String>>,
+    methods: Option<Vec<S<String>>>,
+    headers: Option<Vec<S<RawHeaderMatch>>>,
+    host: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderMatch {
+    name: String,
+    value: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouteShortCircuit {
+    out_of_service_body: Option<S<String>>,
+    degraded_body: Option<S<String>>,
+    expose_dependencies: Option<bool>,
 }
 
 /// Every key any dependency type accepts. Which keys a type allows is checked
@@ -845,6 +885,7 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Config {
                 problems.at(b, key("bypass"), "a bypass path prefix must start with '/'");
             }
         }
+        let routes = validate_routes(&l.bypass, &l.routes, &needs, &dependencies, &key("routes"), problems);
         let positive = |v: &Option<S<usize>>, k: &str, default: usize, problems: &mut Problems| match v {
             Some(s) if s.value == 0 => {
                 problems.at(s, key(k), "must be at least 1");
@@ -867,6 +908,7 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Config {
             upstream,
             needs,
             bypass: l.bypass.into_iter().map(|b| b.value).collect(),
+            routes,
             max_connections: positive(&l.max_connections, "max_connections", 10_000, problems),
             http: HttpListenerConfig {
                 x_forwarded_for: l.x_forwarded_for.unwrap_or(true),
@@ -896,6 +938,121 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Config {
     }
 
     Config { path: path.to_path_buf(), workers, admin, drain, short_circuit, listeners, dependencies }
+}
+
+/// Validates a listener's routes; `bypass` prefixes become routes needing nothing, placed first.
+fn validate_routes(
+    bypass: &[S<String>],
+    raw: &[S<RawRoute>],
+    listener_needs: &[usize],
+    deps: &[DependencyConfig],
+    key: &str,
+    problems: &mut Problems,
+) -> Vec<RouteConfig> {
+    let mut routes: Vec<RouteConfig> = bypass
+        .iter()
+        .map(|b| RouteConfig {
+            name: "bypass".into(),
+            matcher: RouteMatch { path_prefix: Some(b.value.clone()), ..Default::default() },
+            needs: Vec::new(),
+            bypass: true,
+            out_of_service_body: None,
+            degraded_body: None,
+            expose_dependencies: None,
+            pos: Pos::from(b),
+        })
+        .collect();
+    let mut names = HashSet::new();
+    for (i, r) in raw.iter().enumerate() {
+        let rkey = |k: &str| format!("{key}[{i}].{k}");
+        let r = &r.value;
+        let name = &r.name;
+        if name.value.is_empty() || !name.value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            problems.at(name, rkey("name"), "must be non-empty and use only letters, digits, '_' and '-'");
+        } else if name.value == "default" || name.value == "bypass" {
+            problems.at(name, rkey("name"), format!("`{}` is reserved", name.value));
+        } else if !names.insert(name.value.clone()) {
+            problems.at(name, rkey("name"), format!("duplicate route name {:?}", name.value));
+        }
+        let mut matcher = RouteMatch::default();
+        if let Some(m) = &r.matcher {
+            let m = &m.value;
+            for (field, v) in [("match.path_prefix", &m.path_prefix), ("match.path", &m.path)] {
+                if let Some(v) = v {
+                    if !v.value.starts_with('/') {
+                        problems.at(v, rkey(field), "must start with '/'");
+                    }
+                }
+            }
+            if let (Some(_), Some(p)) = (&m.path_prefix, &m.path) {
+                problems.at(p, rkey("match.path"), "set path or path_prefix, not both");
+            }
+            matcher.path_prefix = m.path_prefix.as_ref().map(|p| p.value.clone());
+            matcher.path = m.path.as_ref().map(|p| p.value.clone());
+            for meth in m.methods.iter().flatten() {
+                if meth.value.is_empty() || !meth.value.bytes().all(|b| b.is_ascii_uppercase()) {
+                    problems.at(
+                        meth,
+                        rkey("match.methods"),
+                        format!("{:?} is not an upper-case HTTP method", meth.value),
+                    );
+                }
+                matcher.methods.push(meth.value.clone());
+            }
+            for h in m.headers.iter().flatten() {
+                if hyper::header::HeaderName::from_bytes(h.value.name.as_bytes()).is_err() {
+                    problems.at(h, rkey("match.headers"), format!("{:?} is not a header name", h.value.name));
+                }
+                matcher.headers.push(crate::routes::HeaderMatch {
+                    name: h.value.name.to_ascii_lowercase(),
+                    value: h.value.value.clone(),
+                });
+            }
+            matcher.host = m.host.as_ref().map(|h| h.value.to_ascii_lowercase());
+        }
+        let needs = match &r.needs {
+            Some(_) => resolve_needs(r.needs.as_ref(), deps, &rkey("needs"), problems),
+            None => listener_needs.to_vec(),
+        };
+        let sc = r.short_circuit.as_ref();
+        let body = |b: Option<&S<String>>, k: &str, problems: &mut Problems| {
+            b.map(|b| {
+                if serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&b.value).is_err() {
+                    problems.at(b, rkey(k), "must be a JSON object (it is sent as application/problem+json)");
+                }
+                b.value.clone()
+            })
+        };
+        routes.push(RouteConfig {
+            name: name.value.clone(),
+            matcher,
+            needs,
+            bypass: false,
+            out_of_service_body: body(
+                sc.and_then(|s| s.out_of_service_body.as_ref()),
+                "short_circuit.out_of_service_body",
+                problems,
+            ),
+            degraded_body: body(sc.and_then(|s| s.degraded_body.as_ref()), "short_circuit.degraded_body", problems),
+            expose_dependencies: sc.and_then(|s| s.expose_dependencies),
+            pos: Pos::from(name),
+        });
+    }
+    for (j, later) in routes.iter().enumerate() {
+        if let Some(earlier) = routes[..j].iter().find(|e| shadows(&e.matcher, &later.matcher)) {
+            let which = if later.bypass { "bypass prefix".to_string() } else { format!("route {:?}", later.name) };
+            problems.at_pos(
+                later.pos,
+                key.to_string(),
+                format!(
+                    "{which} is unreachable: {} at line {} matches every request it matches (first match wins)",
+                    if earlier.bypass { "a bypass prefix".to_string() } else { format!("route {:?}", earlier.name) },
+                    earlier.pos.0
+                ),
+            );
+        }
+    }
+    routes
 }
 
 /// Resolves a `needs:` value to dependency indices (default: every gating dependency).
@@ -1203,6 +1360,55 @@ dependencies:
             "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:3000\n    needs: [nope]\n";
         let p = problems(yaml);
         assert_eq!((p[0].line, p[0].key.as_str()), (5, "listeners[0].needs"));
+    }
+
+    const TWO_DEPS: &str = "dependencies:\n  - name: db\n    type: tcp\n    address: a:1\n  - name: cache\n    type: tcp\n    address: b:1\n    impact: degraded\n";
+
+    fn with_routes(routes: &str) -> String {
+        format!(
+            "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:3000\n    bypass: [/healthz]\n    routes:\n{routes}{TWO_DEPS}"
+        )
+    }
+
+    #[test]
+    fn routes_are_parsed_with_needs_and_bypass_comes_first() {
+        let c = load(&with_routes(
+            "      - name: cart\n        match: { path_prefix: /cart }\n        needs: [db, cache]\n      - name: static\n        match: { path_prefix: /static }\n        needs: []\n      - name: reports\n        match: { path_prefix: /api/reports, methods: [GET] }\n        needs: [db]\n",
+        ))
+        .unwrap();
+        let r = &c.listeners[0].routes;
+        let names: Vec<_> = r.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["bypass", "cart", "static", "reports"]);
+        assert!(r[0].bypass && r[0].needs.is_empty());
+        assert_eq!(r[1].needs, vec![0, 1]);
+        assert_eq!(r[3].matcher.methods, vec!["GET".to_string()]);
+    }
+
+    #[test]
+    fn a_route_naming_an_unknown_dependency_is_an_error_at_its_line() {
+        let p = problems(&with_routes(
+            "      - name: cart\n        match: { path_prefix: /cart }\n        needs: [db, redis]\n",
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!((p[0].line, p[0].key.as_str()), (9, "listeners[0].routes[0].needs"));
+        assert!(p[0].message.contains("unknown dependency \"redis\""));
+    }
+
+    #[test]
+    fn a_shadowed_route_and_a_duplicate_name_are_errors() {
+        let p = problems(&with_routes(
+            "      - name: api\n        match: { path_prefix: /api }\n      - name: reports\n        match: { path_prefix: /api/reports }\n      - name: api\n        match: { path_prefix: /other }\n",
+        ));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!(p[0].line, 9);
+        assert!(p[0].message.contains("route \"reports\" is unreachable: route \"api\" at line 7"), "{p:?}");
+        assert!(p[1].message.contains("duplicate route name"), "{p:?}");
+    }
+
+    #[test]
+    fn a_route_under_a_bypass_prefix_is_unreachable() {
+        let p = problems(&with_routes("      - name: hz\n        match: { path_prefix: /healthz/deep }\n"));
+        assert!(p[0].message.contains("unreachable: a bypass prefix"), "{p:?}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! * [`state`]: the shared health state: one writer per dependency,
 //!   lock-free reads on the request path.
 //! * [`proxy`]: the data plane (HTTP and TCP listeners).
+//! * [`routes`]: which dependencies a request needs (compiled route table).
 //! * [`admin`]: probes, `/status` and `/metrics` on their own thread.
 //! * [`metrics`]: the Prometheus registry.
 //! * [`server`]: wires the threads together and runs the drain on SIGTERM.
@@ -21,5 +22,6 @@ pub mod metrics;
 pub mod monitor;
 pub mod oneshot;
 pub mod proxy;
+pub mod routes;
 pub mod server;
 pub mod state;

@@ -93,8 +93,10 @@ fn startup_probe_and_readiness_fail_until_the_first_verdict() {
 fn readiness_can_stay_up_while_out_of_service_when_configured() {
     let mut db = Dep::up();
     let extra = "";
-    let cfg = config(&[("db", "out_of_service", db.addr)], extra)
-        .replace("admin:\n  listen: 127.0.0.1:0\n", "admin:\n  listen: 127.0.0.1:0\n  ready_when_out_of_service: true\n");
+    let cfg = config(&[("db", "out_of_service", db.addr)], extra).replace(
+        "admin:\n  listen: 127.0.0.1:0\n",
+        "admin:\n  listen: 127.0.0.1:0\n  ready_when_out_of_service: true\n",
+    );
     let hg = Healthgate::start(&cfg);
     hg.wait_state("in_service", WITHIN);
     db.kill();

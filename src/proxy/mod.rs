@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, ListenerConfig, ShortCircuitConfig};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::routes::{RouteConfig, RouteTable};
 use crate::state::{Health, Reject};
 
 /// The drain signal: `None` while running; `Some(deadline)` once the listener
@@ -40,21 +41,72 @@ pub struct ListenerCtx {
     pub active_connections: Gauge,
     /// The registry, for per-route or per-protocol handles.
     pub registry: Arc<Metrics>,
+    /// The compiled route table (bypass prefixes included).
+    pub routes: RouteTable,
+    /// Per-route admission data, indexed like `routes.routes()`.
+    pub route_data: Vec<Route>,
+    /// What a request matching no route gets.
+    pub default_route: Route,
+}
+
+/// Admission data of one route, resolved at startup.
+pub struct Route {
+    /// Route name (`default` when none matched).
+    pub name: String,
+    /// Dependencies the route needs (bit mask).
+    pub needs: u64,
+    /// Its short-circuit responses.
+    pub responses: Responses,
+    /// Its request metrics.
+    pub metrics: RouteMetrics,
+    /// A `bypass` prefix: always forwarded, outcome `bypassed`.
+    pub bypass: bool,
 }
 
 impl ListenerCtx {
     /// Builds the context of listener `index` of `config`.
     pub fn new(config: &Config, index: usize, health: Arc<Health>, registry: Arc<Metrics>) -> Arc<ListenerCtx> {
         let l = &config.listeners[index];
+        let base = Responses::new(&config.short_circuit);
+        let default_route = Route {
+            name: "default".into(),
+            needs: Health::mask(&l.needs),
+            responses: base.clone(),
+            metrics: registry.route(&l.name, "default"),
+            bypass: false,
+        };
+        let route_data = l
+            .routes
+            .iter()
+            .map(|r| Route {
+                name: r.name.clone(),
+                needs: Health::mask(&r.needs),
+                responses: base.with_overrides(r),
+                metrics: registry.route(&l.name, &r.name),
+                bypass: r.bypass,
+            })
+            .collect();
         Arc::new(ListenerCtx {
             config: l.clone(),
-            needs: Health::mask(&l.needs),
-            responses: Responses::new(&config.short_circuit),
-            metrics: registry.route(&l.name, "default"),
+            needs: default_route.needs,
+            responses: base,
+            metrics: default_route.metrics.clone(),
             active_connections: registry.active_connections(&l.name),
+            routes: RouteTable::new(l.routes.clone()),
+            route_data,
+            default_route,
             health,
             registry,
         })
+    }
+
+    /// The route a request takes: first match wins, else the default. Allocation-free.
+    #[inline]
+    pub fn route(&self, method: &hyper::Method, path: &str, headers: &hyper::HeaderMap) -> &Route {
+        match self.routes.select(method, path, headers) {
+            Some(i) => &self.route_data[i],
+            None => &self.default_route,
+        }
     }
 }
 
@@ -82,6 +134,20 @@ impl Responses {
             degraded: Bytes::from(c.degraded_body.clone()),
             retry_after: Bytes::from(c.retry_after.as_secs().max(1).to_string()),
             expose_dependencies: c.expose_dependencies,
+        }
+    }
+
+    /// These responses with a route's overrides applied.
+    pub fn with_overrides(&self, r: &RouteConfig) -> Responses {
+        Responses {
+            out_of_service: r
+                .out_of_service_body
+                .clone()
+                .map(Bytes::from)
+                .unwrap_or_else(|| self.out_of_service.clone()),
+            degraded: r.degraded_body.clone().map(Bytes::from).unwrap_or_else(|| self.degraded.clone()),
+            retry_after: self.retry_after.clone(),
+            expose_dependencies: r.expose_dependencies.unwrap_or(self.expose_dependencies),
         }
     }
 

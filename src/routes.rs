@@ -1,0 +1,346 @@
+//! Route-aware admission: which dependencies a request needs.
+//!
+//! A listener's `routes` are compiled once at load into a table that picks
+//! the first matching route without scanning every route and without
+//! allocating: path prefixes live in a trie keyed by path *segment*
+//! (Kubernetes Ingress `pathType: Prefix` semantics: `/cart` matches `/cart`
+//! and `/cart/1`, never `/cartography`), exact paths in a hash map, and each
+//! trie node lists its routes in config order. Walking the request path
+//! visits at most one node per segment; among the routes found there the
+//! lowest index whose method/host/header conditions pass wins.
+//!
+//! `bypass` prefixes become routes that need nothing, placed before the
+//! configured routes.
+
+use std::collections::HashMap;
+
+use hyper::{HeaderMap, Method};
+
+use crate::config::Pos;
+
+/// A header condition of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderMatch {
+    /// Header name (lower case).
+    pub name: String,
+    /// Required value; `None` = the header must be present.
+    pub value: Option<String>,
+}
+
+/// What a route matches on. Every given condition must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteMatch {
+    /// Path prefix on segment boundaries (`/` matches everything).
+    pub path_prefix: Option<String>,
+    /// Exact path.
+    pub path: Option<String>,
+    /// Methods (upper case); empty = any.
+    pub methods: Vec<String>,
+    /// Header conditions.
+    pub headers: Vec<HeaderMatch>,
+    /// `Host` (without port, lower case).
+    pub host: Option<String>,
+}
+
+/// A validated route as configured.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Name (the `route` metric label).
+    pub name: String,
+    /// Conditions.
+    pub matcher: RouteMatch,
+    /// Dependencies needed (indices).
+    pub needs: Vec<usize>,
+    /// Whether this is a `bypass` shorthand (outcome `bypassed`).
+    pub bypass: bool,
+    /// Override of the 503 body.
+    pub out_of_service_body: Option<String>,
+    /// Override of the 500 body.
+    pub degraded_body: Option<String>,
+    /// Override of `short_circuit.expose_dependencies`.
+    pub expose_dependencies: Option<bool>,
+    /// Where it was written (for shadowing errors).
+    pub pos: Pos,
+}
+
+/// The path segments of a path, ignoring empty ones (`//a/` → `["a"]`).
+fn segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|s| !s.is_empty())
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    children: HashMap<Box<str>, usize>,
+    /// Routes whose prefix ends at this node, ascending.
+    routes: Vec<usize>,
+}
+
+/// The compiled route table of one listener.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<RouteConfig>,
+    nodes: Vec<Node>,
+    /// Exact-path routes by path, ascending.
+    exact: HashMap<Box<str>, Vec<usize>>,
+    /// Routes with no path condition, ascending.
+    anywhere: Vec<usize>,
+}
+
+impl RouteTable {
+    /// Compiles routes (in priority order).
+    pub fn new(routes: Vec<RouteConfig>) -> RouteTable {
+        let mut t = RouteTable {
+            routes: Vec::new(),
+            nodes: vec![Node::default()],
+            exact: HashMap::new(),
+            anywhere: Vec::new(),
+        };
+        for (i, r) in routes.iter().enumerate() {
+            if let Some(p) = &r.matcher.path {
+                t.exact.entry(p.as_str().into()).or_default().push(i);
+            } else if let Some(p) = &r.matcher.path_prefix {
+                let mut node = 0;
+                for seg in segments(p) {
+                    node = match t.nodes[node].children.get(seg) {
+                        Some(&n) => n,
+                        None => {
+                            t.nodes.push(Node::default());
+                            let n = t.nodes.len() - 1;
+                            t.nodes[node].children.insert(seg.into(), n);
+                            n
+                        }
+                    };
+                }
+                t.nodes[node].routes.push(i);
+            } else {
+                t.anywhere.push(i);
+            }
+        }
+        t.routes = routes;
+        t
+    }
+
+    /// The routes, in priority order.
+    pub fn routes(&self) -> &[RouteConfig] {
+        &self.routes
+    }
+
+    /// Index of the first route matching the request, if any. Allocation-free.
+    pub fn select(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<usize> {
+        if self.routes.is_empty() {
+            return None;
+        }
+        let mut best = usize::MAX;
+        let mut consider = |list: &[usize], best: &mut usize| {
+            for &i in list {
+                if i >= *best {
+                    break;
+                }
+                if self.conditions_hold(&self.routes[i].matcher, method, headers) {
+                    *best = i;
+                    break;
+                }
+            }
+        };
+        consider(&self.anywhere, &mut best);
+        if let Some(list) = self.exact.get(path) {
+            consider(list, &mut best);
+        }
+        let mut node = 0;
+        consider(&self.nodes[0].routes, &mut best);
+        for seg in segments(path) {
+            match self.nodes[node].children.get(seg) {
+                Some(&n) => {
+                    node = n;
+                    consider(&self.nodes[n].routes, &mut best);
+                }
+                None => break,
+            }
+        }
+        (best != usize::MAX).then_some(best)
+    }
+
+    fn conditions_hold(&self, m: &RouteMatch, method: &Method, headers: &HeaderMap) -> bool {
+        if !m.methods.is_empty() && !m.methods.iter().any(|x| x == method.as_str()) {
+            return false;
+        }
+        if let Some(host) = &m.host {
+            let h = headers.get(hyper::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let h =
+                h.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map(|(h, _)| h).unwrap_or(h);
+            if !h.eq_ignore_ascii_case(host) {
+                return false;
+            }
+        }
+        m.headers.iter().all(|hm| match (headers.get(hm.name.as_str()), &hm.value) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(v), Some(want)) => v.as_bytes() == want.as_bytes(),
+        })
+    }
+}
+
+/// Whether a path prefix `outer` covers every path that `inner` (a prefix or
+/// exact path) covers, on segment boundaries.
+fn prefix_covers(outer: &str, inner: &str) -> bool {
+    let mut o = segments(outer);
+    let mut i = segments(inner);
+    loop {
+        match (o.next(), i.next()) {
+            (None, _) => return true,
+            (Some(_), None) => return false,
+            (Some(a), Some(b)) if a != b => return false,
+            _ => {}
+        }
+    }
+}
+
+/// Whether every request matching `later` also matches `earlier`, making
+/// `later` unreachable (first match wins).
+pub fn shadows(earlier: &RouteMatch, later: &RouteMatch) -> bool {
+    let path = match (&earlier.path, &earlier.path_prefix, &later.path, &later.path_prefix) {
+        (Some(e), _, Some(l), _) => e == l,
+        (Some(_), _, None, _) => false,
+        (None, Some(e), Some(l), _) => prefix_covers(e, l),
+        (None, Some(e), None, Some(l)) => prefix_covers(e, l),
+        (None, Some(_), None, None) => false,
+        (None, None, _, _) => true,
+    };
+    let methods = earlier.methods.is_empty()
+        || (!later.methods.is_empty() && later.methods.iter().all(|m| earlier.methods.contains(m)));
+    let host = earlier.host.is_none() || earlier.host == later.host;
+    let headers = earlier
+        .headers
+        .iter()
+        .all(|e| later.headers.iter().any(|l| l.name == e.name && (e.value.is_none() || e.value == l.value)));
+    path && methods && host && headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, m: RouteMatch) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            matcher: m,
+            needs: vec![],
+            bypass: false,
+            out_of_service_body: None,
+            degraded_body: None,
+            expose_dependencies: None,
+            pos: Pos::default(),
+        }
+    }
+
+    fn prefix(p: &str) -> RouteMatch {
+        RouteMatch { path_prefix: Some(p.into()), ..Default::default() }
+    }
+
+    fn pick(t: &RouteTable, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        t.select(&Method::from_bytes(method.as_bytes()).unwrap(), path, &h).map(|i| t.routes()[i].name.clone())
+    }
+
+    #[test]
+    fn prefix_matches_on_segment_boundaries_only() {
+        let t = RouteTable::new(vec![route("cart", prefix("/cart"))]);
+        assert_eq!(pick(&t, "GET", "/cart", &[]).as_deref(), Some("cart"));
+        assert_eq!(pick(&t, "GET", "/cart/", &[]).as_deref(), Some("cart"));
+        assert_eq!(pick(&t, "GET", "/cart/1", &[]).as_deref(), Some("cart"));
+        assert_eq!(pick(&t, "GET", "/cartography", &[]), None);
+        assert_eq!(pick(&t, "GET", "/", &[]), None);
+    }
+
+    #[test]
+    fn trailing_slash_in_a_prefix_is_ignored_and_root_matches_everything() {
+        let t = RouteTable::new(vec![route("a", prefix("/api/")), route("all", prefix("/"))]);
+        assert_eq!(pick(&t, "GET", "/api", &[]).as_deref(), Some("a"));
+        assert_eq!(pick(&t, "GET", "/other", &[]).as_deref(), Some("all"));
+    }
+
+    #[test]
+    fn first_match_wins_even_when_a_later_route_is_more_specific() {
+        let t = RouteTable::new(vec![
+            route("api", prefix("/api")),
+            route("reports", RouteMatch { methods: vec!["POST".into()], ..prefix("/api/reports") }),
+        ]);
+        assert_eq!(pick(&t, "POST", "/api/reports", &[]).as_deref(), Some("api"));
+        let t = RouteTable::new(vec![
+            route("reports", RouteMatch { methods: vec!["GET".into()], ..prefix("/api/reports") }),
+            route("api", prefix("/api")),
+        ]);
+        assert_eq!(pick(&t, "GET", "/api/reports/7", &[]).as_deref(), Some("reports"));
+        assert_eq!(pick(&t, "POST", "/api/reports/7", &[]).as_deref(), Some("api"));
+    }
+
+    #[test]
+    fn methods_headers_host_and_exact_path_conditions() {
+        let t = RouteTable::new(vec![
+            route("exact", RouteMatch { path: Some("/login".into()), ..Default::default() }),
+            route(
+                "canary",
+                RouteMatch {
+                    headers: vec![HeaderMatch { name: "x-canary".into(), value: Some("1".into()) }],
+                    ..prefix("/")
+                },
+            ),
+            route("admin-host", RouteMatch { host: Some("admin.example.com".into()), ..Default::default() }),
+            route(
+                "traced",
+                RouteMatch { headers: vec![HeaderMatch { name: "x-trace".into(), value: None }], ..Default::default() },
+            ),
+        ]);
+        assert_eq!(pick(&t, "GET", "/login", &[]).as_deref(), Some("exact"));
+        assert_eq!(pick(&t, "GET", "/login/x", &[]), None);
+        assert_eq!(pick(&t, "GET", "/x", &[("x-canary", "1")]).as_deref(), Some("canary"));
+        assert_eq!(pick(&t, "GET", "/x", &[("x-canary", "2")]), None);
+        assert_eq!(pick(&t, "GET", "/x", &[("host", "Admin.Example.com:8080")]).as_deref(), Some("admin-host"));
+        assert_eq!(pick(&t, "GET", "/x", &[("x-trace", "abc")]).as_deref(), Some("traced"));
+    }
+
+    #[test]
+    fn the_lowest_index_wins_across_trie_exact_and_anywhere_routes() {
+        let t = RouteTable::new(vec![
+            route("deep", prefix("/a/b/c")),
+            route("get-anything", RouteMatch { methods: vec!["GET".into()], ..Default::default() }),
+            route("a", prefix("/a")),
+        ]);
+        assert_eq!(pick(&t, "GET", "/a/b/c/d", &[]).as_deref(), Some("deep"));
+        assert_eq!(pick(&t, "GET", "/a/b", &[]).as_deref(), Some("get-anything"));
+        assert_eq!(pick(&t, "PUT", "/a/b", &[]).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn many_routes_select_the_right_one() {
+        let routes: Vec<_> = (0..200).map(|i| route(&format!("r{i}"), prefix(&format!("/svc{i}/v1")))).collect();
+        let t = RouteTable::new(routes);
+        assert_eq!(pick(&t, "GET", "/svc137/v1/items/9", &[]).as_deref(), Some("r137"));
+        assert_eq!(pick(&t, "GET", "/svc137/v2", &[]), None);
+    }
+
+    #[test]
+    fn shadowing_is_detected() {
+        assert!(shadows(&prefix("/api"), &prefix("/api/reports")));
+        assert!(!shadows(&prefix("/api/reports"), &prefix("/api")));
+        assert!(!shadows(&prefix("/cart"), &prefix("/cartography")));
+        assert!(shadows(&prefix("/"), &RouteMatch { path: Some("/x".into()), ..Default::default() }));
+        // A method-restricted earlier route leaves other methods reachable.
+        assert!(!shadows(&RouteMatch { methods: vec!["GET".into()], ..prefix("/api") }, &prefix("/api/x")));
+        assert!(shadows(
+            &RouteMatch { methods: vec!["GET".into(), "POST".into()], ..prefix("/api") },
+            &RouteMatch { methods: vec!["GET".into()], ..prefix("/api/x") }
+        ));
+        // A header-restricted earlier route leaves requests without the header reachable.
+        let canary = RouteMatch { headers: vec![HeaderMatch { name: "x-canary".into(), value: None }], ..prefix("/") };
+        assert!(!shadows(&canary, &prefix("/a")));
+        let canary_a = RouteMatch {
+            headers: vec![HeaderMatch { name: "x-canary".into(), value: Some("1".into()) }],
+            ..prefix("/a")
+        };
+        assert!(shadows(&canary, &canary_a));
+    }
+}
