@@ -1,17 +1,508 @@
-//! The tcp listener (being written).
+//! The tcp (L4) listener: admits connections by dependency state and relays
+//! bytes between the client and the app.
+//!
+//! One [`serve`] runs per worker and listener, on the worker's current-thread
+//! runtime. Its connections are local tasks in a `JoinSet`, so the drain can
+//! wait for them and abort the stragglers at its deadline. Per connection:
+//!
+//! 1. **Admission** at accept: one atomic load ([`Health::admission`]). Out
+//!    of service (or degraded with `admit_degraded: false`) → the connection
+//!    is ended at once, per `reject` (`close`: FIN, `reset`: RST), never left
+//!    hanging.
+//! 2. **Limit**: at `max_connections` (per listener, across workers) the
+//!    worker stops accepting, so further clients wait in the kernel backlog.
+//! 3. **Connect** to the upstream, resolved at every connect, every address
+//!    tried, bounded by `connect_timeout`; on failure the client is ended the
+//!    same way as a rejected one and the outcome is `upstream_error`.
+//! 4. **Relay** both directions concurrently in one task with two reusable
+//!    buffers (pooled per worker): a FIN from one side becomes a write
+//!    shutdown towards the other while the other direction keeps flowing; a
+//!    reset on one side is passed on as a reset to the other; no traffic
+//!    either way for `idle_timeout` closes both.
+//!
+//! Byte counters are accumulated per connection and added to the shared
+//! Prometheus counters every [`FLUSH_EVERY`] and at close, so the hot loop
+//! touches no shared cache line.
 
+use std::cell::{Cell, RefCell};
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr};
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior, sleep, sleep_until};
+use tracing::{debug, warn};
 
 use super::{DrainSignal, ListenerCtx};
+use crate::check::net;
+use crate::config::{TcpOnOutage, TcpReject};
+use crate::metrics::{AtomicHistogram, ListenerLabels, TcpBytesLabels, TcpOutcomeLabels};
+use crate::state::{Admission, Reject};
+
+/// Size of each relay buffer (two per connection). 16 KiB, like HAProxy's
+/// default `bufsize`: large enough for bulk throughput, small enough for
+/// many idle connections.
+const BUFFER_SIZE: usize = 16 * 1024;
+/// Most idle buffers a worker keeps for reuse (4 MiB); beyond that they are freed.
+const POOL_MAX: usize = 256;
+/// How often a connection adds its byte counts to the shared counters.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
+/// How often a worker at `max_connections` re-checks for a slot freed by
+/// another worker (its own connections wake it at once).
+const SLOT_RETRY: Duration = Duration::from_millis(50);
+/// How often `on_outage: close_existing` re-checks admission, besides
+/// reacting at once to service-state changes: a dependency this listener
+/// needs can go down while the service state stays the same.
+const OUTAGE_POLL: Duration = Duration::from_secs(1);
+/// Pause after a failed `accept` (e.g. out of file descriptors), so the loop
+/// does not spin while the condition lasts.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Most bytes a rejected connection's already-received data is drained of
+/// before closing (so the close is a FIN, not an RST for unread data).
+const REJECT_DRAIN_MAX: usize = 64 * 1024;
 
 /// Serves one worker's socket of a `protocol: tcp` listener until drained.
 ///
 /// Runs inside a `tokio::task::LocalSet` on the worker's current-thread
 /// runtime. Returns once the drain signal fired and every connection ended
-/// (or the drain deadline passed).
+/// (or the drain deadline passed, after which the rest are closed).
 pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: DrainSignal) {
-    let _ = (&listener, &ctx);
-    let _ = drain.wait_for(|d| d.is_some()).await;
+    let worker = Rc::new(Worker::new(ctx));
+    let mut conns: JoinSet<()> = JoinSet::new();
+    let close_existing = worker.ctx.config.tcp.on_outage == TcpOnOutage::CloseExisting;
+    let mut service = worker.ctx.health.subscribe_service();
+    let mut service_open = true;
+    let mut outage_poll = tokio::time::interval(OUTAGE_POLL);
+    outage_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // A connection accepted while the listener is at `max_connections`: it
+    // waits here (unread, like in the backlog) until a slot frees up.
+    let mut held: Option<(TcpStream, SocketAddr)> = None;
+
+    let deadline = loop {
+        tokio::select! {
+            biased;
+            d = drain.wait_for(Option::is_some) => {
+                // A dropped sender means nobody can ever drain us: stop now.
+                break d.ok().and_then(|d| *d).unwrap_or_else(Instant::now);
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            changed = service.changed(), if close_existing && service_open => {
+                service_open = changed.is_ok();
+                worker.close_if_out_of_service(&conns);
+            }
+            _ = outage_poll.tick(), if close_existing && !conns.is_empty() => {
+                worker.close_if_out_of_service(&conns);
+            }
+            _ = worker.wait_for_slot(), if held.is_some() => {
+                if let Some((stream, peer)) = held.take() {
+                    // Re-check admission: the state may have changed while waiting.
+                    held = worker.admit(stream, peer, &mut conns);
+                }
+            }
+            accepted = listener.accept(), if held.is_none() => match accepted {
+                Ok((stream, peer)) => held = worker.admit(stream, peer, &mut conns),
+                Err(e) => {
+                    // ECONNABORTED and friends concern one client; anything
+                    // else (EMFILE, ENOBUFS) lasts, so back off.
+                    if !matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) {
+                        warn!(listener = %worker.ctx.config.name, error = %e, "tcp accept failed");
+                        sleep(ACCEPT_BACKOFF).await;
+                    }
+                }
+            },
+        }
+    };
+
+    // Stop accepting: closing the socket makes the kernel refuse new clients
+    // (the other workers' sockets close on the same signal).
+    drop(listener);
+    drop(held);
+    debug!(listener = %worker.ctx.config.name, connections = conns.len(), "tcp drain: waiting for connections");
+    let finished = tokio::select! {
+        _ = async { while conns.join_next().await.is_some() {} } => true,
+        _ = sleep_until(deadline) => false,
+    };
+    if !finished {
+        debug!(listener = %worker.ctx.config.name, connections = conns.len(), "tcp drain: deadline; closing connections");
+        conns.abort_all();
+        // Aborted tasks drop their sockets (and record their metrics) when reaped.
+        while conns.join_next().await.is_some() {}
+    }
+}
+
+// === impl Worker ===
+
+/// A worker's state for one listener: metric handles resolved once, the
+/// buffer pool and the signal that closes existing connections.
+struct Worker {
+    ctx: Arc<ListenerCtx>,
+    accepted: Counter,
+    rejected: Counter,
+    upstream_error: Counter,
+    bytes_in: Counter,
+    bytes_out: Counter,
+    duration: AtomicHistogram,
+    /// Idle relay buffers, reused to avoid allocating (and zeroing) per connection.
+    buffers: RefCell<Vec<Box<[u8]>>>,
+    /// Woken when one of this worker's connections frees its slot.
+    released: Notify,
+    /// Bumped to close every existing connection (`on_outage: close_existing`).
+    cut: watch::Sender<u64>,
+}
+
+impl Worker {
+    fn new(ctx: Arc<ListenerCtx>) -> Worker {
+        let m = &ctx.registry;
+        let name = &ctx.config.name;
+        let outcome = |o: &str| {
+            m.tcp_connections.get_or_create_owned(&TcpOutcomeLabels { listener: name.clone(), outcome: o.into() })
+        };
+        let bytes =
+            |d: &str| m.tcp_bytes.get_or_create_owned(&TcpBytesLabels { listener: name.clone(), direction: d.into() });
+        Worker {
+            accepted: outcome("accepted"),
+            rejected: outcome("rejected"),
+            upstream_error: outcome("upstream_error"),
+            bytes_in: bytes("in"),
+            bytes_out: bytes("out"),
+            duration: m.tcp_connection_duration.get_or_create_owned(&ListenerLabels { listener: name.clone() }),
+            buffers: RefCell::new(Vec::new()),
+            released: Notify::new(),
+            cut: watch::Sender::new(0),
+            ctx,
+        }
+    }
+
+    /// Decides what happens to a freshly accepted (or held) connection:
+    /// rejected, spawned, or handed back to be held until a slot frees up.
+    fn admit(
+        self: &Rc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        conns: &mut JoinSet<()>,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        let tcp = &self.ctx.config.tcp;
+        match self.ctx.health.admission(self.ctx.needs) {
+            Admission::Admit => {}
+            Admission::Reject(Reject::Degraded, _) if tcp.admit_degraded => {}
+            Admission::Reject(reason, missing) => {
+                self.rejected.inc();
+                debug!(listener = %self.ctx.config.name, %peer, ?reason, missing, "tcp connection rejected");
+                end_client(&stream, tcp.reject);
+                return None;
+            }
+        }
+        let Some(slot) = Slot::reserve(self) else {
+            return Some((stream, peer));
+        };
+        conns.spawn_local(connection(self.clone(), stream, peer, slot));
+        None
+    }
+
+    /// Resolves when a slot may have been freed (by this worker at once, by
+    /// another one within [`SLOT_RETRY`]).
+    async fn wait_for_slot(&self) {
+        tokio::select! {
+            _ = self.released.notified() => {}
+            _ = sleep(SLOT_RETRY) => {}
+        }
+    }
+
+    /// `on_outage: close_existing`: closes this worker's connections while
+    /// the listener's needed dependencies put it out of service.
+    fn close_if_out_of_service(&self, conns: &JoinSet<()>) {
+        if conns.is_empty() {
+            return;
+        }
+        if let Admission::Reject(Reject::OutOfService, missing) = self.ctx.health.admission(self.ctx.needs) {
+            debug!(listener = %self.ctx.config.name, connections = conns.len(), missing, "tcp outage: closing existing connections");
+            self.cut.send_modify(|epoch| *epoch += 1);
+        }
+    }
+
+    /// Two relay buffers, from the pool when possible.
+    fn take_buffers(&self) -> [Box<[u8]>; 2] {
+        let mut pool = self.buffers.borrow_mut();
+        let mut one = || pool.pop().unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
+        [one(), one()]
+    }
+
+    /// Returns buffers to the pool (or frees them when it is full).
+    fn return_buffers(&self, bufs: [Box<[u8]>; 2]) {
+        let mut pool = self.buffers.borrow_mut();
+        for b in bufs {
+            if pool.len() < POOL_MAX {
+                pool.push(b);
+            }
+        }
+    }
+}
+
+// === impl Slot ===
+
+/// One of the listener's `max_connections` slots. The `active_connections`
+/// gauge is the counter itself: it is shared by every worker of the
+/// listener, and `inc` returns the previous value atomically.
+struct Slot {
+    worker: Rc<Worker>,
+}
+
+impl Slot {
+    fn reserve(worker: &Rc<Worker>) -> Option<Slot> {
+        let gauge = &worker.ctx.active_connections;
+        let max = i64::try_from(worker.ctx.config.max_connections).unwrap_or(i64::MAX);
+        if gauge.inc() >= max {
+            gauge.dec();
+            return None;
+        }
+        Some(Slot { worker: worker.clone() })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.worker.ctx.active_connections.dec();
+        self.worker.released.notify_one();
+    }
+}
+
+// === connection ===
+
+/// Which end of a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+/// Why a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Both directions reached end-of-stream.
+    Done,
+    /// No traffic either way for `idle_timeout`.
+    Idle,
+    /// Closed because the service went out of service (`close_existing`).
+    Outage,
+    /// A read or write on this side failed (typically a reset).
+    Failed(Side),
+}
+
+/// One admitted client connection: connect upstream, relay, record.
+async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, slot: Slot) {
+    let _slot = slot;
+    let tcp = &worker.ctx.config.tcp;
+    // Subscribed before connecting, so an outage during the connect counts.
+    let mut cut = worker.cut.subscribe();
+    let connect_deadline = Instant::now() + tcp.connect_timeout;
+    let upstream = tokio::select! {
+        r = net::connect(&worker.ctx.config.upstream, connect_deadline) => r,
+        _ = cut.changed() => {
+            worker.rejected.inc();
+            end_client(&client, tcp.reject);
+            return;
+        }
+    };
+    let mut upstream = match upstream {
+        Ok((stream, _)) => stream,
+        Err(e) => {
+            worker.upstream_error.inc();
+            debug!(listener = %worker.ctx.config.name, %peer, cause = e.cause.as_str(), error = %e.message, "tcp upstream connect failed");
+            end_client(&client, tcp.reject);
+            return;
+        }
+    };
+    worker.accepted.inc();
+    let mut client = client;
+    let mut record = Record::new(worker.clone());
+    let end = {
+        let Record { traffic, buffers, .. } = &mut record;
+        relay(&worker, &mut client, &mut upstream, buffers, traffic, tcp.idle_timeout, &mut cut).await
+    };
+    debug!(listener = %worker.ctx.config.name, %peer, ?end, bytes_in = record.traffic.total[0].get(),
+        bytes_out = record.traffic.total[1].get(), "tcp connection ended");
+    match end {
+        End::Done | End::Idle => {}
+        End::Outage => end_client(&client, tcp.reject),
+        // Pass a reset on: a FIN would let the other side take a truncated
+        // stream for a complete one.
+        End::Failed(Side::Client) => reset(&upstream),
+        End::Failed(Side::Upstream) => reset(&client),
+    }
+}
+
+/// A relayed connection's byte counts and timing; recorded on drop, so a
+/// connection aborted at the drain deadline is still counted.
+struct Record {
+    worker: Rc<Worker>,
+    started: Instant,
+    traffic: Traffic,
+    buffers: [Box<[u8]>; 2],
+}
+
+impl Record {
+    fn new(worker: Rc<Worker>) -> Record {
+        let buffers = worker.take_buffers();
+        Record { worker, started: Instant::now(), traffic: Traffic::new(), buffers }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        self.traffic.flush(&self.worker);
+        self.worker.duration.observe(self.started.elapsed());
+        let bufs = std::mem::replace(&mut self.buffers, [Box::default(), Box::default()]);
+        self.worker.return_buffers(bufs);
+    }
+}
+
+/// Per-connection traffic, shared by the two directions of one task.
+struct Traffic {
+    /// When bytes last moved either way.
+    last: Cell<Instant>,
+    /// Bytes not yet added to the shared counters: [in, out].
+    pending: [Cell<u64>; 2],
+    /// Bytes relayed so far: [in, out].
+    total: [Cell<u64>; 2],
+}
+
+impl Traffic {
+    fn new() -> Traffic {
+        Traffic { last: Cell::new(Instant::now()), pending: Default::default(), total: Default::default() }
+    }
+
+    #[inline]
+    fn record(&self, dir: usize, n: usize) {
+        let n = n as u64;
+        self.pending[dir].set(self.pending[dir].get() + n);
+        self.total[dir].set(self.total[dir].get() + n);
+        self.last.set(Instant::now());
+    }
+
+    fn flush(&self, worker: &Worker) {
+        let take = |c: &Cell<u64>| c.replace(0);
+        let (i, o) = (take(&self.pending[0]), take(&self.pending[1]));
+        if i > 0 {
+            worker.bytes_in.inc_by(i);
+        }
+        if o > 0 {
+            worker.bytes_out.inc_by(o);
+        }
+    }
+}
+
+/// Relays both directions until both ended, one failed, the connection was
+/// idle too long, or an outage closes it.
+async fn relay(
+    worker: &Worker,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    buffers: &mut [Box<[u8]>; 2],
+    traffic: &Traffic,
+    idle: Duration,
+    cut: &mut watch::Receiver<u64>,
+) -> End {
+    let (mut client_r, mut client_w) = client.split();
+    let (mut upstream_r, mut upstream_w) = upstream.split();
+    let [buf_in, buf_out] = buffers;
+    let inbound = pump(&mut client_r, &mut upstream_w, buf_in, traffic, 0);
+    let outbound = pump(&mut upstream_r, &mut client_w, buf_out, traffic, 1);
+    tokio::pin!(inbound, outbound);
+    let (mut in_done, mut out_done) = (false, false);
+    // One timer per connection, re-armed only when it fires (not per read):
+    // it flushes the byte counts and checks idleness against `traffic.last`.
+    let timer = sleep(idle.min(FLUSH_EVERY));
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            r = &mut inbound, if !in_done => match r {
+                Ok(()) => in_done = true,
+                Err(side) => return End::Failed(side.of(0)),
+            },
+            r = &mut outbound, if !out_done => match r {
+                Ok(()) => out_done = true,
+                Err(side) => return End::Failed(side.of(1)),
+            },
+            _ = &mut timer => {
+                let idle_at = traffic.last.get() + idle;
+                let now = Instant::now();
+                if now >= idle_at {
+                    return End::Idle;
+                }
+                traffic.flush(worker);
+                timer.as_mut().reset(idle_at.min(now + FLUSH_EVERY));
+            }
+            Ok(()) = cut.changed() => return End::Outage,
+        }
+        if in_done && out_done {
+            return End::Done;
+        }
+    }
+}
+
+/// Which stage of a pump failed: its read or its write.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Read,
+    Write,
+}
+
+impl Stage {
+    /// The side a failure belongs to, for direction `dir` (0: client → app).
+    fn of(self, dir: usize) -> Side {
+        match (self, dir) {
+            (Stage::Read, 0) | (Stage::Write, 1) => Side::Client,
+            _ => Side::Upstream,
+        }
+    }
+}
+
+/// Copies one direction until end-of-stream, then shuts the writer down so
+/// the other side sees the half-close; the other direction keeps flowing.
+async fn pump<R, W>(r: &mut R, w: &mut W, buf: &mut [u8], traffic: &Traffic, dir: usize) -> Result<(), Stage>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let n = r.read(buf).await.map_err(|_| Stage::Read)?;
+        if n == 0 {
+            return w.shutdown().await.map_err(|_| Stage::Write);
+        }
+        w.write_all(&buf[..n]).await.map_err(|_| Stage::Write)?;
+        traffic.record(dir, n);
+    }
+}
+
+/// Ends a client connection we will not serve, the way `reject` says.
+fn end_client(stream: &TcpStream, how: TcpReject) {
+    match how {
+        TcpReject::Reset => reset(stream),
+        TcpReject::Close => {
+            let sock = socket2::SockRef::from(stream);
+            // FIN now, so the client sees end-of-stream at once...
+            let _ = sock.shutdown(Shutdown::Write);
+            // ...and discard what it already sent: closing a socket with
+            // unread data makes the kernel send RST instead of a clean close.
+            let mut scratch = [0u8; 4096];
+            let mut drained = 0;
+            while drained < REJECT_DRAIN_MAX {
+                match (&*sock).read(&mut scratch) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        }
+    }
+}
+
+/// Makes the coming close an RST (SO_LINGER 0).
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
