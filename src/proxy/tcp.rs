@@ -106,7 +106,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: Drai
                 }
             }
             accepted = listener.accept(), if held.is_none() => match accepted {
-                Ok((stream, peer)) => held = worker.admit(stream, peer, &mut conns),
+                Ok((stream, peer)) => {
+                    // Relay writes as they come: Nagle would hold back the
+                    // small writes of request/response protocols.
+                    let _ = stream.set_nodelay(true);
+                    held = worker.admit(stream, peer, &mut conns);
+                }
                 Err(e) => {
                     // ECONNABORTED and friends concern one client; anything
                     // else (EMFILE, ENOBUFS) lasts, so back off.
@@ -357,7 +362,7 @@ impl Drop for Record {
     fn drop(&mut self) {
         self.traffic.flush(&self.worker);
         self.worker.duration.observe(self.started.elapsed());
-        let bufs = std::mem::replace(&mut self.buffers, [Box::default(), Box::default()]);
+        let bufs = std::mem::take(&mut self.buffers);
         self.worker.return_buffers(bufs);
     }
 }
@@ -505,4 +510,57 @@ fn end_client(stream: &TcpStream, how: TcpReject) {
 /// Makes the coming close an RST (SO_LINGER 0).
 fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::state::Health;
+    use std::path::Path;
+
+    fn ctx(max: usize) -> Arc<ListenerCtx> {
+        let yaml = format!(
+            "listeners:\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    max_connections: {max}\n"
+        );
+        let c = Config::from_yaml(&yaml, Path::new("t")).unwrap();
+        ListenerCtx::new(&c, 0, Health::new(&c), Metrics::new(&c))
+    }
+
+    #[test]
+    fn the_connection_limit_is_shared_by_every_worker_of_a_listener() {
+        let ctx = ctx(2);
+        let (a, b) = (Rc::new(Worker::new(ctx.clone())), Rc::new(Worker::new(ctx.clone())));
+        let first = Slot::reserve(&a).expect("slot 1");
+        let _second = Slot::reserve(&b).expect("slot 2");
+        assert!(Slot::reserve(&a).is_none() && Slot::reserve(&b).is_none());
+        assert_eq!(ctx.active_connections.get(), 2, "a refused reservation leaves the gauge as it was");
+        drop(first);
+        assert_eq!(ctx.active_connections.get(), 1);
+        assert!(Slot::reserve(&b).is_some());
+    }
+
+    #[test]
+    fn failures_are_attributed_to_the_side_that_failed() {
+        // Direction 0 reads the client and writes the app; direction 1 the reverse.
+        assert_eq!(Stage::Read.of(0), Side::Client);
+        assert_eq!(Stage::Write.of(0), Side::Upstream);
+        assert_eq!(Stage::Read.of(1), Side::Upstream);
+        assert_eq!(Stage::Write.of(1), Side::Client);
+    }
+
+    #[test]
+    fn relay_buffers_are_reused_and_the_pool_is_bounded() {
+        let w = Worker::new(ctx(1));
+        let bufs = w.take_buffers();
+        let ptr = bufs[0].as_ptr();
+        w.return_buffers(bufs);
+        let again = w.take_buffers();
+        assert!(again.iter().any(|b| b.as_ptr() == ptr), "a returned buffer is handed out again");
+        for _ in 0..POOL_MAX {
+            w.return_buffers([vec![0u8; 1].into_boxed_slice(), vec![0u8; 1].into_boxed_slice()]);
+        }
+        assert_eq!(w.buffers.borrow().len(), POOL_MAX);
+    }
 }
