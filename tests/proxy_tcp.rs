@@ -15,7 +15,7 @@ use std::time::Duration;
 use healthgate::config::Config;
 use healthgate::metrics::{ListenerLabels, Metrics, TcpBytesLabels, TcpOutcomeLabels};
 use healthgate::proxy::{ListenerCtx, tcp};
-use healthgate::state::{DepHealth, DepStatus, Health};
+use healthgate::state::{DepHealth, DepStatus, Health, ServiceState};
 use support::{STEP, eventually, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +26,8 @@ use tokio::time::{Instant, timeout};
 const DB: usize = 0;
 /// Index of the `degraded` dependency.
 const CACHE: usize = 1;
+/// Index of a second `out_of_service` dependency.
+const OTHER: usize = 2;
 
 /// A tcp listener served on its own worker thread.
 struct Proxy {
@@ -38,18 +40,20 @@ struct Proxy {
 
 impl Proxy {
     /// Starts a `protocol: tcp` listener in front of `upstream`; `extra` are
-    /// further listener keys (indented four spaces). Both dependencies start up.
+    /// further listener keys (indented four spaces). Every dependency starts up.
     fn start(upstream: SocketAddr, extra: &str) -> Proxy {
         let yaml = format!(
             "listeners:\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: \"{upstream}\"\n{extra}\
              dependencies:\n  - name: db\n    type: tcp\n    address: 127.0.0.1:1\n    impact: out_of_service\n\
-             \x20 - name: cache\n    type: tcp\n    address: 127.0.0.1:1\n    impact: degraded\n"
+             \x20 - name: cache\n    type: tcp\n    address: 127.0.0.1:1\n    impact: degraded\n\
+             \x20 - name: other\n    type: tcp\n    address: 127.0.0.1:1\n    impact: out_of_service\n"
         );
         let config = Config::from_yaml(&yaml, Path::new("test.yaml")).expect("valid config");
         let health = Health::new(&config);
         let metrics = Metrics::new(&config);
         set(&health, DB, DepHealth::Up);
         set(&health, CACHE, DepHealth::Up);
+        set(&health, OTHER, DepHealth::Up);
         let ctx = ListenerCtx::new(&config, 0, health.clone(), metrics.clone());
         let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         socket.set_nonblocking(true).unwrap();
@@ -414,6 +418,29 @@ async fn close_existing_closes_open_connections_on_outage() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     proxy.idle().await;
     assert_eq!(proxy.durations(), 1);
+}
+
+/// `close_existing` follows the listener's own `needs`: an outage of a
+/// dependency it does not need leaves its connections alone, and one of a
+/// needed dependency closes them even when the service state does not change
+/// (it already was out of service).
+#[tokio::test]
+async fn close_existing_follows_the_listeners_needs() {
+    let proxy = Proxy::start(echo_server().await, "    needs: [db]\n    on_outage: close_existing\n");
+    let mut s = proxy.connect().await;
+    round_trip(&mut s, MESSAGE).await;
+    set(&proxy.health, OTHER, DepHealth::Down);
+    eventually("the service state shows the outage", STEP, || async {
+        (proxy.health.service_state().0 == ServiceState::OutOfService).then_some(())
+    })
+    .await;
+    round_trip(&mut s, MESSAGE).await;
+    let mut fresh = proxy.connect().await;
+    round_trip(&mut fresh, MESSAGE).await;
+
+    set(&proxy.health, DB, DepHealth::Down);
+    assert_eq!(read_end(&mut s).await.expect("a clean close (reject: close)"), 0);
+    assert_eq!(read_end(&mut fresh).await.expect("a clean close (reject: close)"), 0);
 }
 
 /// A connection with no traffic either way for `idle_timeout` is closed; one
