@@ -978,10 +978,8 @@ fn validate_routes(
         if let Some(m) = &r.matcher {
             let m = &m.value;
             for (field, v) in [("match.path_prefix", &m.path_prefix), ("match.path", &m.path)] {
-                if let Some(v) = v {
-                    if !v.value.starts_with('/') {
-                        problems.at(v, rkey(field), "must start with '/'");
-                    }
+                if let Some(v) = v.as_ref().filter(|v| !v.value.starts_with('/')) {
+                    problems.at(v, rkey(field), "must start with '/'");
                 }
             }
             if let (Some(_), Some(p)) = (&m.path_prefix, &m.path) {

@@ -131,7 +131,7 @@ impl RouteTable {
             return None;
         }
         let mut best = usize::MAX;
-        let mut consider = |list: &[usize], best: &mut usize| {
+        let consider = |list: &[usize], best: &mut usize| {
             for &i in list {
                 if i >= *best {
                     break;
