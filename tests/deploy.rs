@@ -414,6 +414,39 @@ fn services_and_servicemonitor_reach_healthgate() {
     }
 }
 
+#[test]
+fn kustomize_renders_both_variants_in_one_namespace_with_the_image_set() {
+    // kubectl embeds kustomize. It is not a Debian package the CI script can
+    // install, so without it this test says so and checks nothing more.
+    let Ok(version) = Command::new("kubectl").args(["version", "--client"]).output() else {
+        eprintln!("note: kubectl not found; `kubectl kustomize` not checked");
+        return;
+    };
+    assert!(version.status.success(), "kubectl version --client: {version:?}");
+    for dir in ["deploy/kubernetes", "deploy/kubernetes/classic"] {
+        let out = Command::new("kubectl").arg("kustomize").arg(path(dir)).output().expect("kubectl kustomize");
+        assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).expect("rendered YAML");
+        let kinds: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        for k in ["Namespace", "ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule"] {
+            assert!(kinds.contains(k), "{dir}: no {k} rendered");
+        }
+        assert!(!kinds.contains("Secret"), "{dir}: the Secret must not be rendered (it holds passwords)");
+        for d in docs.iter().filter(|d| d["kind"] != "Namespace") {
+            assert_eq!(d["metadata"]["namespace"], "healthgate-demo", "{dir}: {} {}", d["kind"], d["metadata"]["name"]);
+        }
+        let pod = &docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"];
+        let image = list(&pod["initContainers"])
+            .iter()
+            .chain(list(&pod["containers"]))
+            .find(|c| c["name"] == "healthgate")
+            .and_then(|c| c["image"].as_str())
+            .unwrap();
+        assert!(image.contains(':'), "{dir}: kustomize `images:` must tag the healthgate image, got {image}");
+    }
+}
+
 // === 2. The ConfigMap's config is valid ===
 
 /// The problems the library finds in the example config, minus those that
@@ -790,8 +823,6 @@ struct Live {
     web: u16,
     log: PathBuf,
     _dir: tempfile::TempDir,
-    /// Kept open so that the `up` dependency's connects succeed.
-    _up: std::net::TcpListener,
 }
 
 impl Live {
@@ -833,6 +864,13 @@ dependencies:
 "#,
             up_port = up.local_addr().unwrap().port()
         );
+        // Accept (and drop) the `up` dependency's connections, so that the
+        // listen backlog never fills up and turns its checks into timeouts.
+        std::thread::spawn(move || {
+            for conn in up.incoming() {
+                drop(conn);
+            }
+        });
         let file = dir.path().join("healthgate.yaml");
         std::fs::write(&file, config).unwrap();
         let log = dir.path().join("healthgate.log");
@@ -845,7 +883,7 @@ dependencies:
             .stderr(out)
             .spawn()
             .expect("spawn healthgate");
-        let mut live = Live { child, admin, web, log, _dir: dir, _up: up };
+        let mut live = Live { child, admin, web, log, _dir: dir };
         support::eventually_blocking("healthgate to serve /livez", Duration::from_secs(20), || {
             if let Ok(Some(status)) = live.child.try_wait() {
                 panic!("healthgate exited with {status} before serving /livez; log:\n{}", live.log_text());
