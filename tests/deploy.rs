@@ -389,6 +389,20 @@ fn services_and_servicemonitor_reach_healthgate() {
         // The traffic Service sends clients to a healthgate listener.
         let app = find(&objects, "Service", "app");
         assert!(selector_matches(&app.doc["spec"]["selector"], pod_labels), "Service app must select the pods");
+        // Before Kubernetes 1.32, Services do not resolve the named ports of
+        // native sidecars (kubernetes#127958): the targetPorts must be numbers.
+        if v.native_sidecar {
+            for svc in &services {
+                for p in list(&svc.doc["spec"]["ports"]) {
+                    assert!(
+                        p["targetPort"].is_u64(),
+                        "Service {}: targetPort {} must be a number",
+                        svc.name(),
+                        p["targetPort"]
+                    );
+                }
+            }
+        }
         for p in list(&app.doc["spec"]["ports"]) {
             assert!(listener_ports.contains(&v.port(&p["targetPort"])), "Service app port {p} must target a listener");
         }
