@@ -22,9 +22,10 @@
 # Needs BuildKit (the default builder since Docker 23) for the cache mounts,
 # which keep the cargo registry and target/ between builds.
 #
-# Not a static (musl) binary on purpose: the release profile's fat LTO build
-# is the measured one, and glibc's allocator and resolver are what it was
-# measured with.
+# Not a static (musl) binary on purpose: healthgate's performance figures
+# were measured against glibc (its allocator and resolver), and musl's
+# allocator is known to be slower for multi-threaded servers. The runtime
+# image only needs glibc and libgcc_s, which distroless/cc provides.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm

@@ -810,6 +810,25 @@ fn dashboard_is_templated_by_namespace_pod_and_dependency() {
     for v in ["datasource", "namespace", "pod", "dependency"] {
         assert!(vars.contains(v), "dashboard variable ${v} is missing");
     }
+    // Every query goes to the data source the user picks on import.
+    fn datasources<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(ds) = m.get("datasource") {
+                    out.push(ds);
+                }
+                m.values().for_each(|c| datasources(c, out));
+            }
+            Value::Array(a) => a.iter().for_each(|c| datasources(c, out)),
+            _ => {}
+        }
+    }
+    let mut ds = Vec::new();
+    datasources(&dash["panels"], &mut ds);
+    assert!(!ds.is_empty());
+    for d in ds {
+        assert_eq!(d["uid"], "${datasource}", "a panel or query with a fixed data source: {d}");
+    }
     for (at, expr) in dashboard_exprs() {
         if at.starts_with("variable") {
             continue;
