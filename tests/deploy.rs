@@ -12,9 +12,9 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use healthgate::config::{Config, ConfigError};
@@ -849,34 +849,38 @@ fn dashboard_is_templated_by_namespace_pod_and_dependency() {
 
 // === A live healthgate ===
 
-/// A healthgate process on ephemeral loopback ports, killed on drop.
+/// A healthgate process (the shared launcher: port 0 everywhere, bound
+/// addresses read from its "started" event), killed on drop.
 struct Live {
-    child: Child,
-    admin: u16,
-    web: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+    hg: support::healthgate::Healthgate,
 }
 
 impl Live {
     /// Starts healthgate with one dependency that is up, one that is down
-    /// (connection refused), and a listener whose app is unreachable, then
-    /// waits until it serves /livez.
+    /// (connection refused) and an HTTP listener whose app is unreachable.
     fn start() -> Live {
-        let dir = tempfile::tempdir().unwrap();
         let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (admin, web, closed) = (support::free_port(), support::free_port(), support::free_port());
+        let up_port = up.local_addr().unwrap().port();
+        // Accept (and drop) the `up` dependency's connections, so that the
+        // listen backlog never fills up and turns its checks into timeouts.
+        std::thread::spawn(move || {
+            for conn in up.incoming() {
+                drop(conn);
+            }
+        });
+        // Nothing listens there: connections are refused.
+        let closed = support::free_port();
         let config = format!(
             r#"workers: 1
 admin:
-  listen: "127.0.0.1:{admin}"
+  listen: "127.0.0.1:0"
 drain:
   delay: 100ms
   timeout: 1s
 listeners:
   - name: web
     protocol: http
-    listen: "127.0.0.1:{web}"
+    listen: "127.0.0.1:0"
     upstream: "127.0.0.1:{closed}"
 dependencies:
   - name: up
@@ -894,60 +898,27 @@ dependencies:
     timeout: 500ms
     rise: 1
     fall: 1
-"#,
-            up_port = up.local_addr().unwrap().port()
+"#
         );
-        // Accept (and drop) the `up` dependency's connections, so that the
-        // listen backlog never fills up and turns its checks into timeouts.
-        std::thread::spawn(move || {
-            for conn in up.incoming() {
-                drop(conn);
-            }
-        });
-        let file = dir.path().join("healthgate.yaml");
-        std::fs::write(&file, config).unwrap();
-        let log = dir.path().join("healthgate.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(HEALTHGATE)
-            .args(["--log-format", "text", "run", "--config"])
-            .arg(&file)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn healthgate");
-        let mut live = Live { child, admin, web, log, _dir: dir };
-        support::eventually_blocking("healthgate to serve /livez", Duration::from_secs(20), || {
-            if let Ok(Some(status)) = live.child.try_wait() {
-                panic!("healthgate exited with {status} before serving /livez; log:\n{}", live.log_text());
-            }
-            http_get(live.admin, "/livez").ok().filter(|r| r.status == 200)
-        });
-        live
+        Live { hg: support::healthgate::Healthgate::start(&config) }
+    }
+
+    fn admin(&self) -> SocketAddr {
+        self.hg.admin
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.hg.logs.lock().unwrap().join("\n")
     }
 
-    /// A scrape taken once checks have failed and a request was served, so
-    /// that every family (failures, requests) has series.
+    /// A scrape taken once checks have failed, so that every family has
+    /// series (healthgate pre-creates the request series of each listener).
     fn settled_scrape(&self) -> Response {
-        support::eventually_blocking("a response from the listener", Duration::from_secs(20), || {
-            http_get(self.web, "/").ok()
-        });
         support::eventually_blocking("failures and requests in /metrics", Duration::from_secs(20), || {
-            let r = http_get(self.admin, "/metrics").ok()?;
+            let r = http_get(self.admin(), "/metrics").ok()?;
             (r.body.contains("\nhealthgate_check_failures_total{") && r.body.contains("\nhealthgate_requests_total{"))
                 .then_some(r)
         })
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -957,9 +928,10 @@ struct Response {
     body: String,
 }
 
-/// A plain HTTP/1.1 GET to 127.0.0.1 with `Connection: close`.
-fn http_get(port: u16, target: &str) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+/// A plain HTTP/1.1 GET with `Connection: close`, keeping the headers
+/// (Content-Type) and decoding a chunked body.
+fn http_get(addr: SocketAddr, target: &str) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect_timeout(&addr, support::STEP)?;
     s.set_read_timeout(Some(support::STEP))?;
     s.set_write_timeout(Some(support::STEP))?;
     // One write: the request head in one segment.
@@ -1008,10 +980,10 @@ fn the_probe_paths_of_the_manifests_are_served_by_a_live_healthgate() {
     }
     for p in &paths {
         // 503 is a valid answer (e.g. /readyz while degraded or starting); 404 is not.
-        let r = http_get(live.admin, p).unwrap();
+        let r = http_get(live.admin(), p).unwrap();
         assert!(matches!(r.status, 200 | 503), "{p} answered {}; log:\n{}", r.status, live.log_text());
     }
-    let status = http_get(live.admin, "/status").unwrap();
+    let status = http_get(live.admin(), "/status").unwrap();
     assert_eq!(status.status, 200);
     let json: Value =
         serde_json::from_str(&status.body).expect("/status is JSON (docs/kubernetes.md port-forwards it)");
