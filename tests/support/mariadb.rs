@@ -45,10 +45,14 @@ impl MariaDb {
     pub async fn start() -> MariaDb {
         let dir = tempfile::Builder::new().prefix("hg-mariadb-").tempdir().expect("temp dir");
         let install = binary(&["mariadb-install-db", "mysql_install_db"]);
+        // A private tmpdir: concurrent bootstraps sharing /tmp collide on
+        // their temporary table names.
+        std::fs::create_dir(dir.path().join("tmp")).expect("tmp dir");
         let out = Command::new(&install)
             .arg("--no-defaults")
             .arg("--auth-root-authentication-method=normal")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg(format!("--tmpdir={}", dir.path().join("tmp").display()))
             .arg("--skip-test-db")
             .arg("--skip-name-resolve")
             .args(user_arg())
@@ -82,6 +86,7 @@ impl MariaDb {
             .args(user_arg())
             .arg(format!("--datadir={}", d.join("data").display()))
             .arg(format!("--socket={}", self.socket().display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--pid-file={}", d.join("mariadbd.pid").display()))
             .arg(format!("--log-error={}", d.join("error.log").display()))
             .arg("--bind-address=127.0.0.1")
