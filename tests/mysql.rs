@@ -85,7 +85,8 @@ async fn wrong_password_is_auth_and_the_message_has_no_password() {
 
 #[tokio::test]
 async fn missing_password_file_is_a_config_failure() {
-    let dep = dependency(&format!("    address: 127.0.0.1:1\n    user: {USER}\n    password_file: /nonexistent/hg-pw\n"));
+    let dep =
+        dependency(&format!("    address: 127.0.0.1:1\n    user: {USER}\n    password_file: /nonexistent/hg-pw\n"));
     let mut c = AnyCheck::new(&dep);
     let err = probe(&mut c, T).await.unwrap_err();
     assert_eq!(err.cause, Cause::Config, "{err}");

@@ -92,10 +92,10 @@ impl MysqlSettings {
     pub(crate) fn from_raw(d: &RawDependency, mut ctx: KindCtx<'_>) -> Option<Self> {
         let address = ctx.required(&d.address, "address").and_then(|a| ctx.host_port(a, "address", Some(DEFAULT_PORT)));
         let user = ctx.required(&d.user, "user").map(|u| u.value.clone());
-        if let Some(u) = &d.user {
-            if u.value.is_empty() {
-                ctx.error(u, "user", "must not be empty");
-            }
+        if let Some(u) = &d.user
+            && u.value.is_empty()
+        {
+            ctx.error(u, "user", "must not be empty");
         }
         let key = ctx.key("password_env");
         let password = secret_source(&d.password_env, &d.password_file, &key, ctx.problems);
@@ -109,21 +109,21 @@ impl MysqlSettings {
         };
         let database = non_empty(&d.database, "database", &mut ctx);
         let query = non_empty(&d.query, "query", &mut ctx);
-        if let Some(t) = &d.tls {
-            if t.value {
-                ctx.error(
-                    t,
-                    "tls",
-                    "this build has no MySQL TLS support; set `tls: false` (or remove it) and check over a trusted network",
-                );
-            }
+        if let Some(t) = &d.tls
+            && t.value
+        {
+            ctx.error(
+                t,
+                "tls",
+                "this build has no MySQL TLS support; set `tls: false` (or remove it) and check over a trusted network",
+            );
         }
         let galera = d.galera.as_ref().is_some_and(|g| g.value);
         let allow_donor = d.galera_allow_donor.as_ref().is_some_and(|g| g.value);
-        if let Some(a) = &d.galera_allow_donor {
-            if !galera {
-                ctx.error(a, "galera_allow_donor", "only has an effect with `galera: true`");
-            }
+        if let Some(a) = &d.galera_allow_donor
+            && !galera
+        {
+            ctx.error(a, "galera_allow_donor", "only has an effect with `galera: true`");
         }
         Some(MysqlSettings {
             address: address?,
@@ -180,9 +180,10 @@ pub fn is_connection_lost(e: &mysql_async::Error) -> bool {
 /// already established (an I/O timeout is then a read timeout).
 pub fn classify(e: &mysql_async::Error, phase: Phase, addr: &str) -> CheckError {
     match e {
-        mysql_async::Error::Server(s) => {
-            CheckError::new(cause_of_code(s.code), format!("{addr}: server error {} ({}): {}", s.code, s.state, s.message))
-        }
+        mysql_async::Error::Server(s) => CheckError::new(
+            cause_of_code(s.code),
+            format!("{addr}: server error {} ({}): {}", s.code, s.state, s.message),
+        ),
         mysql_async::Error::Io(IoError::Io(io)) => {
             let cause = if io.kind() == std::io::ErrorKind::InvalidData {
                 Cause::Protocol
@@ -231,7 +232,11 @@ fn value_is_on(v: &Value) -> Option<bool> {
 /// Judges a Galera node from `wsrep_local_state` and `wsrep_cluster_status`
 /// like Percona's clustercheck: ready when the cluster component is Primary
 /// and the node is Synced (4), or Donor/Desynced (2) if `allow_donor`.
-pub fn galera_verdict(local_state: Option<&str>, cluster_status: Option<&str>, allow_donor: bool) -> Result<(), String> {
+pub fn galera_verdict(
+    local_state: Option<&str>,
+    cluster_status: Option<&str>,
+    allow_donor: bool,
+) -> Result<(), String> {
     let (Some(state), Some(status)) = (local_state, cluster_status) else {
         return Err("wsrep status variables are missing: not a Galera node, or wsrep is off".into());
     };
@@ -390,11 +395,11 @@ impl MysqlCheck {
                 Err(err)
             }
         };
-        if let Slot::Busy(p) = std::mem::replace(&mut self.slot, Slot::Empty) {
-            if !p.task.is_finished() {
-                // Bounded by ABANDON_AFTER itself; let it end on its own.
-                detach(p);
-            }
+        if let Slot::Busy(p) = std::mem::replace(&mut self.slot, Slot::Empty)
+            && !p.task.is_finished()
+        {
+            // Bounded by ABANDON_AFTER itself; let it end on its own.
+            detach(p);
         }
         Some(result)
     }
@@ -517,10 +522,7 @@ impl MysqlCheck {
 /// Whether the server itself answered (so other addresses of the same name,
 /// the same server over IPv4/IPv6, need not be tried).
 fn answered(e: &CheckError) -> bool {
-    !matches!(
-        e.cause,
-        Cause::Refused | Cause::ConnectTimeout | Cause::ReadTimeout | Cause::Reset | Cause::Unreachable
-    )
+    !matches!(e.cause, Cause::Refused | Cause::ConnectTimeout | Cause::ReadTimeout | Cause::Reset | Cause::Unreachable)
 }
 
 /// Adds the failures of addresses tried earlier to an error's message.
@@ -669,7 +671,9 @@ impl Check for MysqlCheck {
             // Its result belongs to the old check; only the session matters.
             match outcome {
                 Outcome { session: Some(s), result: Ok(()) | Err(Failure::Judged(_)) } => self.slot = Slot::Idle(s),
-                Outcome { session: Some(s), result: Err(Failure::Mysql(e)) } if !e.is_fatal() && !is_connection_lost(&e) => {
+                Outcome { session: Some(s), result: Err(Failure::Mysql(e)) }
+                    if !e.is_fatal() && !is_connection_lost(&e) =>
+                {
                     self.slot = Slot::Idle(s)
                 }
                 Outcome { session: Some(s), .. } => retire(s),
@@ -810,7 +814,8 @@ mod tests {
 
     #[test]
     fn both_password_sources_are_an_error() {
-        let p = problems("    type: mysql\n    address: db\n    user: hg\n    password_env: A\n    password_file: /x\n");
+        let p =
+            problems("    type: mysql\n    address: db\n    user: hg\n    password_env: A\n    password_file: /x\n");
         assert_eq!(p.len(), 1, "{p:?}");
     }
 

@@ -196,13 +196,11 @@ impl MariaDb {
     /// A global status counter (`SHOW GLOBAL STATUS LIKE var`).
     pub async fn status(&self, var: &str) -> u64 {
         let mut c = self.admin().await;
-        let row: Option<(String, String)> = tokio::time::timeout(
-            STEP,
-            c.query_first(format!("SHOW GLOBAL STATUS LIKE '{var}'")),
-        )
-        .await
-        .expect("status query timed out")
-        .expect("status query");
+        let row: Option<(String, String)> =
+            tokio::time::timeout(STEP, c.query_first(format!("SHOW GLOBAL STATUS LIKE '{var}'")))
+                .await
+                .expect("status query timed out")
+                .expect("status query");
         c.disconnect().await.expect("admin disconnect");
         let (_, v) = row.unwrap_or_else(|| panic!("no status variable {var}"));
         v.parse().unwrap_or_else(|_| panic!("status {var} = {v:?} is not a number"))
