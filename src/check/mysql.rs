@@ -482,40 +482,61 @@ impl MysqlCheck {
             },
         };
         let addrs = net::resolve(&self.settings.address, deadline).await?;
+        self.try_addrs(&addrs, password, deadline).await
+    }
+
+    /// Tries each address in turn, each with an equal share of the time
+    /// left, until one gives a verdict from the server itself.
+    async fn try_addrs(
+        &mut self,
+        addrs: &[SocketAddr],
+        password: Option<String>,
+        deadline: Instant,
+    ) -> Result<(), CheckError> {
         let mut failures: Vec<(SocketAddr, CheckError)> = Vec::new();
         for (i, addr) in addrs.iter().copied().enumerate() {
-            let last = i + 1 == addrs.len();
             let share = net::remaining(deadline) / (addrs.len() - i) as u32;
             let attempt_deadline = Instant::now() + share;
             let opts = self.opts(addr, password.clone());
             let probe = self.probe.clone();
             let stage = Arc::new(AtomicU8::new(STAGE_CONNECTING));
             let work = fresh_exchange(opts, addr, probe, stage.clone());
-            let result = self.run(addr, stage, attempt_deadline, work).await;
-            match result {
+            match self.run(addr, stage, attempt_deadline, work).await {
                 Ok(outcome) => {
                     let phase = if outcome.session.is_some() { Phase::Exchange } else { Phase::Connect };
-                    let verdict = self.settle(outcome, phase);
-                    match verdict {
+                    match self.settle(outcome, phase) {
                         Ok(()) => return Ok(()),
-                        Err(e) if last || answered(&e) => return Err(with_others(e, &failures)),
+                        // The server itself answered: its verdict stands.
+                        Err(e) if answered(&e) => return Err(with_others(e, &failures)),
                         Err(e) => failures.push((addr, e)),
                     }
                 }
                 Err(e) => {
-                    if last {
-                        return Err(with_others(e, &failures));
-                    }
-                    // Not the last address: let this attempt finish (and quit)
-                    // in the background and try the next one.
-                    if let Slot::Busy(p) = std::mem::replace(&mut self.slot, Slot::Empty) {
+                    // A timeout. If another address follows, let this attempt
+                    // finish (and quit) in the background; the last one stays
+                    // in the slot for the next check to reclaim.
+                    if i + 1 < addrs.len()
+                        && let Slot::Busy(p) = std::mem::replace(&mut self.slot, Slot::Empty)
+                    {
                         detach(p);
                     }
                     failures.push((addr, e));
                 }
             }
         }
-        Err(CheckError::new(Cause::Dns, "no address to try"))
+        // Report the failure that says most about the server: a refusal or a
+        // timeout over a reset, over "unreachable" (typically an IPv6 address
+        // without a route), and name every address tried.
+        let rank = |c: Cause| match c {
+            Cause::Refused | Cause::ConnectTimeout | Cause::ReadTimeout => 0,
+            Cause::Reset => 1,
+            _ => 2,
+        };
+        let Some(best) = (0..failures.len()).min_by_key(|&i| rank(failures[i].1.cause)) else {
+            return Err(CheckError::new(Cause::Dns, format!("{} has no address to try", self.settings.address)));
+        };
+        let (_, e) = failures.remove(best);
+        Err(with_others(e, &failures))
     }
 }
 
@@ -666,6 +687,22 @@ impl Check for MysqlCheck {
     async fn check(&mut self, deadline: Instant) -> Result<(), CheckError> {
         // 1. An exchange left over from an earlier check (it overran its
         //    deadline, or that check was cancelled): reclaim its connection.
+        if let Slot::Busy(p) = &self.slot
+            && p.stage.load(Ordering::Acquire) == STAGE_CONNECTING
+            && !p.task.is_finished()
+        {
+            // A connect still pending from an earlier check: if the name no
+            // longer resolves to its address (the server moved), stop waiting
+            // for it and connect to the new address instead.
+            let pending_addr = p.addr;
+            if let Ok(addrs) = net::resolve(&self.settings.address, deadline).await
+                && !addrs.contains(&pending_addr)
+                && let Slot::Busy(p) = std::mem::replace(&mut self.slot, Slot::Empty)
+            {
+                debug!(addr = %pending_addr, "address no longer resolves; leaving its pending connect");
+                detach(p);
+            }
+        }
         if let Some(waited) = self.await_busy(deadline).await {
             let outcome = waited?;
             // Its result belongs to the old check; only the session matters.
@@ -830,6 +867,41 @@ mod tests {
         let p = problems("    type: mysql\n    address: db\n    user: hg\n    query: \"\"\n    db: 2\n");
         let keys: Vec<_> = p.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, vec!["dependencies[0].query", "dependencies[0].db"], "{p:?}");
+    }
+
+    fn check_of(dep: &str) -> MysqlCheck {
+        let dep = load(dep).unwrap().dependencies.remove(0);
+        match &dep.kind {
+            DependencyKind::Mysql(s) => MysqlCheck::new(s.clone(), &dep),
+            other => panic!("not mysql: {other:?}"),
+        }
+    }
+
+    /// A port where nothing listens.
+    fn closed_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_address_is_tried_and_the_telling_failure_is_reported() {
+        // A listener that accepts (the kernel does) but never greets: like a frozen server.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let mut c = check_of("    type: mysql\n    address: db\n    user: hg\n");
+        let start = Instant::now();
+        let err =
+            c.try_addrs(&[silent_addr, closed_port()], None, start + Duration::from_millis(400)).await.unwrap_err();
+        // The silent address got half the time, then the next one was tried.
+        assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+        assert!(matches!(err.cause, Cause::Refused | Cause::ConnectTimeout), "{err}");
+        assert!(err.message.contains("also tried"), "{err}");
+        assert!(err.message.contains(&silent_addr.to_string()), "{err}");
+
+        let mut c = check_of("    type: mysql\n    address: db\n    user: hg\n");
+        let err = c.try_addrs(&[closed_port(), closed_port()], None, Instant::now() + Duration::from_millis(400)).await;
+        let err = err.unwrap_err();
+        assert_eq!(err.cause, Cause::Refused, "{err}");
+        assert!(err.message.contains("also tried"), "{err}");
     }
 
     #[test]
