@@ -175,13 +175,17 @@ async fn short_wait_timeout_closes_the_connection_after_each_check_with_no_failu
     let before = db.aborted().await;
     // interval 2s is not comfortably below wait_timeout 1s.
     let mut c = check_of(&db, PASSWORD, "    interval: 2s\n");
+    // A failing query leaves a working connection: it is recycled too.
+    let mut failing = check_of(&db, PASSWORD, "    interval: 2s\n    query: SELECT * FROM app.missing_table\n");
     for i in 0..6 {
         probe(&mut c, T).await.unwrap_or_else(|e| panic!("check {i}: {e}"));
+        assert_eq!(probe(&mut failing, T).await.unwrap_err().cause, Cause::ServerError);
         no_connections_left(&db).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     probe(&mut c, T).await.unwrap();
     close(&mut c).await;
+    close(&mut failing).await;
     no_connections_left(&db).await;
     assert_eq!(db.aborted().await, before, "closed with COM_QUIT, never left for the server to kill");
 }

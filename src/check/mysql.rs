@@ -388,7 +388,7 @@ impl MysqlCheck {
                 Err(CheckError::new(Cause::Protocol, format!("{}: check task failed: {join}", pending.addr)))
             }
             Err(_) => {
-                let err = timeout_error(pending);
+                let err = timeout_error(&pending.stage, pending.addr, pending.since);
                 if pending.since.elapsed() < ABANDON_AFTER {
                     return Some(Err(err));
                 }
@@ -413,61 +413,60 @@ impl MysqlCheck {
         deadline: Instant,
         work: impl Future<Output = Outcome> + Send + 'static,
     ) -> Result<Outcome, CheckError> {
+        let since = Instant::now();
+        let task_stage = stage.clone();
         let task = tokio::spawn(async move {
             match timeout(ABANDON_AFTER, work).await {
                 Ok(o) => o,
-                Err(_) => Outcome {
-                    session: None,
-                    result: Err(Failure::Judged(CheckError::new(Cause::ReadTimeout, "abandoned"))),
-                },
+                Err(_) => {
+                    Outcome { session: None, result: Err(Failure::Judged(timeout_error(&task_stage, addr, since))) }
+                }
             }
         });
-        self.slot = Slot::Busy(Pending { task, stage, addr, since: Instant::now() });
+        self.slot = Slot::Busy(Pending { task, stage, addr, since });
         self.await_busy(deadline).await.expect("the slot was just filled")
     }
 
-    /// Handles the outcome of an exchange: keeps or retires the session and
-    /// turns the result into the check's verdict.
-    fn settle(&mut self, outcome: Outcome, phase: Phase) -> Result<(), CheckError> {
+    /// Keeps a healthy session for the next check, or closes it now when the
+    /// server would kill it while idle before then (`wait_timeout`).
+    fn keep(&mut self, mut s: Session) {
+        s.last_used = Instant::now();
+        self.server_version = Some(s.version.clone());
+        if must_recycle(s.wait_timeout, self.longest_interval) {
+            debug!(addr = %s.addr, wait_timeout = ?s.wait_timeout, "closing the check connection before wait_timeout");
+            retire(s);
+        } else {
+            self.slot = Slot::Idle(s);
+        }
+    }
+
+    /// Handles the outcome of an exchange with `addr`: keeps or retires the
+    /// session and turns the result into the check's verdict.
+    fn settle(&mut self, outcome: Outcome, phase: Phase, addr: SocketAddr) -> Result<(), CheckError> {
         let Outcome { session, result } = outcome;
-        let addr = session.as_ref().map(|s| s.addr.to_string()).unwrap_or_default();
         match result {
             Ok(()) => {
-                if let Some(mut s) = session {
-                    s.last_used = Instant::now();
-                    self.server_version = Some(s.version.clone());
-                    if must_recycle(s.wait_timeout, self.longest_interval) {
-                        debug!(addr = %s.addr, wait_timeout = ?s.wait_timeout, "closing the check connection before wait_timeout");
-                        retire(s);
-                    } else {
-                        self.slot = Slot::Idle(s);
-                    }
+                if let Some(s) = session {
+                    self.keep(s);
                 }
                 Ok(())
             }
             Err(Failure::Judged(e)) => {
-                if let Some(mut s) = session {
-                    s.last_used = Instant::now();
-                    self.server_version = Some(s.version.clone());
-                    if must_recycle(s.wait_timeout, self.longest_interval) {
-                        retire(s);
-                    } else {
-                        self.slot = Slot::Idle(s);
-                    }
+                if let Some(s) = session {
+                    self.keep(s);
                 }
                 Err(e)
             }
             Err(Failure::Mysql(e)) => {
-                if let Some(mut s) = session {
+                if let Some(s) = session {
                     if e.is_fatal() || is_connection_lost(&e) {
                         retire(s);
                     } else {
                         // A server error on a working connection (e.g. a failing query).
-                        s.last_used = Instant::now();
-                        self.slot = Slot::Idle(s);
+                        self.keep(s);
                     }
                 }
-                Err(classify(&e, phase, &addr))
+                Err(classify(&e, phase, &addr.to_string()))
             }
         }
     }
@@ -504,7 +503,7 @@ impl MysqlCheck {
             match self.run(addr, stage, attempt_deadline, work).await {
                 Ok(outcome) => {
                     let phase = if outcome.session.is_some() { Phase::Exchange } else { Phase::Connect };
-                    match self.settle(outcome, phase) {
+                    match self.settle(outcome, phase, addr) {
                         Ok(()) => return Ok(()),
                         // The server itself answered: its verdict stands.
                         Err(e) if answered(&e) => return Err(with_others(e, &failures)),
@@ -555,16 +554,15 @@ fn with_others(mut e: CheckError, earlier: &[(SocketAddr, CheckError)]) -> Check
     e
 }
 
-/// The error for an exchange still unanswered at its check's deadline.
-fn timeout_error(p: &Pending) -> CheckError {
-    let waited = p.since.elapsed();
-    if p.stage.load(Ordering::Acquire) == STAGE_CONNECTING {
-        CheckError::new(
-            Cause::ConnectTimeout,
-            format!("{}: connect and handshake not complete after {waited:.1?}", p.addr),
-        )
+/// The error for an exchange with `addr`, started at `since`, still
+/// unanswered: a connect timeout until the session is established, then a
+/// read timeout.
+fn timeout_error(stage: &AtomicU8, addr: SocketAddr, since: Instant) -> CheckError {
+    let waited = since.elapsed();
+    if stage.load(Ordering::Acquire) == STAGE_CONNECTING {
+        CheckError::new(Cause::ConnectTimeout, format!("{addr}: connect and handshake not complete after {waited:.1?}"))
     } else {
-        CheckError::new(Cause::ReadTimeout, format!("{}: no reply after {waited:.1?}", p.addr))
+        CheckError::new(Cause::ReadTimeout, format!("{addr}: no reply after {waited:.1?}"))
     }
 }
 
@@ -731,7 +729,7 @@ impl Check for MysqlCheck {
                 let outcome = self.run(addr, stage, deadline, work).await?;
                 let lost = matches!(&outcome.result, Err(Failure::Mysql(e)) if is_connection_lost(e));
                 if !lost {
-                    return self.settle(outcome, Phase::Exchange);
+                    return self.settle(outcome, Phase::Exchange, addr);
                 }
                 if let Err(Failure::Mysql(e)) = &outcome.result {
                     debug!(%addr, error = %e, "check connection lost while idle; reconnecting once");
