@@ -43,7 +43,7 @@ async fn probe(c: &mut AnyCheck, timeout: Duration) -> Result<(), CheckError> {
     let start = Instant::now();
     let r = tokio::time::timeout(STEP, c.check(start + timeout)).await.expect("check hung past its deadline");
     let took = start.elapsed();
-    assert!(took < timeout + Duration::from_millis(150), "check took {took:?} with a {timeout:?} deadline");
+    assert!(took < timeout + Duration::from_millis(250), "check took {took:?} with a {timeout:?} deadline");
     r
 }
 
@@ -191,7 +191,7 @@ async fn short_wait_timeout_closes_the_connection_after_each_check_with_no_failu
 }
 
 #[tokio::test]
-async fn connection_killed_while_idle_is_replaced_within_the_same_check() {
+async fn connection_idle_past_wait_timeout_is_replaced_within_the_same_check() {
     let db = MariaDb::start().await;
     db.set_global("wait_timeout", "1").await;
     // A short configured interval keeps the connection open, but the checks
@@ -208,6 +208,21 @@ async fn connection_killed_while_idle_is_replaced_within_the_same_check() {
     close(&mut c).await;
     // The server counted its own idle kills, which proves the reconnect path ran.
     assert!(db.status("Aborted_clients").await > clients_before);
+}
+
+#[tokio::test]
+async fn connection_killed_by_the_server_is_replaced_within_the_same_check() {
+    let db = MariaDb::start().await;
+    let mut c = check_of(&db, PASSWORD, "");
+    probe(&mut c, T).await.unwrap();
+    for i in 0..5 {
+        // The connection dies while idle, well before its wait_timeout: the
+        // next check finds it closed on first use and reconnects once.
+        assert_eq!(db.kill_connections_of(USER).await, 1);
+        probe(&mut c, T).await.unwrap_or_else(|e| panic!("check {i} after a server-side kill: {e}"));
+    }
+    assert_eq!(db.connections().await, 1);
+    close(&mut c).await;
 }
 
 #[tokio::test]

@@ -206,6 +206,27 @@ impl MariaDb {
         v.parse().unwrap_or_else(|_| panic!("status {var} = {v:?} is not a number"))
     }
 
+    /// Kills (server side, `KILL CONNECTION`) every connection of `user`;
+    /// returns how many there were.
+    pub async fn kill_connections_of(&self, user: &str) -> usize {
+        let mut c = self.admin().await;
+        let ids: Vec<u64> = tokio::time::timeout(
+            STEP,
+            c.query(format!("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = '{user}'")),
+        )
+        .await
+        .expect("processlist timed out")
+        .expect("processlist");
+        for id in &ids {
+            tokio::time::timeout(STEP, c.query_drop(format!("KILL CONNECTION {id}")))
+                .await
+                .expect("kill timed out")
+                .expect("kill");
+        }
+        c.disconnect().await.expect("admin disconnect");
+        ids.len()
+    }
+
     /// `(Aborted_connects, Aborted_clients)`.
     pub async fn aborted(&self) -> (u64, u64) {
         (self.status("Aborted_connects").await, self.status("Aborted_clients").await)
