@@ -165,8 +165,22 @@ impl MariaDb {
     }
 
     /// Freezes the server (SIGSTOP): the kernel still accepts TCP connections.
+    /// Returns once every thread of the server is stopped, so no reply can
+    /// slip out after this call.
     pub fn freeze(&self) {
-        signal(self.pid(), "STOP");
+        let pid = self.pid();
+        signal(pid, "STOP");
+        super::eventually_blocking("every mariadbd thread stopped", STEP, || {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+            let all_stopped = tasks.flatten().all(|t| {
+                // The state is the field after the ")" closing the command name.
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+                    .unwrap_or(true)
+            });
+            all_stopped.then_some(())
+        });
     }
 
     /// Resumes a frozen server (SIGCONT).
