@@ -110,6 +110,78 @@ async fn acl_user_authenticates_with_username_and_password() {
 }
 
 #[tokio::test]
+async fn password_configured_but_not_required_by_the_server_is_auth() {
+    let redis = Redis::start(&[]);
+    let (_dir, file) = password_file("s3cret");
+    let mut c = check_for(&format!("address: {}\npassword_file: {file}", redis.address()));
+    let err = probe(&mut c).await.unwrap_err();
+    assert_eq!(err.cause, Cause::Auth, "{err}");
+}
+
+#[tokio::test]
+async fn maxclients_reached_is_too_many_connections() {
+    let redis = Redis::start(&["--maxclients", "1"]);
+    let mut first = check_for(&format!("address: {}", redis.address()));
+    // The harness's readiness connection may still hold the only slot for a moment.
+    until_healthy(&mut first, STEP).await;
+    let mut second = check_for(&format!("address: {}", redis.address()));
+    let err = probe(&mut second).await.unwrap_err();
+    assert_eq!(err.cause, Cause::TooManyConnections, "{err}");
+}
+
+#[tokio::test]
+async fn loading_dataset_is_loading_until_it_is_loaded() {
+    // key-load-delay (µs per key) makes a 1000-key dataset load for ~2 s;
+    // a small events interval lets the server answer -LOADING meanwhile.
+    let mut redis = Redis::start(&[
+        "--enable-debug-command",
+        "local",
+        "--key-load-delay",
+        "2000",
+        "--loading-process-events-interval-bytes",
+        "1024",
+    ]);
+    assert!(redis.command(&["DEBUG", "POPULATE", "1000"]).starts_with("+OK"));
+    assert!(redis.command(&["SAVE"]).starts_with("+OK"));
+    let mut c = check_for(&format!("address: {}", redis.address()));
+    redis.restart();
+    let err = probe(&mut c).await.unwrap_err();
+    assert_eq!(err.cause, Cause::Loading, "{err}");
+    until_healthy(&mut c, STEP).await;
+    assert!(redis.info("keyspace").contains("keys=1000"));
+}
+
+#[tokio::test]
+async fn replica_without_its_master_and_stale_data_off_is_master_down() {
+    let dead = support::free_port().to_string();
+    let replica = Redis::start(&["--replicaof", "127.0.0.1", &dead, "--replica-serve-stale-data", "no"]);
+    let mut c = check_for(&format!("address: {}", replica.address()));
+    let err = probe(&mut c).await.unwrap_err();
+    assert_eq!(err.cause, Cause::MasterDown, "{err}");
+}
+
+#[tokio::test]
+async fn busy_script_is_busy_and_script_kill_recovers() {
+    let redis = Redis::start(&["--busy-reply-threshold", "100"]);
+    let mut c = check_for(&format!("address: {}", redis.address()));
+    probe(&mut c).await.unwrap();
+    // A script that never ends, sent on its own connection (its reply comes only when killed).
+    let mut script = std::net::TcpStream::connect(("127.0.0.1", redis.port())).unwrap();
+    std::io::Write::write_all(&mut script, b"*3\r\n$4\r\nEVAL\r\n$17\r\nwhile true do end\r\n$1\r\n0\r\n").unwrap();
+    let start = Instant::now();
+    let err = loop {
+        match probe(&mut c).await {
+            Err(e) => break e,
+            Ok(()) if start.elapsed() < STEP => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(()) => panic!("the script never made the server busy"),
+        }
+    };
+    assert_eq!(err.cause, Cause::Busy, "{err}");
+    assert!(redis.command(&["SCRIPT", "KILL"]).starts_with("+OK"));
+    until_healthy(&mut c, STEP).await;
+}
+
+#[tokio::test]
 async fn database_out_of_range_is_a_server_error() {
     let redis = Redis::start(&["--databases", "4"]);
     let mut ok = check_for(&format!("address: {}\ndb: 3", redis.address()));
@@ -203,8 +275,7 @@ async fn sentinel_failover_is_followed_to_the_promoted_replica() {
     let mut master = Redis::start(&[]);
     let replica = Redis::replica_of(&master, &[]);
     let sentinel = Redis::sentinel(&master, "hgmaster", 1);
-    let mut c =
-        check_for(&format!("sentinel:\n  addresses: [\"{}\"]\n  master_name: hgmaster", sentinel.address()));
+    let mut c = check_for(&format!("sentinel:\n  addresses: [\"{}\"]\n  master_name: hgmaster", sentinel.address()));
     probe(&mut c).await.unwrap();
     assert_eq!(c.details().current_master, Some(master.address()));
 

@@ -77,11 +77,11 @@ pub struct RedisSettings {
 impl RedisSettings {
     pub(crate) fn from_raw(d: &RawDependency, mut ctx: KindCtx<'_>) -> Option<Self> {
         let mut ok = true;
-        if let Some(t) = &d.tls {
-            if t.value {
-                ctx.error(t, "tls", NO_TLS);
-                ok = false;
-            }
+        if let Some(t) = &d.tls
+            && t.value
+        {
+            ctx.error(t, "tls", NO_TLS);
+            ok = false;
         }
         let mut url_db = None;
         let target = match (&d.address, &d.sentinel) {
@@ -340,6 +340,8 @@ fn classify_error(e: &str) -> Cause {
         "NOAUTH" | "WRONGPASS" | "NOPERM" => Cause::Auth,
         // Redis before 6 answers a wrong password with a plain ERR.
         "ERR" if e.to_ascii_lowercase().starts_with("err invalid password") => Cause::Auth,
+        // Sent right after accept when `maxclients` is reached, then the server closes.
+        "ERR" if e.starts_with("ERR max number of clients reached") => Cause::TooManyConnections,
         _ => Cause::ServerError,
     }
 }
@@ -410,7 +412,17 @@ impl Conn {
         match self.call(&args, deadline, what).await? {
             Reply::Status(s) if s == "OK" => Ok(()),
             Reply::Error(e) => {
-                Err(CheckError::new(Cause::Auth, format!("{what} rejected: -{}", truncate(e.to_string()))))
+                // A refusal of the credentials is `auth` whatever its code
+                // (WRONGPASS, "ERR invalid password", "ERR AUTH <password>
+                // called without any password configured"); other errors
+                // (maxclients, LOADING) keep their own cause.
+                let cause = match classify_error(&e) {
+                    Cause::ServerError if e.contains("AUTH") || e.to_ascii_lowercase().contains("password") => {
+                        Cause::Auth
+                    }
+                    c => c,
+                };
+                Err(CheckError::new(cause, format!("{what} rejected: -{}", truncate(e.to_string()))))
             }
             other => Err(unexpected(what, &other, "+OK")),
         }
@@ -474,13 +486,19 @@ impl RedisCheck {
                 other => return Err(unexpected("SELECT", &other, "+OK")),
             }
         }
-        // The version is a courtesy for /status: an error reply (NOPERM for
-        // a restricted ACL user, NOAUTH that PING will report) is ignored.
-        if let Reply::Bulk(info) = conn.call(&[b"INFO", b"server"], deadline, "INFO server").await? {
-            let info = String::from_utf8_lossy(&info);
-            if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
-                self.version = Some(v.trim().to_string());
+        // The version is a courtesy for /status: an access error (NOPERM for
+        // a restricted ACL user, NOAUTH that PING reports next) or a renamed
+        // INFO is ignored; any other error reply (maxclients, BUSY) is the verdict.
+        match conn.call(&[b"INFO", b"server"], deadline, "INFO server").await? {
+            Reply::Bulk(info) => {
+                let info = String::from_utf8_lossy(&info);
+                if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
+                    self.version = Some(v.trim().to_string());
+                }
             }
+            Reply::Error(e) if classify_error(&e) == Cause::Auth || e.starts_with("ERR unknown command") => {}
+            Reply::Error(e) => return Err(error_reply("INFO server", &e)),
+            _ => {}
         }
         Ok(conn)
     }
@@ -626,8 +644,7 @@ async fn ask_sentinel(
         conn.auth(None, pw, deadline, "sentinel AUTH").await?;
     }
     let what = "SENTINEL get-master-addr-by-name";
-    let reply =
-        conn.call(&[b"SENTINEL", b"get-master-addr-by-name", master_name.as_bytes()], deadline, what).await?;
+    let reply = conn.call(&[b"SENTINEL", b"get-master-addr-by-name", master_name.as_bytes()], deadline, what).await?;
     // Sentinels do not log client disconnects; a FIN is enough.
     let _ = timeout_at(deadline, conn.stream.shutdown()).await;
     match &reply {
@@ -639,7 +656,9 @@ async fn ask_sentinel(
                 _ => Err(unexpected(what, &reply, "[ip, port]")),
             }
         }
-        Reply::Nil => Err(CheckError::new(Cause::NotFound, format!("sentinel does not monitor a master {master_name:?}"))),
+        Reply::Nil => {
+            Err(CheckError::new(Cause::NotFound, format!("sentinel does not monitor a master {master_name:?}")))
+        }
         Reply::Error(e) => Err(error_reply(what, e)),
         _ => Err(unexpected(what, &reply, "[ip, port]")),
     }
@@ -813,6 +832,7 @@ mod tests {
             ("ERR invalid password", Cause::Auth),
             ("NOPERM this user has no permissions to run the 'ping' command", Cause::Auth),
             ("ERR unknown command 'PING'", Cause::ServerError),
+            ("ERR max number of clients reached", Cause::TooManyConnections),
             ("BUSYKEY Target key name already exists.", Cause::ServerError),
         ];
         for (e, cause) in cases {
@@ -899,6 +919,13 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn maxclients_on_connect_is_too_many_connections() {
+        let port = fake(vec!["-ERR max number of clients reached\r\n"]).await;
+        let err = check_for(port, false).check(soon()).await.unwrap_err();
+        assert_eq!(err.cause, Cause::TooManyConnections, "{err}");
+    }
+
+    #[tokio::test]
     async fn non_redis_server_is_a_protocol_error() {
         let port = fake(vec!["HTTP/1.1 400 Bad Request\r\n\r\n"]).await;
         let err = check_for(port, false).check(soon()).await.unwrap_err();
@@ -907,8 +934,9 @@ mod tests {
 
     #[tokio::test]
     async fn role_replica_is_not_master() {
-        let port = fake(vec![INFO, "+PONG\r\n", "*5\r\n$5\r\nslave\r\n$9\r\n127.0.0.1\r\n:6379\r\n$9\r\nconnected\r\n:1\r\n"])
-            .await;
+        let port =
+            fake(vec![INFO, "+PONG\r\n", "*5\r\n$5\r\nslave\r\n$9\r\n127.0.0.1\r\n:6379\r\n$9\r\nconnected\r\n:1\r\n"])
+                .await;
         let err = check_for(port, true).check(soon()).await.unwrap_err();
         assert_eq!(err.cause, Cause::NotMaster);
         assert!(err.message.contains("replica of 127.0.0.1:6379"), "{err}");

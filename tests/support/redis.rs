@@ -21,7 +21,9 @@ fn binary() -> PathBuf {
             return candidate;
         }
     }
-    panic!("redis-server not found in PATH or /usr/sbin, /usr/bin, /usr/local/bin; install it (apt-get install redis-server)");
+    panic!(
+        "redis-server not found in PATH or /usr/sbin, /usr/bin, /usr/local/bin; install it (apt-get install redis-server)"
+    );
 }
 
 /// One private Redis process: a server, a replica or a sentinel.
