@@ -274,7 +274,7 @@ async fn close_sends_quit_and_the_server_drops_the_client() {
 async fn sentinel_failover_is_followed_to_the_promoted_replica() {
     let mut master = Redis::start(&[]);
     let replica = Redis::replica_of(&master, &[]);
-    let sentinel = Redis::sentinel(&master, "hgmaster", 1);
+    let sentinel = Redis::sentinel(&master, "hgmaster", 1, None);
     let mut c = check_for(&format!("sentinel:\n  addresses: [\"{}\"]\n  master_name: hgmaster", sentinel.address()));
     probe(&mut c).await.unwrap();
     assert_eq!(c.details().current_master, Some(master.address()));
@@ -289,4 +289,37 @@ async fn sentinel_failover_is_followed_to_the_promoted_replica() {
     assert_eq!(c.details().current_master, Some(replica.address()), "sentinel log:\n{}", sentinel.log());
     assert!(replica.command(&["ROLE"]).contains("master"));
     eprintln!("failover followed {took:?} after the kill ({:?} in all)", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_dead_sentinel_is_skipped_for_the_next_one() {
+    let master = Redis::start(&[]);
+    let sentinel = Redis::sentinel(&master, "hgmaster", 0, None);
+    let dead = format!("127.0.0.1:{}", support::free_port());
+    let mut c = check_for(&format!(
+        "sentinel:\n  addresses: [\"{dead}\", \"{}\"]\n  master_name: hgmaster",
+        sentinel.address()
+    ));
+    probe(&mut c).await.unwrap();
+    assert_eq!(c.details().current_master, Some(master.address()));
+}
+
+#[tokio::test]
+async fn unknown_master_name_is_not_found() {
+    let master = Redis::start(&[]);
+    let sentinel = Redis::sentinel(&master, "hgmaster", 0, None);
+    let mut c = check_for(&format!("sentinel:\n  addresses: [\"{}\"]\n  master_name: other", sentinel.address()));
+    let err = probe(&mut c).await.unwrap_err();
+    assert_eq!(err.cause, Cause::NotFound, "{err}");
+}
+
+#[tokio::test]
+async fn sentinel_password_is_sent_to_the_sentinel() {
+    let master = Redis::start(&[]);
+    let sentinel = Redis::sentinel(&master, "hgmaster", 0, Some("sentinel-pw"));
+    let base = format!("sentinel:\n  addresses: [\"{}\"]\n  master_name: hgmaster", sentinel.address());
+    let err = probe(&mut check_for(&base)).await.unwrap_err();
+    assert_eq!(err.cause, Cause::Auth, "{err}");
+    let (_dir, file) = password_file("sentinel-pw");
+    probe(&mut check_for(&format!("{base}\n  password_file: {file}"))).await.unwrap();
 }

@@ -76,11 +76,12 @@ impl Redis {
 
     /// Starts a sentinel monitoring `master` as `name` with tight timings
     /// (down after 1 s), waiting until it has discovered `replicas` replicas.
-    pub fn sentinel(master: &Redis, name: &str, replicas: usize) -> Redis {
+    /// With `password`, the sentinel itself requires it (`requirepass`).
+    pub fn sentinel(master: &Redis, name: &str, replicas: usize, password: Option<&str>) -> Redis {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
-        let text = format!(
+        let mut text = format!(
             "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {dir}\nlogfile sentinel.log\n\
              sentinel monitor {name} 127.0.0.1 {mport} 1\n\
              sentinel down-after-milliseconds {name} 1000\n\
@@ -89,13 +90,18 @@ impl Redis {
             dir = dir.path().display(),
             mport = master.port,
         );
+        let mut ask = String::new();
+        if let Some(pw) = password {
+            text.push_str(&format!("requirepass {pw}\n"));
+            ask.push_str(&format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{pw}\r\n", pw.len()));
+        }
         std::fs::write(&conf, text).expect("write sentinel.conf");
         let args = vec![conf.to_str().unwrap().to_string(), "--sentinel".to_string()];
         let sentinel = Redis::spawn(dir, port, args);
-        let ask = format!("*3\r\n$8\r\nSENTINEL\r\n$8\r\nreplicas\r\n${}\r\n{name}\r\n", name.len());
+        ask.push_str(&format!("*3\r\n$8\r\nSENTINEL\r\n$8\r\nreplicas\r\n${}\r\n{name}\r\n", name.len()));
+        let want = format!("*{replicas}\r\n");
         eventually_blocking("sentinel knows the replicas", Duration::from_secs(20), || {
-            let reply = sentinel.raw(ask.as_bytes());
-            (reply.starts_with(&format!("*{replicas}\r\n")) || replicas == 0).then_some(())
+            sentinel.raw(ask.as_bytes()).contains(&want).then_some(())
         });
         sentinel
     }
