@@ -252,8 +252,10 @@ async fn idle_connection_closed_by_server_timeout_is_not_an_outage() {
 }
 
 #[tokio::test]
-async fn localhost_name_tries_every_resolved_address() {
-    // redis binds 127.0.0.1 only; `localhost` may resolve to ::1 first.
+async fn host_name_is_resolved_at_connect() {
+    // redis binds 127.0.0.1 only; where `localhost` also resolves to ::1 that
+    // address is refused and the next one tried (check::net proves the
+    // every-address rule itself).
     let redis = Redis::start(&[]);
     let mut c = check_for(&format!("address: localhost:{}", redis.port()));
     probe(&mut c).await.unwrap();

@@ -952,6 +952,14 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn missing_password_file_is_a_config_failure_without_connecting() {
+        let mut c = check_for(1, false);
+        c.settings.password = Some(SecretSource::File("/nonexistent/healthgate-redis-pw".into()));
+        let err = c.check(soon()).await.unwrap_err();
+        assert_eq!(err.cause, Cause::Config, "{err}");
+    }
+
+    #[tokio::test]
     async fn unknown_sentinel_master_is_not_found() {
         let port = fake(vec!["*-1\r\n"]).await;
         let err = ask_sentinel(&hp("127.0.0.1", port), "nope", None, soon()).await.unwrap_err();
