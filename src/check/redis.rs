@@ -20,7 +20,7 @@ use tracing::{debug, info};
 
 use super::net::{self, exchange, remaining};
 use super::{Cause, Check, CheckError, Details};
-use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, SecretSource, secret_source};
+use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, Secret, SecretSource, secret_source};
 
 /// Keys a `redis` dependency accepts besides the common ones.
 pub(crate) const KEYS: &[&str] =
@@ -437,10 +437,10 @@ impl Conn {
 }
 
 /// Reads a configured secret, classifying a failure as `config`.
-fn read_secret(src: &Option<SecretSource>) -> Result<Option<String>, CheckError> {
+fn read_secret(src: &Option<SecretSource>) -> Result<Option<Secret>, CheckError> {
     match src {
         None => Ok(None),
-        Some(s) => s.read().map(|s| Some(s.expose().to_string())).map_err(|e| CheckError::new(Cause::Config, e)),
+        Some(s) => s.read().map(Some).map_err(|e| CheckError::new(Cause::Config, e)),
     }
 }
 
@@ -476,7 +476,7 @@ impl RedisCheck {
         let password = read_secret(&self.settings.password)?;
         let mut conn = Conn::open(target, deadline).await?;
         if let Some(pw) = &password {
-            conn.auth(self.settings.username.as_deref(), pw, deadline, "AUTH").await?;
+            conn.auth(self.settings.username.as_deref(), pw.expose(), deadline, "AUTH").await?;
         }
         if self.settings.db != 0 {
             let db = self.settings.db.to_string();
@@ -549,7 +549,7 @@ impl RedisCheck {
         for i in 0..n {
             let share_end = Instant::now() + remaining(phase_end) / (n - i) as u32;
             let sentinel = self.sentinels[i].clone();
-            match ask_sentinel(&sentinel, &s.master_name, password.as_deref(), share_end).await {
+            match ask_sentinel(&sentinel, &s.master_name, password.as_ref().map(Secret::expose), share_end).await {
                 Ok(master) => {
                     // The sentinel client guidelines: ask the one that answered first next time.
                     let answered = self.sentinels.remove(i);
