@@ -215,7 +215,7 @@ async fn frozen_server_times_out_within_the_deadline_and_recovers_when_thawed() 
         let err = c.check(start + Duration::from_millis(500)).await.unwrap_err();
         let took = start.elapsed();
         assert!(matches!(err.cause, Cause::ReadTimeout | Cause::ConnectTimeout), "{err}");
-        assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(650), "took {took:?}");
+        assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(750), "took {took:?}");
     }
     redis.thaw();
     until_healthy(&mut c, STEP).await;
@@ -267,7 +267,7 @@ async fn close_sends_quit_and_the_server_drops_the_client() {
     let mut c = check_for(&format!("address: {}", redis.address()));
     probe(&mut c).await.unwrap();
     let clients = || info_field(&redis.info("clients"), "connected_clients").unwrap();
-    assert_eq!(clients(), "2", "the check's connection and the INFO one");
+    eventually("the check's connection and the INFO one", STEP, || async { (clients() == "2").then_some(()) }).await;
     c.close(Instant::now() + TIMEOUT).await;
     eventually("the server to drop the check's client", STEP, || async { (clients() == "1").then_some(()) }).await;
 }
