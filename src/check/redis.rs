@@ -1,39 +1,968 @@
-//! `type: redis` (not built yet: a config naming it is rejected).
+//! `type: redis`: `PING` (and `ROLE` when a master is required) over one
+//! persistent connection, optionally following a Redis Sentinel to the
+//! current master.
+//!
+//! The check speaks RESP2 itself over a tokio `TcpStream` instead of going
+//! through the `redis` crate's connection types: a probe has to tell a
+//! connect timeout from a read timeout, classify every error reply by its
+//! code, and must never be hidden behind a reconnecting manager or a
+//! background driver task. The handful of commands it sends (`AUTH`,
+//! `SELECT`, `INFO server`, `PING`, `ROLE`, `SENTINEL
+//! get-master-addr-by-name`, `QUIT`) and the replies it reads are tiny;
+//! owning the socket keeps every step under the check's deadline.
 
-use tokio::time::Instant;
+use std::net::SocketAddr;
 
-use super::{Cause, Check, CheckError};
-use crate::config::{DependencyConfig, KindCtx, RawDependency};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+use tracing::{debug, info};
+
+use super::net::{self, exchange, remaining};
+use super::{Cause, Check, CheckError, Details};
+use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, Secret, SecretSource, secret_source};
 
 /// Keys a `redis` dependency accepts besides the common ones.
 pub(crate) const KEYS: &[&str] =
     &["address", "username", "password_env", "password_file", "db", "require_role", "sentinel", "tls"];
 
+/// Port used when an address has none.
+const DEFAULT_PORT: u16 = 6379;
+/// Port used when a sentinel address has none.
+const DEFAULT_SENTINEL_PORT: u16 = 26379;
+/// Why `tls: true` / `rediss://` are refused.
+const NO_TLS: &str = "this build has no Redis TLS support; use a plain-TCP Redis port (or a local TLS tunnel)";
+/// Largest reply accepted (an `INFO server` reply is ~1-2 KiB).
+const MAX_REPLY: usize = 1024 * 1024;
+/// Deepest array nesting accepted (`ROLE` on a master nests three levels).
+const MAX_DEPTH: usize = 8;
+/// Longest server error text kept in a message.
+const MAX_MESSAGE: usize = 200;
+
+/// Where the check finds its Redis node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A fixed `host:port` (every resolved address is tried).
+    Direct(HostPort),
+    /// Ask Redis Sentinels for the current master.
+    Sentinel(SentinelSettings),
+}
+
+/// `sentinel:` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelSettings {
+    /// Sentinel addresses, asked in turn.
+    pub addresses: Vec<HostPort>,
+    /// The monitored master's name (`sentinel monitor <name> ...`).
+    pub master_name: String,
+    /// The sentinels' own password (`requirepass` in sentinel.conf), if any.
+    pub password: Option<SecretSource>,
+}
+
 /// Settings of a `redis` dependency.
-#[derive(Debug, Clone)]
-pub struct RedisSettings {}
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// The node, or the sentinels that name it.
+    pub target: Target,
+    /// ACL user name (Redis 6+); `AUTH <username> <password>`.
+    pub username: Option<String>,
+    /// Where the password comes from; read at every connect.
+    pub password: Option<SecretSource>,
+    /// Logical database selected after connecting (0 is not sent).
+    pub db: u32,
+    /// Healthy only if `ROLE` says master (always true with a sentinel).
+    pub require_master: bool,
+}
 
 impl RedisSettings {
-    pub(crate) fn from_raw(_d: &RawDependency, ctx: KindCtx<'_>) -> Option<Self> {
-        let pos = ctx.pos;
-        let key = ctx.key("type");
-        ctx.problems.at_pos(pos, key, "`redis` checks are not available in this build yet");
-        None
+    pub(crate) fn from_raw(d: &RawDependency, mut ctx: KindCtx<'_>) -> Option<Self> {
+        let mut ok = true;
+        if let Some(t) = &d.tls
+            && t.value
+        {
+            ctx.error(t, "tls", NO_TLS);
+            ok = false;
+        }
+        let mut url_db = None;
+        let target = match (&d.address, &d.sentinel) {
+            (Some(_), Some(s)) => {
+                ctx.error(s, "sentinel", "set either `address` or `sentinel`, not both");
+                return None;
+            }
+            (None, None) => {
+                let (pos, key) = (ctx.pos, ctx.key("address"));
+                ctx.problems.at_pos(pos, key, "missing key `address` (or `sentinel`)");
+                return None;
+            }
+            (Some(a), None) => match parse_address(&a.value) {
+                Ok((hp, db)) => {
+                    url_db = db;
+                    Target::Direct(hp)
+                }
+                Err(e) => {
+                    ctx.error(a, "address", e);
+                    return None;
+                }
+            },
+            (None, Some(s)) => {
+                let s = &s.value;
+                let mut addresses = Vec::new();
+                if s.addresses.is_empty() {
+                    ctx.error(&s.master_name, "sentinel.addresses", "list at least one sentinel address");
+                    ok = false;
+                }
+                for a in &s.addresses {
+                    if a.value.contains("://") {
+                        ctx.error(a, "sentinel.addresses", "write sentinel addresses as host:port");
+                        ok = false;
+                        continue;
+                    }
+                    match ctx.host_port(a, "sentinel.addresses", Some(DEFAULT_SENTINEL_PORT)) {
+                        Some(hp) => addresses.push(hp),
+                        None => ok = false,
+                    }
+                }
+                if s.master_name.value.trim().is_empty() {
+                    ctx.error(&s.master_name, "sentinel.master_name", "must name the monitored master");
+                    ok = false;
+                }
+                let key = ctx.key("sentinel.password_env");
+                let password = secret_source(&s.password_env, &s.password_file, &key, ctx.problems);
+                Target::Sentinel(SentinelSettings {
+                    addresses,
+                    master_name: s.master_name.value.trim().to_string(),
+                    password,
+                })
+            }
+        };
+        let key = ctx.key("password_env");
+        let password = secret_source(&d.password_env, &d.password_file, &key, ctx.problems);
+        let username = d.username.as_ref().map(|u| u.value.clone());
+        if let Some(u) = &d.username {
+            if u.value.is_empty() {
+                ctx.error(u, "username", "must not be empty");
+                ok = false;
+            } else if d.password_env.is_none() && d.password_file.is_none() {
+                ctx.error(u, "username", "an ACL username needs password_env or password_file");
+                ok = false;
+            }
+        }
+        let mut db = url_db.unwrap_or(0);
+        if let Some(v) = &d.db {
+            if url_db.is_some() {
+                ctx.error(v, "db", "the database is already given in the address URL");
+                ok = false;
+            }
+            match u32::try_from(v.value) {
+                Ok(n) if n <= i32::MAX as u32 => db = n,
+                _ => {
+                    ctx.error(v, "db", "must be a database number from 0");
+                    ok = false;
+                }
+            }
+        }
+        let mut require_master = matches!(target, Target::Sentinel(_));
+        if let Some(r) = &d.require_role {
+            match r.value.as_str() {
+                "master" | "primary" => require_master = true,
+                other => {
+                    ctx.error(r, "require_role", format!("unknown role {other:?}; expected master (alias primary)"));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(RedisSettings { target, username, password, db, require_master })
     }
 }
 
-/// The `redis` check.
-pub struct RedisCheck {}
+/// Parses `host[:port]`, `redis://host[:port][/db]`; refuses `rediss://`.
+fn parse_address(s: &str) -> Result<(HostPort, Option<u32>), String> {
+    let s = s.trim();
+    if s.starts_with("rediss://") {
+        return Err(NO_TLS.into());
+    }
+    let Some(rest) = s.strip_prefix("redis://") else {
+        if s.contains("://") {
+            return Err("write host:port or redis://host:port/db".into());
+        }
+        return Ok((HostPort::parse(s, Some(DEFAULT_PORT))?, None));
+    };
+    if rest.contains('@') {
+        return Err("credentials in the URL are not accepted; use username and password_env / password_file".into());
+    }
+    let (authority, path) = match rest.split_once('/') {
+        Some((a, p)) => (a, p),
+        None => (rest, ""),
+    };
+    if authority.contains('?') || path.contains('?') {
+        return Err("URL query parameters are not supported".into());
+    }
+    let db = match path {
+        "" => None,
+        p => Some(p.parse::<u32>().map_err(|_| format!("{p:?} is not a database number"))?),
+    };
+    Ok((HostPort::parse(authority, Some(DEFAULT_PORT))?, db))
+}
+
+// === RESP2 ===
+
+/// A RESP2 reply.
+#[derive(Debug, Clone, PartialEq)]
+enum Reply {
+    /// `+OK`
+    Status(String),
+    /// `-ERR ...`
+    Error(String),
+    /// `:42`
+    Int(i64),
+    /// `$3\r\nfoo`
+    Bulk(Vec<u8>),
+    /// `*2\r\n...`
+    Array(Vec<Reply>),
+    /// `$-1` / `*-1`
+    Nil,
+}
+
+impl Reply {
+    /// A short rendering for messages (never a request argument).
+    fn describe(&self) -> String {
+        let s = match self {
+            Reply::Status(s) => format!("+{s}"),
+            Reply::Error(e) => format!("-{e}"),
+            Reply::Int(i) => format!(":{i}"),
+            Reply::Bulk(b) => format!("bulk {:?}", String::from_utf8_lossy(b)),
+            Reply::Array(a) => format!("array of {}", a.len()),
+            Reply::Nil => "nil".into(),
+        };
+        truncate(s)
+    }
+
+    fn as_text(&self) -> Option<String> {
+        match self {
+            Reply::Bulk(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            Reply::Status(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+/// Encodes a command as a RESP array of bulk strings.
+fn encode(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Parses one reply from the front of `buf`: `Ok(None)` when more bytes are
+/// needed, `Err` when the bytes cannot be a RESP2 reply.
+fn parse(buf: &[u8], depth: usize) -> Result<Option<(Reply, usize)>, String> {
+    let Some(&kind) = buf.first() else { return Ok(None) };
+    if !matches!(kind, b'+' | b'-' | b':' | b'$' | b'*') {
+        let head = String::from_utf8_lossy(&buf[..buf.len().min(24)]).into_owned();
+        return Err(format!("not a Redis reply (starts with {head:?})"));
+    }
+    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+        if buf.len() > 64 * 1024 {
+            return Err("reply line longer than 64 KiB".into());
+        }
+        return Ok(None);
+    };
+    let line = String::from_utf8_lossy(&buf[1..eol]).into_owned();
+    let after = eol + 2;
+    let int = |l: &str| l.parse::<i64>().map_err(|_| format!("invalid length or integer {l:?}"));
+    match kind {
+        b'+' => Ok(Some((Reply::Status(line), after))),
+        b'-' => Ok(Some((Reply::Error(line), after))),
+        b':' => Ok(Some((Reply::Int(int(&line)?), after))),
+        b'$' => {
+            let len = int(&line)?;
+            if len == -1 {
+                return Ok(Some((Reply::Nil, after)));
+            }
+            let len = usize::try_from(len).ok().filter(|l| *l <= MAX_REPLY).ok_or("invalid bulk length")?;
+            if buf.len() < after + len + 2 {
+                return Ok(None);
+            }
+            if &buf[after + len..after + len + 2] != b"\r\n" {
+                return Err("bulk string not terminated by CRLF".into());
+            }
+            Ok(Some((Reply::Bulk(buf[after..after + len].to_vec()), after + len + 2)))
+        }
+        _ => {
+            let n = int(&line)?;
+            if n == -1 {
+                return Ok(Some((Reply::Nil, after)));
+            }
+            if depth >= MAX_DEPTH {
+                return Err("reply nested too deeply".into());
+            }
+            let n = usize::try_from(n).ok().filter(|n| *n <= MAX_REPLY).ok_or("invalid array length")?;
+            let mut items = Vec::with_capacity(n.min(64));
+            let mut pos = after;
+            for _ in 0..n {
+                match parse(&buf[pos..], depth + 1)? {
+                    Some((item, used)) => {
+                        items.push(item);
+                        pos += used;
+                    }
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some((Reply::Array(items), pos)))
+        }
+    }
+}
+
+/// Classifies an error reply by its code (the first word).
+fn classify_error(e: &str) -> Cause {
+    let code = e.split_whitespace().next().unwrap_or("");
+    match code {
+        "LOADING" => Cause::Loading,
+        "MASTERDOWN" => Cause::MasterDown,
+        "BUSY" => Cause::Busy,
+        "NOAUTH" | "WRONGPASS" | "NOPERM" => Cause::Auth,
+        // Redis before 6 answers a wrong password with a plain ERR.
+        "ERR" if e.to_ascii_lowercase().starts_with("err invalid password") => Cause::Auth,
+        // Sent right after accept when `maxclients` is reached, then the server closes.
+        "ERR" if e.starts_with("ERR max number of clients reached") => Cause::TooManyConnections,
+        _ => Cause::ServerError,
+    }
+}
+
+/// The error for an error reply to `what`.
+fn error_reply(what: &str, e: &str) -> CheckError {
+    CheckError::new(classify_error(e), format!("{what} answered -{}", truncate(e.to_string())))
+}
+
+/// The error for a reply of the wrong shape.
+fn unexpected(what: &str, r: &Reply, expected: &str) -> CheckError {
+    CheckError::new(Cause::Protocol, format!("{what} answered {}, expected {expected}", r.describe()))
+}
+
+/// One open connection to a Redis node or sentinel.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    async fn open(target: &HostPort, deadline: Instant) -> Result<Conn, CheckError> {
+        let (stream, peer) = net::connect(target, deadline).await?;
+        Ok(Conn { stream, buf: Vec::with_capacity(4096), peer })
+    }
+
+    /// Sends one command and reads its reply, by `deadline`.
+    async fn call(&mut self, args: &[&[u8]], deadline: Instant, what: &str) -> Result<Reply, CheckError> {
+        exchange(deadline, what, self.stream.write_all(&encode(args))).await?;
+        self.read_reply(deadline, what).await
+    }
+
+    async fn read_reply(&mut self, deadline: Instant, what: &str) -> Result<Reply, CheckError> {
+        loop {
+            match parse(&self.buf, 0) {
+                Ok(Some((reply, used))) => {
+                    self.buf.drain(..used);
+                    return Ok(reply);
+                }
+                Ok(None) if self.buf.len() > MAX_REPLY => {
+                    return Err(CheckError::new(Cause::Protocol, format!("{what}: reply larger than 1 MiB")));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(CheckError::new(Cause::Protocol, format!("{what}: {e}"))),
+            }
+            self.buf.reserve(4096);
+            let n = exchange(deadline, what, self.stream.read_buf(&mut self.buf)).await?;
+            if n == 0 {
+                return Err(CheckError::new(Cause::Reset, format!("{what}: connection closed by {}", self.peer)));
+            }
+        }
+    }
+
+    /// `AUTH [username] password`; any error reply is an `auth` failure.
+    async fn auth(
+        &mut self,
+        username: Option<&str>,
+        password: &str,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<(), CheckError> {
+        let mut args: Vec<&[u8]> = vec![b"AUTH"];
+        if let Some(u) = username {
+            args.push(u.as_bytes());
+        }
+        args.push(password.as_bytes());
+        match self.call(&args, deadline, what).await? {
+            Reply::Status(s) if s == "OK" => Ok(()),
+            Reply::Error(e) => {
+                // A refusal of the credentials is `auth` whatever its code
+                // (WRONGPASS, "ERR invalid password", "ERR AUTH <password>
+                // called without any password configured"); other errors
+                // (maxclients, LOADING) keep their own cause.
+                let cause = match classify_error(&e) {
+                    Cause::ServerError if e.contains("AUTH") || e.to_ascii_lowercase().contains("password") => {
+                        Cause::Auth
+                    }
+                    c => c,
+                };
+                Err(CheckError::new(cause, format!("{what} rejected: -{}", truncate(e.to_string()))))
+            }
+            other => Err(unexpected(what, &other, "+OK")),
+        }
+    }
+
+    /// Sends `QUIT` and waits for its answer, best effort.
+    async fn quit(mut self, deadline: Instant) {
+        if self.call(&[b"QUIT"], deadline, "QUIT").await.is_ok() {
+            let _ = timeout_at(deadline, self.stream.shutdown()).await;
+        }
+    }
+}
+
+/// Reads a configured secret, classifying a failure as `config`.
+fn read_secret(src: &Option<SecretSource>) -> Result<Option<Secret>, CheckError> {
+    match src {
+        None => Ok(None),
+        Some(s) => s.read().map(Some).map_err(|e| CheckError::new(Cause::Config, e)),
+    }
+}
+
+/// The `redis` check: one persistent connection, re-established (and, with
+/// a sentinel, re-discovered) when it breaks.
+pub struct RedisCheck {
+    settings: RedisSettings,
+    name: String,
+    /// Sentinels in the order to ask them; the last one that answered first.
+    sentinels: Vec<HostPort>,
+    conn: Option<Conn>,
+    version: Option<String>,
+    current_master: Option<HostPort>,
+}
 
 impl RedisCheck {
     /// Builds the check.
-    pub fn new(_settings: RedisSettings, _dep: &DependencyConfig) -> Self {
-        RedisCheck {}
+    pub fn new(settings: RedisSettings, dep: &DependencyConfig) -> Self {
+        let sentinels = match &settings.target {
+            Target::Sentinel(s) => s.addresses.clone(),
+            Target::Direct(_) => Vec::new(),
+        };
+        RedisCheck { settings, name: dep.name.clone(), sentinels, conn: None, version: None, current_master: None }
+    }
+
+    fn uses_sentinel(&self) -> bool {
+        matches!(self.settings.target, Target::Sentinel(_))
+    }
+
+    /// Connects to `target`, authenticates, selects the database and reads
+    /// the server version.
+    async fn connect(&mut self, target: &HostPort, deadline: Instant) -> Result<Conn, CheckError> {
+        let password = read_secret(&self.settings.password)?;
+        let mut conn = Conn::open(target, deadline).await?;
+        if let Some(pw) = &password {
+            conn.auth(self.settings.username.as_deref(), pw.expose(), deadline, "AUTH").await?;
+        }
+        if self.settings.db != 0 {
+            let db = self.settings.db.to_string();
+            match conn.call(&[b"SELECT", db.as_bytes()], deadline, "SELECT").await? {
+                Reply::Status(s) if s == "OK" => {}
+                Reply::Error(e) => return Err(error_reply(&format!("SELECT {db}"), &e)),
+                other => return Err(unexpected("SELECT", &other, "+OK")),
+            }
+        }
+        // The version is a courtesy for /status: an access error (NOPERM for
+        // a restricted ACL user, NOAUTH that PING reports next) or a renamed
+        // INFO is ignored; any other error reply (maxclients, BUSY) is the verdict.
+        match conn.call(&[b"INFO", b"server"], deadline, "INFO server").await? {
+            Reply::Bulk(info) => {
+                let info = String::from_utf8_lossy(&info);
+                if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
+                    self.version = Some(v.trim().to_string());
+                }
+            }
+            Reply::Error(e) if classify_error(&e) == Cause::Auth || e.starts_with("ERR unknown command") => {}
+            Reply::Error(e) => return Err(error_reply("INFO server", &e)),
+            _ => {}
+        }
+        Ok(conn)
+    }
+
+    /// One probe on an open connection: `PING`, then `ROLE` if a master is required.
+    async fn probe(&self, conn: &mut Conn, deadline: Instant) -> Result<(), CheckError> {
+        match conn.call(&[b"PING"], deadline, "PING").await? {
+            Reply::Status(s) if s == "PONG" => {}
+            Reply::Error(e) => return Err(error_reply("PING", &e)),
+            other => return Err(unexpected("PING", &other, "+PONG")),
+        }
+        if !self.settings.require_master {
+            return Ok(());
+        }
+        let reply = conn.call(&[b"ROLE"], deadline, "ROLE").await?;
+        let role = match &reply {
+            Reply::Array(items) => items.first().and_then(Reply::as_text),
+            Reply::Error(e) => return Err(error_reply("ROLE", e)),
+            _ => None,
+        };
+        match role.as_deref() {
+            Some("master") => Ok(()),
+            Some("slave") => {
+                let of = match &reply {
+                    Reply::Array(items) => match (items.get(1).and_then(Reply::as_text), items.get(2)) {
+                        (Some(host), Some(Reply::Int(port))) => format!(" of {host}:{port}"),
+                        _ => String::new(),
+                    },
+                    _ => String::new(),
+                };
+                Err(CheckError::new(Cause::NotMaster, format!("{} is a replica{of}", conn.peer)))
+            }
+            Some("sentinel") => Err(CheckError::new(Cause::NotMaster, format!("{} is a sentinel", conn.peer))),
+            _ => Err(unexpected("ROLE", &reply, "an array naming the role")),
+        }
+    }
+
+    /// Asks the sentinels in turn for the current master's address.
+    ///
+    /// Each sentinel gets an equal share of the time, with one share kept
+    /// back for connecting to the master it names.
+    async fn discover(&mut self, deadline: Instant) -> Result<HostPort, CheckError> {
+        let Target::Sentinel(s) = &self.settings.target else { unreachable!("discover without sentinel") };
+        let n = self.sentinels.len();
+        let phase_end = Instant::now() + remaining(deadline) * n as u32 / (n as u32 + 1);
+        let password = read_secret(&s.password)?;
+        let mut failures: Vec<(String, CheckError)> = Vec::new();
+        for i in 0..n {
+            let share_end = Instant::now() + remaining(phase_end) / (n - i) as u32;
+            let sentinel = self.sentinels[i].clone();
+            match ask_sentinel(&sentinel, &s.master_name, password.as_ref().map(Secret::expose), share_end).await {
+                Ok(master) => {
+                    // The sentinel client guidelines: ask the one that answered first next time.
+                    let answered = self.sentinels.remove(i);
+                    self.sentinels.insert(0, answered);
+                    return Ok(master);
+                }
+                Err(e) => {
+                    debug!(dependency = %self.name, sentinel = %sentinel, error = %e, "sentinel did not answer");
+                    failures.push((sentinel.to_string(), e));
+                }
+            }
+        }
+        // A sentinel that answered but could not help (unknown master name,
+        // rejected password, nonsense) says more than one that is down.
+        let rank = |c: Cause| match c {
+            Cause::NotFound | Cause::Auth | Cause::Protocol | Cause::ServerError => 0,
+            Cause::Refused | Cause::ConnectTimeout | Cause::ReadTimeout => 1,
+            _ => 2,
+        };
+        let cause = failures.iter().map(|f| f.1.cause).min_by_key(|c| rank(*c)).unwrap_or(Cause::Config);
+        let list = failures.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; ");
+        Err(CheckError::new(cause, format!("no sentinel named the master {:?}: {list}", s.master_name)))
+    }
+
+    /// Connects to the node to check (asking the sentinels first) and probes it.
+    async fn fresh(&mut self, deadline: Instant) -> Result<(), CheckError> {
+        let target = match &self.settings.target {
+            Target::Direct(hp) => hp.clone(),
+            Target::Sentinel(_) => {
+                let master = self.discover(deadline).await?;
+                if self.current_master.as_ref() != Some(&master) {
+                    if let Some(old) = &self.current_master {
+                        info!(dependency = %self.name, from = %old, to = %master, "sentinel names a new redis master");
+                    }
+                    self.current_master = Some(master.clone());
+                }
+                master
+            }
+        };
+        let mut conn = match self.connect(&target, deadline).await {
+            Ok(c) => c,
+            Err(e) if self.uses_sentinel() => {
+                return Err(CheckError::new(e.cause, format!("master {target} (named by sentinel): {}", e.message)));
+            }
+            Err(e) => return Err(e),
+        };
+        let result = self.probe(&mut conn, deadline).await;
+        let keep = match &result {
+            Ok(()) => true,
+            Err(e) => self.keeps_connection(e.cause),
+        };
+        if keep {
+            self.conn = Some(conn);
+        }
+        result
+    }
+
+    /// Whether a connection that produced `cause` can serve the next check:
+    /// only after a complete error reply (the stream is still in step) and
+    /// when the node is still the one to check.
+    fn keeps_connection(&self, cause: Cause) -> bool {
+        match cause {
+            Cause::Loading | Cause::Busy | Cause::ServerError => true,
+            // With a sentinel, a demoted node means: ask again next time.
+            Cause::NotMaster | Cause::MasterDown => !self.uses_sentinel(),
+            _ => false,
+        }
+    }
+
+    /// Whether a failure on a reused connection deserves a fresh attempt
+    /// within the same check before judging.
+    fn retry_fresh(&self, cause: Cause) -> bool {
+        match cause {
+            // The server closed an idle connection (`timeout`), restarted, or failed over.
+            Cause::Reset => true,
+            // The sentinels may already name a new master.
+            Cause::NotMaster | Cause::MasterDown => self.uses_sentinel(),
+            _ => false,
+        }
+    }
+}
+
+/// Asks one sentinel for the address of `master_name`, by `deadline`.
+async fn ask_sentinel(
+    sentinel: &HostPort,
+    master_name: &str,
+    password: Option<&str>,
+    deadline: Instant,
+) -> Result<HostPort, CheckError> {
+    let mut conn = Conn::open(sentinel, deadline).await?;
+    if let Some(pw) = password {
+        conn.auth(None, pw, deadline, "sentinel AUTH").await?;
+    }
+    let what = "SENTINEL get-master-addr-by-name";
+    let reply = conn.call(&[b"SENTINEL", b"get-master-addr-by-name", master_name.as_bytes()], deadline, what).await?;
+    // Sentinels do not log client disconnects; a FIN is enough.
+    let _ = timeout_at(deadline, conn.stream.shutdown()).await;
+    match &reply {
+        Reply::Array(items) if items.len() == 2 => {
+            let host = items[0].as_text();
+            let port = items[1].as_text().and_then(|p| p.parse::<u16>().ok());
+            match (host, port) {
+                (Some(host), Some(port)) if !host.is_empty() => Ok(HostPort { host, port }),
+                _ => Err(unexpected(what, &reply, "[ip, port]")),
+            }
+        }
+        Reply::Nil => {
+            Err(CheckError::new(Cause::NotFound, format!("sentinel does not monitor a master {master_name:?}")))
+        }
+        Reply::Error(e) => Err(error_reply(what, e)),
+        _ => Err(unexpected(what, &reply, "[ip, port]")),
     }
 }
 
 impl Check for RedisCheck {
-    async fn check(&mut self, _deadline: Instant) -> Result<(), CheckError> {
-        Err(CheckError::new(Cause::Config, "not available in this build"))
+    async fn check(&mut self, deadline: Instant) -> Result<(), CheckError> {
+        // The connection is taken out for the duration of the probe: if the
+        // monitor cancels this future mid-exchange, the half-read connection
+        // is dropped with it and the next check starts clean.
+        if let Some(mut conn) = self.conn.take() {
+            match self.probe(&mut conn, deadline).await {
+                Ok(()) => {
+                    self.conn = Some(conn);
+                    return Ok(());
+                }
+                Err(e) if self.retry_fresh(e.cause) && !remaining(deadline).is_zero() => {
+                    debug!(dependency = %self.name, error = %e, "redis connection lost; reconnecting once");
+                }
+                Err(e) => {
+                    if self.keeps_connection(e.cause) {
+                        self.conn = Some(conn);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.fresh(deadline).await
+    }
+
+    fn details(&self) -> Details {
+        Details {
+            server_version: self.version.clone(),
+            current_master: self.current_master.as_ref().map(|m| m.to_string()),
+            nodes: Vec::new(),
+        }
+    }
+
+    async fn close(&mut self, deadline: Instant) {
+        if let Some(conn) = self.conn.take() {
+            conn.quit(deadline).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    use crate::config::{Config, ConfigError, DependencyKind};
+
+    fn settings(dep_yaml: &str) -> Result<RedisSettings, Vec<String>> {
+        let yaml = format!(
+            "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:3000\n\
+             dependencies:\n  - name: cache\n    type: redis\n{}",
+            dep_yaml.lines().map(|l| format!("    {l}\n")).collect::<String>()
+        );
+        match Config::from_yaml(&yaml, Path::new("t.yaml")) {
+            Ok(c) => match &c.dependencies[0].kind {
+                DependencyKind::Redis(s) => Ok(s.clone()),
+                _ => unreachable!(),
+            },
+            Err(ConfigError::Invalid { problems, .. }) => {
+                Err(problems.into_iter().map(|p| format!("{}: {}", p.key, p.message)).collect())
+            }
+            Err(e) => Err(vec![e.to_string()]),
+        }
+    }
+
+    fn hp(host: &str, port: u16) -> HostPort {
+        HostPort { host: host.into(), port }
+    }
+
+    #[test]
+    fn address_defaults_port_and_db() {
+        let s = settings("address: cache").unwrap();
+        assert_eq!(s.target, Target::Direct(hp("cache", 6379)));
+        assert_eq!((s.db, s.require_master, s.password.is_none()), (0, false, true));
+    }
+
+    #[test]
+    fn redis_url_gives_host_port_and_db() {
+        let s = settings("address: redis://cache:6380/4").unwrap();
+        assert_eq!(s.target, Target::Direct(hp("cache", 6380)));
+        assert_eq!(s.db, 4);
+    }
+
+    #[test]
+    fn tls_is_refused_with_a_clear_message() {
+        for y in ["address: cache\ntls: true", "address: rediss://cache:6380"] {
+            let p = settings(y).unwrap_err();
+            assert!(p.iter().any(|m| m.contains("no Redis TLS")), "{p:?}");
+        }
+        assert!(settings("address: cache\ntls: false").is_ok());
+    }
+
+    #[test]
+    fn credentials_in_url_are_refused() {
+        let p = settings("address: redis://:pw@cache:6379").unwrap_err();
+        assert!(p.iter().any(|m| m.contains("credentials in the URL")), "{p:?}");
+    }
+
+    #[test]
+    fn address_and_sentinel_are_exclusive_and_one_is_required() {
+        let both = settings("address: a\nsentinel:\n  addresses: [s1]\n  master_name: m").unwrap_err();
+        assert!(both.iter().any(|m| m.contains("not both")), "{both:?}");
+        let none = settings("db: 1").unwrap_err();
+        assert!(none.iter().any(|m| m.contains("missing key `address`")), "{none:?}");
+    }
+
+    #[test]
+    fn sentinel_settings_parse_and_imply_master() {
+        let s = settings(
+            "sentinel:\n  addresses: [\"s1\", \"10.0.0.2:5000\"]\n  master_name: mymaster\n  password_env: SENT_PW",
+        )
+        .unwrap();
+        let Target::Sentinel(sent) = &s.target else { panic!("{s:?}") };
+        assert_eq!(sent.addresses, vec![hp("s1", 26379), hp("10.0.0.2", 5000)]);
+        assert_eq!(sent.master_name, "mymaster");
+        assert_eq!(sent.password, Some(SecretSource::Env("SENT_PW".into())));
+        assert!(s.require_master);
+    }
+
+    #[test]
+    fn role_db_and_username_are_validated() {
+        assert!(settings("address: a\nrequire_role: primary").unwrap().require_master);
+        assert!(settings("address: a\nrequire_role: leader").is_err());
+        assert!(settings("address: a\ndb: -1").is_err());
+        let p = settings("address: a\nusername: app").unwrap_err();
+        assert!(p.iter().any(|m| m.contains("needs password_env")), "{p:?}");
+        let s = settings("address: a\nusername: app\npassword_file: /run/pw\ndb: 2").unwrap();
+        assert_eq!((s.username.as_deref(), s.db), (Some("app"), 2));
+    }
+
+    #[test]
+    fn encode_and_parse_round_trip() {
+        assert_eq!(encode(&[b"PING"]), b"*1\r\n$4\r\nPING\r\n");
+        let role = b"*3\r\n$6\r\nmaster\r\n:10\r\n*1\r\n*3\r\n$9\r\n127.0.0.1\r\n$4\r\n6380\r\n$1\r\n0\r\nX";
+        let (r, used) = parse(role, 0).unwrap().unwrap();
+        assert_eq!(used, role.len() - 1, "the trailing byte belongs to the next reply");
+        let Reply::Array(items) = r else { panic!() };
+        assert_eq!(items[0], Reply::Bulk(b"master".to_vec()));
+        assert_eq!(items[1], Reply::Int(10));
+        assert_eq!(parse(b"$-1\r\n", 0).unwrap().unwrap().0, Reply::Nil);
+        assert_eq!(parse(b"*-1\r\n", 0).unwrap().unwrap().0, Reply::Nil);
+    }
+
+    #[test]
+    fn partial_replies_ask_for_more_and_garbage_is_rejected() {
+        for partial in [&b""[..], b"+PO", b"$5\r\nhel", b"*2\r\n:1\r\n"] {
+            assert_eq!(parse(partial, 0).unwrap(), None, "{partial:?}");
+        }
+        assert!(parse(b"HTTP/1.1 400 Bad Request\r\n", 0).unwrap_err().contains("not a Redis reply"));
+        assert!(parse(b"$3\r\nabcd\r\n", 0).is_err());
+        assert!(parse(b":x\r\n", 0).is_err());
+        let deep = "*1\r\n".repeat(MAX_DEPTH + 1) + ":1\r\n";
+        assert!(parse(deep.as_bytes(), 0).is_err());
+    }
+
+    #[test]
+    fn error_codes_map_to_causes() {
+        let cases = [
+            ("LOADING Redis is loading the dataset in memory", Cause::Loading),
+            ("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.", Cause::MasterDown),
+            ("BUSY Redis is busy running a script.", Cause::Busy),
+            ("NOAUTH Authentication required.", Cause::Auth),
+            ("WRONGPASS invalid username-password pair or user is disabled.", Cause::Auth),
+            ("ERR invalid password", Cause::Auth),
+            ("NOPERM this user has no permissions to run the 'ping' command", Cause::Auth),
+            ("ERR unknown command 'PING'", Cause::ServerError),
+            ("ERR max number of clients reached", Cause::TooManyConnections),
+            ("BUSYKEY Target key name already exists.", Cause::ServerError),
+        ];
+        for (e, cause) in cases {
+            assert_eq!(classify_error(e), cause, "{e}");
+        }
+    }
+
+    /// A fake RESP server answering each command line with the next scripted
+    /// reply (classification only; real-server behaviour is in tests/redis.rs).
+    async fn fake(replies: Vec<&'static str>) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut replies = replies.into_iter();
+            loop {
+                let mut chunk = [0u8; 1024];
+                let Ok(n) = s.read(&mut chunk).await else { return };
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                // Each complete request is one RESP array.
+                while let Ok(Some((_, used))) = parse(&buf, 0) {
+                    buf.drain(..used);
+                    match replies.next() {
+                        Some(r) => s.write_all(r.as_bytes()).await.unwrap(),
+                        None => {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        port
+    }
+
+    fn check_for(port: u16, require_master: bool) -> RedisCheck {
+        let s = RedisSettings {
+            target: Target::Direct(hp("127.0.0.1", port)),
+            username: None,
+            password: None,
+            db: 0,
+            require_master,
+        };
+        RedisCheck { settings: s, name: "t".into(), sentinels: vec![], conn: None, version: None, current_master: None }
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(2)
+    }
+
+    const INFO: &str = "$31\r\n# Server\r\nredis_version:7.2.4\r\n\r\n";
+
+    #[tokio::test]
+    async fn error_replies_to_ping_get_their_own_causes() {
+        let cases = [
+            ("-LOADING Redis is loading the dataset in memory\r\n", Cause::Loading),
+            ("-MASTERDOWN Link with MASTER is down\r\n", Cause::MasterDown),
+            ("-BUSY Redis is busy running a script.\r\n", Cause::Busy),
+            ("-NOAUTH Authentication required.\r\n", Cause::Auth),
+            ("-ERR something odd\r\n", Cause::ServerError),
+            ("+OK\r\n", Cause::Protocol),
+            ("$4\r\nPONG\r\n", Cause::Protocol),
+        ];
+        for (reply, cause) in cases {
+            let port = fake(vec![INFO, reply]).await;
+            let mut c = check_for(port, false);
+            let err = c.check(soon()).await.unwrap_err();
+            assert_eq!(err.cause, cause, "{reply:?}: {err}");
+            assert_eq!(c.details().server_version.as_deref(), Some("7.2.4"));
+        }
+    }
+
+    #[tokio::test]
+    async fn loading_keeps_the_connection_and_recovers_on_it() {
+        let port = fake(vec![INFO, "-LOADING Redis is loading the dataset in memory\r\n", "+PONG\r\n"]).await;
+        let mut c = check_for(port, false);
+        assert_eq!(c.check(soon()).await.unwrap_err().cause, Cause::Loading);
+        // The fake accepts only one connection: success proves reuse.
+        c.check(soon()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn maxclients_on_connect_is_too_many_connections() {
+        let port = fake(vec!["-ERR max number of clients reached\r\n"]).await;
+        let err = check_for(port, false).check(soon()).await.unwrap_err();
+        assert_eq!(err.cause, Cause::TooManyConnections, "{err}");
+    }
+
+    #[tokio::test]
+    async fn non_redis_server_is_a_protocol_error() {
+        let port = fake(vec!["HTTP/1.1 400 Bad Request\r\n\r\n"]).await;
+        let err = check_for(port, false).check(soon()).await.unwrap_err();
+        assert_eq!(err.cause, Cause::Protocol, "{err}");
+    }
+
+    #[tokio::test]
+    async fn role_replica_is_not_master() {
+        let port =
+            fake(vec![INFO, "+PONG\r\n", "*5\r\n$5\r\nslave\r\n$9\r\n127.0.0.1\r\n:6379\r\n$9\r\nconnected\r\n:1\r\n"])
+                .await;
+        let err = check_for(port, true).check(soon()).await.unwrap_err();
+        assert_eq!(err.cause, Cause::NotMaster);
+        assert!(err.message.contains("replica of 127.0.0.1:6379"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn silent_server_is_a_read_timeout_at_the_deadline() {
+        let port = fake(vec![]).await;
+        let start = Instant::now();
+        let err = check_for(port, false).check(start + Duration::from_millis(300)).await.unwrap_err();
+        assert_eq!(err.cause, Cause::ReadTimeout, "{err}");
+        assert!(start.elapsed() < Duration::from_millis(400), "{:?}", start.elapsed());
+    }
+
+    #[tokio::test]
+    async fn missing_password_file_is_a_config_failure_without_connecting() {
+        let mut c = check_for(1, false);
+        c.settings.password = Some(SecretSource::File("/nonexistent/healthgate-redis-pw".into()));
+        let err = c.check(soon()).await.unwrap_err();
+        assert_eq!(err.cause, Cause::Config, "{err}");
+    }
+
+    #[tokio::test]
+    async fn unknown_sentinel_master_is_not_found() {
+        let port = fake(vec!["*-1\r\n"]).await;
+        let err = ask_sentinel(&hp("127.0.0.1", port), "nope", None, soon()).await.unwrap_err();
+        assert_eq!(err.cause, Cause::NotFound, "{err}");
     }
 }
