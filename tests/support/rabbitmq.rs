@@ -10,7 +10,8 @@
 //! Shutdown: a `static` is never dropped, so a watchdog shell process (in
 //! its own process group, so Ctrl-C does not kill it first) waits for the test
 //! binary to exit, then thaws the node, stops it with `rabbitmqctl stop`
-//! (SIGKILL if that fails) and removes the temp dir.
+//! (SIGKILL if that fails) and removes the temp dir (kept, for reading the
+//! broker's log, when `HG_KEEP_RABBITMQ_DIR` is set).
 
 use std::io::Read;
 use std::net::TcpStream;
@@ -182,7 +183,7 @@ impl RabbitNode {
             timeout 30 "$HG_CTL" -n "$RABBITMQ_NODENAME" stop >/dev/null 2>&1
             [ -n "$beam" ] && kill -KILL "$beam" 2>/dev/null
             kill -KILL "$HG_SERVER" 2>/dev/null
-            rm -rf "$HG_DIR"
+            [ -z "$HG_KEEP_RABBITMQ_DIR" ] && rm -rf "$HG_DIR"
         "#;
         let mut cmd = Command::new("sh");
         self.env(&mut cmd)
