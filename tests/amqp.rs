@@ -48,10 +48,7 @@ fn amqp_check(name: &str, body: &str) -> AmqpCheck {
 fn node_check(name: &str, vhost: &str, extra: &str) -> AmqpCheck {
     let node = rabbitmq::node();
     let pw = password_file();
-    amqp_check(
-        name,
-        &format!("    url: {}\n    password_file: {}\n{extra}", node.url(USER, vhost), pw.display()),
-    )
+    amqp_check(name, &format!("    url: {}\n    password_file: {}\n{extra}", node.url(USER, vhost), pw.display()))
 }
 
 /// One check with the standard timeout, also asserting it kept to it.
@@ -271,4 +268,20 @@ async fn a_cancelled_check_leaves_no_half_open_connection() {
     let log = node.log();
     assert!(!node.closed_abruptly("healthgate mq-cancel"), "{log}");
     assert!(!node.closed_abruptly("healthgate mq-dropped"), "{log}");
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_broker_dropped_is_reopened_not_reported() {
+    let _g = rabbitmq::shared().await;
+    let node = rabbitmq::node();
+    // A 1 s heartbeat with 4 s between checks: the broker drops the idle
+    // connection for missed heartbeats (seed 001's stale pooled connection).
+    let mut check = node_check("mq-idle", "", "    heartbeat: 1s\n");
+    probe(&mut check).await.expect("healthy");
+    eventually("the broker to drop the idle connection", STEP, || async {
+        node.log().contains("missed heartbeats from client, timeout: 1s").then_some(())
+    })
+    .await;
+    probe(&mut check).await.expect("a dropped idle connection is reopened within the same check");
+    check.close(Instant::now() + TIMEOUT).await;
 }

@@ -80,7 +80,9 @@ fn binary(name: &str) -> PathBuf {
             return p;
         }
     }
-    panic!("{name} not found in /usr/lib/rabbitmq/bin, PATH or /usr/sbin: install rabbitmq-server (apt-get install rabbitmq-server)")
+    panic!(
+        "{name} not found in /usr/lib/rabbitmq/bin, PATH or /usr/sbin: install rabbitmq-server (apt-get install rabbitmq-server)"
+    )
 }
 
 fn random_suffix() -> String {
@@ -90,7 +92,8 @@ fn random_suffix() -> String {
 
 /// Runs a command with a time limit; `Err(output)` on failure.
 fn run(cmd: &mut Command, limit: Duration) -> Result<String, String> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
@@ -197,6 +200,8 @@ impl RabbitNode {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0);
+        // Never waited for: it is meant to outlive this process.
+        #[allow(clippy::zombie_processes)]
         cmd.spawn().expect("start the rabbitmq watchdog");
     }
 
@@ -291,7 +296,8 @@ impl RabbitNode {
             .filter(|l| l.ends_with(&format!("has a client-provided name: {connection_name}")))
             .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("<0.")))
             .collect();
-        log.lines().any(|l| l.contains("client unexpectedly closed TCP connection") && pids.iter().any(|p| l.contains(p)))
+        log.lines()
+            .any(|l| l.contains("client unexpectedly closed TCP connection") && pids.iter().any(|p| l.contains(p)))
     }
 
     /// How many connections named `connection_name` the log shows as closed normally.
