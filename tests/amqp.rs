@@ -285,3 +285,24 @@ async fn an_idle_connection_the_broker_dropped_is_reopened_not_reported() {
     probe(&mut check).await.expect("a dropped idle connection is reopened within the same check");
     check.close(Instant::now() + TIMEOUT).await;
 }
+
+#[tokio::test]
+async fn a_node_that_freezes_while_blocked_is_not_reported_blocked_forever() {
+    let _g = rabbitmq::exclusive().await;
+    let node = rabbitmq::node();
+    // Blocked connections cannot carry a round trip; the broker's heartbeats
+    // (1 s here) are what still show it alive.
+    let mut check = node_check("mq-blocked-frozen", "", "    heartbeat: 1s\n");
+    probe(&mut check).await.expect("healthy before the alarm");
+    let alarm = node.set_vm_memory_high_watermark(0.0000001);
+    eventually_cause(&mut check, Cause::Blocked, Duration::from_secs(15)).await;
+    let frozen = node.freeze();
+    let started = Instant::now();
+    let err = eventually_cause(&mut check, Cause::ReadTimeout, Duration::from_secs(10)).await;
+    // Two heartbeats of silence, plus the check that notices.
+    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}: {err}", started.elapsed());
+    frozen.thaw();
+    alarm.clear();
+    eventually_ok(&mut check, "recovery after thaw and alarm clear", Duration::from_secs(15)).await;
+    check.close(Instant::now() + TIMEOUT).await;
+}

@@ -652,6 +652,12 @@ struct Conn {
     dirty: bool,
     /// Ended cleanly; nothing left to do on drop.
     closed: bool,
+    /// `connection.open-ok` received (a close before it is about login or vhost).
+    opened: bool,
+    /// When the broker last sent anything (heartbeats included).
+    last_rx: Instant,
+    /// The negotiated heartbeat in seconds (0: none).
+    heartbeat: u16,
     version: Option<String>,
 }
 
@@ -668,6 +674,9 @@ impl Conn {
             dead: false,
             dirty: true,
             closed: false,
+            opened: false,
+            last_rx: Instant::now(),
+            heartbeat: shared.heartbeat,
             version: None,
         };
         c.write(wire::PROTOCOL_HEADER, deadline, "send protocol header").await?;
@@ -735,6 +744,7 @@ impl Conn {
             Method::OpenOk => {}
             m => return Err(c.unexpected(&m, "connection.open-ok")),
         }
+        c.opened = true;
         c.dirty = false;
         Ok(c)
     }
@@ -743,15 +753,26 @@ impl Conn {
     /// unroutable publish (alarm detection), channel.close.
     async fn round_trip(&mut self, queues: &[String], deadline: Instant) -> Result<(), CheckError> {
         if let Some(reason) = &self.blocked {
+            // A blocked connection is not read by the broker, so no round trip
+            // is possible; its heartbeats still arrive, and their absence means
+            // the broker died or froze while blocked.
+            let silent = self.last_rx.elapsed();
+            if self.heartbeat > 0 && silent > Duration::from_secs(2 * u64::from(self.heartbeat)) {
+                self.dead = true;
+                return Err(CheckError::new(
+                    Cause::ReadTimeout,
+                    format!("blocked connection silent for {}s (no heartbeats)", silent.as_secs()),
+                ));
+            }
             return Err(blocked_error(reason));
         }
         self.dirty = true;
-        let mut channel = self.open_channel(deadline).await?;
+        let mut channel = Some(self.open_channel(deadline).await?);
         let mut missing = Vec::new();
         for q in queues {
             let ch = match channel {
                 Some(ch) => ch,
-                None => self.open_channel(deadline).await?.expect("open_channel returns a channel"),
+                None => self.open_channel(deadline).await?,
             };
             channel = Some(ch);
             let mut declare = Args::method(50, 10);
@@ -781,11 +802,12 @@ impl Conn {
             }
             self.dirty = false;
             let list = missing.iter().map(|q| format!("{q:?}")).collect::<Vec<_>>().join(", ");
-            return Err(CheckError::new(Cause::NotFound, format!("queue {list} not found")));
+            let noun = if missing.len() == 1 { "queue" } else { "queues" };
+            return Err(CheckError::new(Cause::NotFound, format!("{noun} {list} not found")));
         }
         let ch = match channel {
             Some(ch) => ch,
-            None => self.open_channel(deadline).await?.expect("open_channel returns a channel"),
+            None => self.open_channel(deadline).await?,
         };
         // basic.publish to the default exchange with an empty routing key:
         // unroutable, so the broker drops it, but it makes this a publishing
@@ -824,14 +846,14 @@ impl Conn {
     }
 
     /// Opens a new channel (ids rotate so stale replies of an earlier check never match).
-    async fn open_channel(&mut self, deadline: Instant) -> Result<Option<u16>, CheckError> {
+    async fn open_channel(&mut self, deadline: Instant) -> Result<u16, CheckError> {
         let ch = self.next_channel;
         self.next_channel = if ch >= self.channel_max { 1 } else { ch + 1 };
         let mut open = Args::method(20, 10);
         open.short("");
         self.send_method(ch, &open, deadline, "send channel.open").await?;
         match self.recv_on(ch, deadline, "channel.open-ok").await? {
-            Ok(Method::ChannelOpenOk) => Ok(Some(ch)),
+            Ok(Method::ChannelOpenOk) => Ok(ch),
             Ok(m) => Err(self.unexpected(&m, "channel.open-ok")),
             Err((code, text)) => {
                 self.dirty = false;
@@ -923,8 +945,7 @@ impl Conn {
                     let _ = self.send_method(0, &ok, deadline, "send connection.close-ok").await;
                     self.dead = true;
                     self.closed = true;
-                    let opening = ch == 0;
-                    let cause = classify_close(code, opening);
+                    let cause = classify_close(code, !self.opened);
                     let during =
                         if class != 0 { format!(" (in reply to method {class}.{method})") } else { String::new() };
                     return Err(CheckError::new(
@@ -967,6 +988,7 @@ impl Conn {
                 ))
             }
             Ok(Ok(n)) => {
+                self.last_rx = Instant::now();
                 self.buf.extend_from_slice(&chunk[..n]);
                 Ok(())
             }
@@ -983,7 +1005,10 @@ impl Conn {
                     self.dead = true;
                     break;
                 }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.last_rx = Instant::now();
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     self.dead = true;
@@ -1047,7 +1072,9 @@ impl Conn {
         }
         let mut close = Args::method(10, 50);
         close.u16(200).short("healthgate closing").u16(0).u16(0);
-        if self.send_method(0, &close, deadline, "send connection.close").await.is_ok() {
+        let sent = self.send_method(0, &close, deadline, "send connection.close").await.is_ok();
+        // A blocked connection is not read by the broker: no close-ok will come.
+        if sent && self.blocked.is_none() {
             loop {
                 let frame = match wire::parse_frame(&mut self.buf) {
                     Ok(Some(f)) => f,
@@ -1076,6 +1103,9 @@ impl Conn {
         self.closed = true;
         // FIN, then wait briefly for the broker's FIN so no unread byte turns our close into a RST.
         let _ = timeout_at(deadline, self.stream.shutdown()).await;
+        if self.blocked.is_some() {
+            return;
+        }
         let mut chunk = [0u8; 1024];
         while let Ok(Ok(n)) = timeout_at(deadline, self.stream.read(&mut chunk)).await {
             if n == 0 {
