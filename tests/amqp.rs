@@ -279,10 +279,16 @@ async fn an_idle_connection_the_broker_dropped_is_reopened_not_reported() {
     let mut check = node_check("mq-idle", "", "    heartbeat: 1s\n");
     probe(&mut check).await.expect("healthy");
     eventually("the broker to drop the idle connection", STEP, || async {
-        node.log().contains("missed heartbeats from client, timeout: 1s").then_some(())
+        let log = node.connection_log("healthgate mq-idle");
+        log.iter().any(|l| l.contains("missed heartbeats from client, timeout: 1s")).then_some(())
     })
     .await;
     probe(&mut check).await.expect("a dropped idle connection is reopened within the same check");
+    // The broker logs asynchronously.
+    eventually("the broker to log the second connection", STEP, || async {
+        (node.opened("healthgate mq-idle") == 2).then_some(())
+    })
+    .await;
     check.close(Instant::now() + TIMEOUT).await;
 }
 

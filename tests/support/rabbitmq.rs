@@ -287,30 +287,42 @@ impl RabbitNode {
         Alarm(self)
     }
 
-    /// Whether the log shows `connection_name` being closed abruptly by the client.
-    pub fn closed_abruptly(&self, connection_name: &str) -> bool {
+    /// The broker's log lines about connections named `connection_name`.
+    ///
+    /// "connection <0.123.0> (...) has a client-provided name: NAME" ties the
+    /// Erlang pid of each such connection to the name; every later line
+    /// logged by that pid is about it.
+    pub fn connection_log(&self, connection_name: &str) -> Vec<String> {
         let log = self.log();
-        // "connection <0.123.0> (...) has a client-provided name: NAME" ties the Erlang pid to our name.
-        let pids: Vec<&str> = log
+        let suffix = format!("has a client-provided name: {connection_name}");
+        let pids: Vec<String> = log
             .lines()
-            .filter(|l| l.ends_with(&format!("has a client-provided name: {connection_name}")))
-            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("<0.")))
+            .filter(|l| l.ends_with(&suffix))
+            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
             .collect();
         log.lines()
-            .any(|l| l.contains("client unexpectedly closed TCP connection") && pids.iter().any(|p| l.contains(p)))
+            .filter(|l| l.split_whitespace().nth(3).is_some_and(|p| pids.iter().any(|x| x == p)))
+            .map(str::to_string)
+            .collect()
     }
 
-    /// How many connections named `connection_name` the log shows as closed normally.
+    /// How many connections named `connection_name` the broker opened.
+    pub fn opened(&self, connection_name: &str) -> usize {
+        let suffix = format!("has a client-provided name: {connection_name}");
+        self.log().lines().filter(|l| l.ends_with(&suffix)).count()
+    }
+
+    /// Whether the broker logged a connection named `connection_name` as closed abruptly by the client.
+    pub fn closed_abruptly(&self, connection_name: &str) -> bool {
+        self.connection_log(connection_name).iter().any(|l| l.contains("client unexpectedly closed TCP connection"))
+    }
+
+    /// How many connections named `connection_name` the broker logged as closed normally
+    /// (an abnormal close is logged at warning or error level, with its reason on the next line).
     pub fn closed_cleanly(&self, connection_name: &str) -> usize {
-        let log = self.log();
-        let pids: Vec<&str> = log
-            .lines()
-            .filter(|l| l.ends_with(&format!("has a client-provided name: {connection_name}")))
-            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("<0.")))
-            .collect();
-        log.lines()
-            .filter(|l| l.contains("closing AMQP connection") && !l.contains("unexpectedly"))
-            .filter(|l| pids.iter().any(|p| l.contains(p)))
+        self.connection_log(connection_name)
+            .iter()
+            .filter(|l| l.contains("[info]") && l.contains("closing AMQP connection"))
             .count()
     }
 }
