@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use support::rabbitmq::{self, PASSWORD, USER};
 use support::{STEP, eventually, free_port};
 
-/// The check timeout every test config uses.
-const TIMEOUT: Duration = Duration::from_secs(1);
+/// The check timeout every test config uses (generous: CI machines are shared and slow).
+const TIMEOUT: Duration = Duration::from_secs(2);
 /// Scheduling slack allowed on top of the timeout.
 const GRACE: Duration = Duration::from_millis(300);
 
@@ -34,7 +34,7 @@ fn password_file() -> PathBuf {
 fn amqp_check(name: &str, body: &str) -> AmqpCheck {
     let yaml = format!(
         "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:3000\n\
-         dependencies:\n  - name: {name}\n    type: rabbitmq\n    timeout: 1s\n{body}"
+         dependencies:\n  - name: {name}\n    type: rabbitmq\n    timeout: 2s\n{body}"
     );
     let config = Config::from_yaml(&yaml, Path::new("test.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let dep = &config.dependencies[0];

@@ -1200,8 +1200,10 @@ async fn probe(
                 slot.conn = Some(conn);
                 return (Ok(()), version);
             }
-            Err(e) if reused && conn.dead && !retried && e.cause != Cause::Protocol => {
-                // Seed 001: an idle connection the broker dropped is not an outage; judge a fresh one.
+            Err(e) if reused && conn.dead && !retried && matches!(e.cause, Cause::Reset | Cause::ServerError) => {
+                // Seed 001: an idle connection the broker dropped (EOF, reset,
+                // CONNECTION_FORCED) is not an outage; judge a fresh one. A
+                // timeout is not retried: the broker is there but silent.
                 debug!(node = %node.address, error = %e, "amqp connection went stale; reconnecting once");
                 retried = true;
             }
