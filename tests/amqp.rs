@@ -162,6 +162,8 @@ async fn frozen_node_fails_within_the_timeout_and_recovers_after_thaw() {
     let node = rabbitmq::node();
     let mut check = node_check("mq-freeze", "", "");
     probe(&mut check).await.expect("healthy before the freeze");
+    let abrupt = |log: &str| log.matches("client unexpectedly closed TCP connection").count();
+    let abrupt_before = abrupt(&node.log());
     let frozen = node.freeze();
     // `probe` asserts the failure comes within timeout + grace.
     let err = probe(&mut check).await.unwrap_err();
@@ -172,6 +174,13 @@ async fn frozen_node_fails_within_the_timeout_and_recovers_after_thaw() {
     frozen.thaw();
     eventually_ok(&mut check, "recovery after SIGCONT", Duration::from_secs(15)).await;
     check.close(Instant::now() + TIMEOUT).await;
+    // The connection abandoned at the freeze and the one that waited through
+    // it both end with a clean close: nothing "unexpectedly closed".
+    eventually("both connections closed cleanly", STEP, || async {
+        (node.closed_cleanly("healthgate mq-freeze") == 2).then_some(())
+    })
+    .await;
+    assert_eq!(abrupt(&node.log()), abrupt_before, "{}", node.connection_log("healthgate mq-freeze").join("\n"));
 }
 
 #[tokio::test]

@@ -41,8 +41,10 @@ pub(crate) const KEYS: &[&str] =
 const DEFAULT_PORT: u16 = 5672;
 
 /// How long a connection abandoned after a failure may take to close
-/// cleanly in the background before its socket is simply dropped.
-const ABANDON_BOUND: Duration = Duration::from_secs(2);
+/// cleanly in the background before its socket is simply dropped. Long, on
+/// purpose: a frozen broker reads our `connection.close` only when it thaws,
+/// and a socket we closed before that makes it log an abrupt close.
+const ABANDON_BOUND: Duration = Duration::from_secs(30);
 
 /// How many nodes must pass for the dependency to be up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -662,8 +664,8 @@ struct Conn {
 }
 
 impl Conn {
-    /// Connects, logs in and opens the vhost, all by `deadline`.
-    async fn open(node: &AmqpNode, shared: &Shared, deadline: Instant) -> Result<Conn, CheckError> {
+    /// Connects (every resolved address) and sends the protocol header, by `deadline`.
+    async fn connect(node: &AmqpNode, shared: &Shared, deadline: Instant) -> Result<Conn, CheckError> {
         let (stream, _) = net::connect(&node.address, deadline).await?;
         let mut c = Conn {
             stream,
@@ -680,7 +682,41 @@ impl Conn {
             version: None,
         };
         c.write(wire::PROTOCOL_HEADER, deadline, "send protocol header").await?;
-        let (version, product, mechanisms) = match c.recv_method(0, deadline, "connection.start").await? {
+        Ok(c)
+    }
+
+    /// Waits for `connection.start`, logs in and opens the vhost, by
+    /// `deadline`. When the broker has not said a word yet, the connection
+    /// is handed back so the next check can keep waiting on it.
+    async fn handshake(
+        mut self,
+        node: &AmqpNode,
+        shared: &Shared,
+        deadline: Instant,
+    ) -> Result<Conn, (CheckError, Option<Conn>)> {
+        let start = match self.recv_method(0, deadline, "connection.start").await {
+            Ok(m) => m,
+            Err(e) if e.cause == Cause::ReadTimeout && self.buf.is_empty() && !self.dead => {
+                return Err((e, Some(self)));
+            }
+            Err(e) => return Err((e, None)),
+        };
+        match self.login(start, node, shared, deadline).await {
+            Ok(()) => Ok(self),
+            Err(e) => Err((e, None)),
+        }
+    }
+
+    /// The handshake after `connection.start`.
+    async fn login(
+        &mut self,
+        start: Method,
+        node: &AmqpNode,
+        shared: &Shared,
+        deadline: Instant,
+    ) -> Result<(), CheckError> {
+        let c = self;
+        let (version, product, mechanisms) = match start {
             Method::Start { version, product, mechanisms } => (version, product, mechanisms),
             m => return Err(c.unexpected(&m, "connection.start")),
         };
@@ -746,7 +782,7 @@ impl Conn {
         }
         c.opened = true;
         c.dirty = false;
-        Ok(c)
+        Ok(())
     }
 
     /// One liveness round trip: channel.open, passive declares, an empty
@@ -1156,10 +1192,55 @@ fn abandon(conn: Conn) {
 
 // === One node ===
 
+/// How long a connection still waiting for `connection.start` is kept for
+/// the next check; after that a fresh one is opened (the address may have
+/// changed).
+const PENDING_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// A connection whose broker accepted the TCP connection but has not sent
+/// `connection.start` (frozen or overloaded). The next check keeps waiting
+/// on it instead of opening another, so a long freeze leaves one waiting
+/// connection, not one per check, each of which the broker would log as
+/// "client unexpectedly closed" when it thaws.
+struct Pending {
+    conn: Conn,
+    since: Instant,
+}
+
 /// A node's connection, shared with the task probing it.
 #[derive(Default)]
 struct Slot {
     conn: Option<Conn>,
+    pending: Option<Pending>,
+}
+
+/// Opens a connection: resumes a pending one, or connects afresh (also when
+/// the resumed one turns out dead).
+async fn open(
+    pending: &mut Option<Pending>,
+    node: &AmqpNode,
+    shared: &Shared,
+    deadline: Instant,
+) -> Result<Conn, CheckError> {
+    let mut resumed = pending.take().filter(|p| p.since.elapsed() < PENDING_MAX_AGE);
+    loop {
+        let was_resumed = resumed.is_some();
+        let (conn, since) = match resumed.take() {
+            Some(p) => (p.conn, p.since),
+            None => (Conn::connect(node, shared, deadline).await?, Instant::now()),
+        };
+        match conn.handshake(node, shared, deadline).await {
+            Ok(c) => return Ok(c),
+            Err((e, Some(c))) => {
+                *pending = Some(Pending { conn: c, since });
+                return Err(e);
+            }
+            Err((e, None)) if was_resumed && e.cause == Cause::Reset => {
+                debug!(node = %node.address, error = %e, "waiting amqp connection died; connecting afresh");
+            }
+            Err((e, None)) => return Err(e),
+        }
+    }
 }
 
 /// Probes one node: reuses its connection (reconnecting once if the broker
@@ -1189,7 +1270,7 @@ async fn probe(
         let reused = existing.is_some();
         let mut conn = match existing.take() {
             Some(c) => c,
-            None => match Conn::open(&node, &shared, deadline).await {
+            None => match open(&mut slot.pending, &node, &shared, deadline).await {
                 Ok(c) => c,
                 Err(e) => return (Err(e), None),
             },
@@ -1379,10 +1460,11 @@ impl Check for AmqpCheck {
             .map(|n| {
                 let slot = n.slot.clone();
                 async move {
-                    if let Ok(mut slot) = timeout_at(deadline, slot.lock_owned()).await
-                        && let Some(conn) = slot.conn.take()
-                    {
-                        conn.close(deadline).await;
+                    if let Ok(mut slot) = timeout_at(deadline, slot.lock_owned()).await {
+                        slot.pending = None;
+                        if let Some(conn) = slot.conn.take() {
+                            conn.close(deadline).await;
+                        }
                     }
                 }
             })
