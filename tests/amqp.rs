@@ -225,6 +225,33 @@ async fn cluster_with_a_dead_address_passes_with_any_and_fails_with_all() {
 }
 
 #[tokio::test]
+async fn quorum_needs_more_than_half_of_the_nodes() {
+    let _g = rabbitmq::shared().await;
+    let node = rabbitmq::node();
+    let (dead1, dead2) = (free_port(), free_port());
+    // Two names for the one live node count as two nodes.
+    let nodes = |third: u16| {
+        format!("    nodes: [\"127.0.0.1:{}\", \"localhost:{}\", \"127.0.0.1:{third}\"]\n", node.port, node.port)
+    };
+    let body = |nodes: String| {
+        format!(
+            "    url: amqp://{USER}@127.0.0.1/\n    password_file: {}\n{nodes}    require: quorum\n",
+            password_file().display()
+        )
+    };
+    let mut two_of_three = amqp_check("mq-quorum-ok", &body(nodes(dead1)));
+    probe(&mut two_of_three).await.expect("2 of 3 nodes up is a quorum");
+    let one_of_three =
+        format!("    nodes: [\"127.0.0.1:{}\", \"127.0.0.1:{dead1}\", \"127.0.0.1:{dead2}\"]\n", node.port);
+    let mut lost = amqp_check("mq-quorum-lost", &body(one_of_three));
+    let err = probe(&mut lost).await.unwrap_err();
+    assert_eq!(err.cause, Cause::Refused, "{err}");
+    assert!(err.message.starts_with("1 of 3 nodes up, 2 required (require: quorum)"), "{err}");
+    two_of_three.close(Instant::now() + TIMEOUT).await;
+    lost.close(Instant::now() + TIMEOUT).await;
+}
+
+#[tokio::test]
 async fn memory_alarm_is_blocked_and_clears() {
     let _g = rabbitmq::exclusive().await;
     let node = rabbitmq::node();
