@@ -338,6 +338,10 @@ async fn a_node_that_freezes_while_blocked_is_not_reported_blocked_forever() {
     probe(&mut check).await.expect("healthy before the alarm");
     let alarm = node.set_vm_memory_high_watermark(0.0000001);
     eventually_cause(&mut check, Cause::Blocked, Duration::from_secs(15)).await;
+    // A live broker keeps sending heartbeats to a connection it blocks: after
+    // three heartbeat intervals the check still says blocked, not silent.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(probe(&mut check).await.unwrap_err().cause, Cause::Blocked);
     let frozen = node.freeze();
     let started = Instant::now();
     let err = eventually_cause(&mut check, Cause::ReadTimeout, Duration::from_secs(10)).await;
