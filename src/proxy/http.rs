@@ -262,7 +262,7 @@ struct Pooled {
 
 impl Worker {
     /// An idle pooled connection ready for a request, if any.
-    fn checkout(&self) -> Option<SendRequest<ReqBody>> {
+    fn checkout(&self) -> Option<(SendRequest<ReqBody>, Instant)> {
         let mut pool = self.pool.borrow_mut();
         let now = Instant::now();
         while let Some(mut p) = pool.pop_back() {
@@ -275,7 +275,7 @@ impl Worker {
             // the request body was sent in full) is not reusable; drop it.
             let waker = std::task::Waker::noop();
             if let Poll::Ready(Ok(())) = p.tx.poll_ready(&mut Context::from_waker(waker)) {
-                return Some(p.tx);
+                return Some((p.tx, p.since));
             }
         }
         None
@@ -615,7 +615,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
     let upgrade_value = upgrade.as_ref().and_then(|_| parts.headers.get(header::UPGRADE).cloned());
     prepare_request(&mut parts.headers, &busy.0, upgrade_value);
     parts.version = Version::HTTP_11;
-    let body = ReqBody { inner: body, left: if max_body > 0 { max_body } else { u64::MAX } };
+    let body = ReqBody { inner: Some(body), left: if max_body > 0 { max_body } else { u64::MAX } };
     let req = Request::from_parts(parts, body);
 
     match send(&w, req).await {
@@ -666,16 +666,30 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
 }
 
 /// Sends a request to the app: on a pooled connection if one is ready, else
-/// on a new one. Retried on another connection only when hyper hands the
-/// request back, which it does only if not a byte of it was written (the
-/// pooled connection closed first): then even a `POST` is safe to resend, as
-/// the app cannot have seen it. A failure after the first byte is never
-/// retried (the app may have acted on it).
+/// on a new one. A request is resent on another connection only when that
+/// is safe:
+/// * hyper hands the request back, which it does only if not a byte of it
+///   was written (the pooled connection closed first): any method, as the
+///   app cannot have seen it;
+/// * the pooled connection had been idle for [`REPLAY_AFTER_IDLE`] and
+///   failed before any response byte (the app's keep-alive timeout closing
+///   it as we reused it), and the request is idempotent and bodyless, so a
+///   copy of its head can be replayed. The copy is made only then, never for
+///   a connection reused at once (the loaded hot path).
+///
+/// A fresh connection is never retried, nor is a failure after the response
+/// began: the app may have acted on the request.
 async fn send(w: &Worker, mut req: Request<ReqBody>) -> Result<(Response<Incoming>, SendRequest<ReqBody>), Fail> {
     loop {
-        let (mut tx, pooled) = match w.checkout() {
-            Some(tx) => (tx, true),
-            None => (w.connect().await?, false),
+        let (mut tx, replay) = match w.checkout() {
+            Some((tx, since)) => {
+                let replay = (since.elapsed() >= REPLAY_AFTER_IDLE
+                    && req.method().is_idempotent()
+                    && req.body().is_end_stream())
+                .then(|| copy_head(&req));
+                (tx, Some(replay))
+            }
+            None => (w.connect().await?, None),
         };
         let sent = tx.try_send_request(req);
         let result = match w.response_timeout {
@@ -684,15 +698,49 @@ async fn send(w: &Worker, mut req: Request<ReqBody>) -> Result<(Response<Incomin
         };
         match result {
             Ok(res) => return Ok((res, tx)),
-            Err(mut e) => match e.take_message() {
-                Some(back) if pooled => {
+            Err(mut e) => match (e.take_message(), replay) {
+                (Some(back), Some(_)) => {
                     debug!(error = %e.error(), "pooled upstream connection closed before use; retrying");
                     req = back;
+                }
+                (None, Some(Some(copy))) if closed_before_response(e.error()) => {
+                    debug!(error = %e.error(), "idle pooled upstream connection closed under the request; replaying");
+                    req = copy;
                 }
                 _ => return Err(classify(e.into_error())),
             },
         }
     }
+}
+
+/// A pooled connection idle at least this long may have been closed by the
+/// app's keep-alive timeout just as it was reused (no common server closes
+/// idle connections faster).
+pub const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
+
+/// A bodyless copy of a request head, for a replay.
+fn copy_head(req: &Request<ReqBody>) -> Request<ReqBody> {
+    let mut r = Request::new(ReqBody { inner: None, left: u64::MAX });
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
+/// The connection ended (FIN or reset) before any response byte.
+fn closed_before_response(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return matches!(io.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe);
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Tells a body-limit or client-body failure from an upstream failure.
@@ -917,7 +965,8 @@ pub struct ClientBodyError(#[source] hyper::Error);
 /// against `max_body_bytes` (a `Content-Length` over it was refused already;
 /// this catches chunked bodies).
 struct ReqBody {
-    inner: Incoming,
+    /// `None` for a replayed bodyless request.
+    inner: Option<Incoming>,
     left: u64,
 }
 
@@ -926,7 +975,8 @@ impl Body for ReqBody {
     type Error = Box<dyn StdError + Send + Sync>;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let frame = match ready!(Pin::new(inner).poll_frame(cx)) {
             None => return Poll::Ready(None),
             Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
             Some(Ok(f)) => f,
@@ -943,11 +993,11 @@ impl Body for ReqBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or(SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 
