@@ -457,7 +457,10 @@ async fn dependency_down_answers_503_problem_json_without_contacting_the_app() {
     assert_eq!(r.header("retry-after"), Some("5"));
     assert_eq!(r.text(), OOS_BODY);
     let j = r.json();
-    assert_eq!((j["type"].as_str(), j["title"].as_str(), j["status"].as_u64()), (Some("about:blank"), Some("Service Unavailable"), Some(503)));
+    assert_eq!(
+        (j["type"].as_str(), j["title"].as_str(), j["status"].as_u64()),
+        (Some("about:blank"), Some("Service Unavailable"), Some(503))
+    );
     assert_eq!(j["cause"], "OUT OF SERVICE");
     // The connection stays usable.
     assert_eq!(c.get("/again").await.status, 503);
@@ -529,7 +532,16 @@ TE: trailers\r\nTrailer: X-Sum\r\nProxy-Authorization: Basic eDp5\r\nProxy-Conne
     .await;
     let r = c.response().await;
     let seen = r.text();
-    for gone in ["connection:", "x-hop:", "keep-alive:", "te:", "trailer:", "proxy-authorization:", "proxy-connection:", "upgrade:"] {
+    for gone in [
+        "connection:",
+        "x-hop:",
+        "keep-alive:",
+        "te:",
+        "trailer:",
+        "proxy-authorization:",
+        "proxy-connection:",
+        "upgrade:",
+    ] {
         assert!(!seen.lines().any(|l| l.starts_with(gone)), "{gone} reached the app:\n{seen}");
     }
     assert!(seen.contains("x-end: kept\n"), "{seen}");
@@ -549,7 +561,8 @@ async fn forwarding_headers_are_added() {
     let app = App::start().await;
     let p = Proxy::in_service(&yaml(app.addr, "", &[]));
     let mut c = p.client().await;
-    c.send(b"GET /headers HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n").await;
+    c.send(b"GET /headers HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n")
+        .await;
     let r = c.response().await;
     let seen = r.text();
     assert!(seen.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1\n"), "{seen}");
@@ -623,13 +636,30 @@ async fn large_download_is_streamed_to_the_client() {
     assert_eq!(fnv(FNV0, &body), fnv(FNV0, &pattern(0, total as usize)));
 }
 
+/// A HEAD response keeps the app's Content-Length, has no body, and the
+/// connection stays in sync for the next request.
+#[tokio::test]
+async fn head_response_keeps_its_length_and_the_connection() {
+    let app = App::start().await;
+    let p = Proxy::in_service(&yaml(app.addr, "", &[]));
+    let mut c = p.client().await;
+    c.send(b"HEAD /abc HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    let (status, headers) = c.head().await;
+    assert_eq!(status, 200);
+    assert!(headers.contains(&("content-length".to_string(), "8".to_string())), "{headers:?}");
+    assert_eq!(c.get("/next").await.text(), "app:/next");
+}
+
 /// A chunked request body is forwarded intact.
 #[tokio::test]
 async fn chunked_request_body_is_forwarded() {
     let app = App::start().await;
     let p = Proxy::in_service(&yaml(app.addr, "", &[]));
     let mut c = p.client().await;
-    c.send(b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").await;
+    c.send(
+        b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
     let r = c.response().await;
     assert_eq!(r.text(), format!("11 {:x}", fnv(FNV0, b"hello world")));
     // The connection is still usable afterwards.
@@ -761,8 +791,12 @@ async fn drain_finishes_in_flight_work_then_returns() {
     p.drain.send_replace(Some(Instant::now() + Duration::from_secs(10)));
     assert!(idle.closed().await, "idle keep-alive connection closes on drain");
     let addr = p.addr;
-    eventually("new connections refused", STEP, || async move { TcpStream::connect(addr).await.is_err().then_some(()) })
-        .await;
+    eventually(
+        "new connections refused",
+        STEP,
+        || async move { TcpStream::connect(addr).await.is_err().then_some(()) },
+    )
+    .await;
 
     app.state.release.notify_one();
     let r = busy.response().await;
@@ -778,7 +812,10 @@ async fn drain_returns_at_the_deadline() {
     let mut p = Proxy::in_service(&yaml(app.addr, "", &[]));
     let mut c = p.client().await;
     c.send(b"GET /hang HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    eventually("request reaches the app", STEP, || async { (app.state.open.load(Ordering::SeqCst) == 1).then_some(()) }).await;
+    eventually("request reaches the app", STEP, || async {
+        (app.state.open.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
     p.drain.send_replace(Some(Instant::now() + Duration::from_millis(300)));
     t("serve returns at the deadline", p.done.take().unwrap()).await.unwrap();
 }
@@ -806,7 +843,9 @@ async fn metrics_count_each_outcome() {
     assert_eq!(dead.count("upstream_error"), 1);
     let text = p.metrics.render_prometheus();
     assert!(
-        text.contains("healthgate_request_duration_seconds_count{listener=\"web\",outcome=\"proxied\",route=\"default\"} 2"),
+        text.contains(
+            "healthgate_request_duration_seconds_count{listener=\"web\",outcome=\"proxied\",route=\"default\"} 2"
+        ),
         "{text}"
     );
 }
@@ -864,8 +903,10 @@ async fn idle_upstream_connections_expire() {
     let p = Proxy::in_service(&yaml(app.addr, "    upstream_idle_timeout: 200ms\n", &[]));
     let mut c = p.client().await;
     assert_eq!(c.get("/").await.status, 200);
-    eventually("pooled connection closed", STEP, || async { (app.state.open.load(Ordering::SeqCst) == 0).then_some(()) })
-        .await;
+    eventually("pooled connection closed", STEP, || async {
+        (app.state.open.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
     // The next request opens a fresh connection.
     assert_eq!(c.get("/").await.status, 200);
     assert_eq!(app.accepts(), 2);

@@ -261,8 +261,8 @@ struct Pooled {
 }
 
 impl Worker {
-    /// An idle pooled connection ready for a request, if any.
-    fn checkout(&self) -> Option<(SendRequest<ReqBody>, Instant)> {
+    /// An idle pooled connection ready for a request, if any, and how long it was idle.
+    fn checkout(&self) -> Option<(SendRequest<ReqBody>, Duration)> {
         let mut pool = self.pool.borrow_mut();
         let now = Instant::now();
         while let Some(mut p) = pool.pop_back() {
@@ -275,7 +275,7 @@ impl Worker {
             // the request body was sent in full) is not reusable; drop it.
             let waker = std::task::Waker::noop();
             if let Poll::Ready(Ok(())) = p.tx.poll_ready(&mut Context::from_waker(waker)) {
-                return Some((p.tx, p.since));
+                return Some((p.tx, now - p.since));
             }
         }
         None
@@ -623,7 +623,15 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
             if res.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let Some(client_side) = upgrade else {
                     // A 101 nobody asked for cannot be relayed.
-                    return reply(&w, busy, start, Outcome::UpstreamError, StatusCode::BAD_GATEWAY, BAD_GATEWAY_BODY, true);
+                    return reply(
+                        &w,
+                        busy,
+                        start,
+                        Outcome::UpstreamError,
+                        StatusCode::BAD_GATEWAY,
+                        BAD_GATEWAY_BODY,
+                        true,
+                    );
                 };
                 let app_side = hyper::upgrade::on(&mut res);
                 let upgrade_value = res.headers().get(header::UPGRADE).cloned();
@@ -644,15 +652,9 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
             ctx.metrics.record(outcome, start.elapsed());
             Response::from_parts(parts, ResBody { kind: Kind::Upstream { body, tx: Some(tx), ended: false }, busy })
         }
-        Err(Fail::Timeout) => reply(
-            &w,
-            busy,
-            start,
-            Outcome::UpstreamError,
-            StatusCode::GATEWAY_TIMEOUT,
-            GATEWAY_TIMEOUT_BODY,
-            false,
-        ),
+        Err(Fail::Timeout) => {
+            reply(&w, busy, start, Outcome::UpstreamError, StatusCode::GATEWAY_TIMEOUT, GATEWAY_TIMEOUT_BODY, false)
+        }
         Err(Fail::Connect | Fail::Upstream) => {
             reply(&w, busy, start, Outcome::UpstreamError, StatusCode::BAD_GATEWAY, BAD_GATEWAY_BODY, false)
         }
@@ -682,11 +684,9 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
 async fn send(w: &Worker, mut req: Request<ReqBody>) -> Result<(Response<Incoming>, SendRequest<ReqBody>), Fail> {
     loop {
         let (mut tx, replay) = match w.checkout() {
-            Some((tx, since)) => {
-                let replay = (since.elapsed() >= REPLAY_AFTER_IDLE
-                    && req.method().is_idempotent()
-                    && req.body().is_end_stream())
-                .then(|| copy_head(&req));
+            Some((tx, idle)) => {
+                let replay = (idle >= REPLAY_AFTER_IDLE && req.method().is_idempotent() && req.body().is_end_stream())
+                    .then(|| copy_head(&req));
                 (tx, Some(replay))
             }
             None => (w.connect().await?, None),
@@ -783,7 +783,7 @@ async fn settle_body(mut body: Incoming, w: &Worker) -> bool {
     if body.is_end_stream() {
         return true;
     }
-    if !body.size_hint().exact().is_some_and(|n| n <= SHORT_CIRCUIT_DRAIN_MAX) {
+    if body.size_hint().exact().is_none_or(|n| n > SHORT_CIRCUIT_DRAIN_MAX) {
         return false;
     }
     let drain = async {
@@ -1012,7 +1012,11 @@ enum Kind {
     Full(Option<Bytes>),
     /// The app's body, streamed; its connection goes back to the pool once
     /// the body was read to its end.
-    Upstream { body: Incoming, tx: Option<SendRequest<ReqBody>>, ended: bool },
+    Upstream {
+        body: Incoming,
+        tx: Option<SendRequest<ReqBody>>,
+        ended: bool,
+    },
 }
 
 impl ResBody {
