@@ -858,7 +858,9 @@ async fn idle_client_connection_is_closed_after_the_idle_timeout() {
     let p = Proxy::in_service(&yaml(app.addr, "    client_idle_timeout: 300ms\n", &[]));
     let mut c = p.client().await;
     assert_eq!(c.get("/").await.status, 200);
+    let idle_from = Instant::now();
     assert!(c.closed().await);
+    assert!(idle_from.elapsed() < Duration::from_secs(5), "closed by the idle timeout, not the header timeout");
     eventually("gauge back to 0", STEP, || async { (p.gauge_active() == 0).then_some(()) }).await;
 }
 
@@ -894,6 +896,12 @@ async fn short_circuited_request_bodies_do_not_desync_the_connection() {
     let r = c.response().await;
     assert_eq!((r.status, r.header("connection")), (503, Some("close")));
     assert!(c.closed().await);
+
+    // A client waiting for 100-continue is answered at once, without a 100.
+    let mut c = p.client().await;
+    c.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.header("connection")), (503, Some("close")));
 }
 
 /// Idle pooled upstream connections are closed after upstream_idle_timeout.

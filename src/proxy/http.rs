@@ -175,7 +175,8 @@ struct Worker {
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     upstream_idle_timeout: Option<Duration>,
-    /// The longest the connection timer sleeps while nothing is due.
+    /// The longest the connection timer sleeps: the shorter of the two
+    /// client timeouts, which bounds how late either is enforced.
     tick: Duration,
 }
 
@@ -199,7 +200,13 @@ impl Worker {
             .unwrap_or_else(|_| HeaderValue::from_static("1"));
         let header_read_timeout = limit(c.header_read_timeout);
         let client_idle_timeout = limit(c.client_idle_timeout);
-        let tick = header_read_timeout.or(client_idle_timeout).unwrap_or(Duration::from_secs(60));
+        // The timer never sleeps longer than the shorter timeout, so a
+        // request starting or ending (which does not touch the timer) is
+        // noticed within one tick.
+        let tick = match (header_read_timeout, client_idle_timeout) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(Duration::from_secs(60)),
+        };
         Worker {
             http,
             client,
@@ -405,15 +412,15 @@ impl IoState {
         if head != 0 {
             if let Some(t) = w.header_read_timeout {
                 let due = self.at(head - 1) + t;
-                return if now >= due { Tick::SlowHead } else { Tick::Rearm(due) };
+                return if now >= due { Tick::SlowHead } else { Tick::Rearm(due.min(now + w.tick)) };
             }
             return Tick::Rearm(now + w.tick);
         }
         match w.client_idle_timeout {
             Some(t) => {
                 let due = self.at(self.idle_since.load(Relaxed)) + t;
-                // Wake at least every `tick` so a head that starts arriving
-                // meanwhile is held to `header_read_timeout` (within one tick).
+                // Wake at least every `tick`: a head that starts arriving
+                // meanwhile is then held to `header_read_timeout` (within one tick).
                 if now >= due { Tick::Idle } else { Tick::Rearm(due.min(now + w.tick)) }
             }
             None => Tick::Rearm(now + w.tick),
@@ -596,7 +603,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
             Admission::Admit => Outcome::Proxied,
             Admission::Reject(class, missing) => {
                 let (status, body) = ctx.responses.body(class, missing, &ctx.health);
-                let keep_alive = settle_body(req.into_body(), &w).await;
+                let keep_alive = req.body().is_end_stream() || Box::pin(settle_body(req, &w)).await;
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
                 let mut res = problem(status, body, busy, !keep_alive);
                 if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -689,12 +696,13 @@ async fn send(w: &Worker, mut req: Request<ReqBody>) -> Result<(Response<Incomin
                     .then(|| copy_head(&req));
                 (tx, Some(replay))
             }
-            None => (w.connect().await?, None),
+            // Boxed: connecting is rare on a warm pool, and inline it would
+            // grow every request's future (moved by hyper) by ~500 bytes.
+            None => (Box::pin(w.connect()).await?, None),
         };
-        let sent = tx.try_send_request(req);
         let result = match w.response_timeout {
-            Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| Fail::Timeout)?,
-            None => sent.await,
+            Some(t) => tokio::time::timeout(t, tx.try_send_request(req)).await.map_err(|_| Fail::Timeout)?,
+            None => tx.try_send_request(req).await,
         };
         match result {
             Ok(res) => return Ok((res, tx)),
@@ -779,11 +787,15 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, app: hyper::upgrade::OnUpgrad
 /// connection can stay alive; returns `false` when the connection must close
 /// instead (a large or unsized body, a slow or failing client). Bodyless
 /// requests, the common case, return at once.
-async fn settle_body(mut body: Incoming, w: &Worker) -> bool {
+async fn settle_body(req: Request<Incoming>, w: &Worker) -> bool {
+    // A client waiting for `100 Continue` has not sent its body: do not ask
+    // for it just to discard it.
+    let expects = req.headers().contains_key(header::EXPECT);
+    let mut body = req.into_body();
     if body.is_end_stream() {
         return true;
     }
-    if body.size_hint().exact().is_none_or(|n| n > SHORT_CIRCUIT_DRAIN_MAX) {
+    if expects || body.size_hint().exact().is_none_or(|n| n > SHORT_CIRCUIT_DRAIN_MAX) {
         return false;
     }
     let drain = async {
