@@ -603,9 +603,15 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
             Admission::Admit => Outcome::Proxied,
             Admission::Reject(class, missing) => {
                 let (status, body) = ctx.responses.body(class, missing, &ctx.health);
-                let keep_alive = req.body().is_end_stream() || Box::pin(settle_body(req, &w)).await;
+                let (parts, req_body) = req.into_parts();
+                let expects = parts.headers.contains_key(header::EXPECT);
+                let keep_alive = req_body.is_end_stream() || Box::pin(settle_body(req_body, expects, &w)).await;
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                let mut res = problem(status, body, busy, !keep_alive);
+                // The request's header map is reused for the response: it
+                // is dropped anyway, and this saves allocating a new one.
+                let mut headers = parts.headers;
+                headers.clear();
+                let mut res = problem_with(headers, status, body, busy, !keep_alive);
                 if status == StatusCode::SERVICE_UNAVAILABLE {
                     res.headers_mut().insert(header::RETRY_AFTER, w.retry_after.clone());
                 }
@@ -787,11 +793,10 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, app: hyper::upgrade::OnUpgrad
 /// connection can stay alive; returns `false` when the connection must close
 /// instead (a large or unsized body, a slow or failing client). Bodyless
 /// requests, the common case, return at once.
-async fn settle_body(req: Request<Incoming>, w: &Worker) -> bool {
-    // A client waiting for `100 Continue` has not sent its body: do not ask
-    // for it just to discard it.
-    let expects = req.headers().contains_key(header::EXPECT);
-    let mut body = req.into_body();
+///
+/// A client waiting for `100 Continue` (`expects`) has not sent its body:
+/// it is not asked for just to be discarded.
+async fn settle_body(mut body: Incoming, expects: bool, w: &Worker) -> bool {
     if body.is_end_stream() {
         return true;
     }
@@ -825,8 +830,14 @@ fn reply(
 }
 
 fn problem(status: StatusCode, body: Bytes, busy: Busy, close: bool) -> Response<ResBody> {
+    problem_with(HeaderMap::new(), status, body, busy, close)
+}
+
+/// A problem+json response using `headers` (empty) as its header map.
+fn problem_with(headers: HeaderMap, status: StatusCode, body: Bytes, busy: Busy, close: bool) -> Response<ResBody> {
     let mut res = Response::new(ResBody::full(body, busy));
     *res.status_mut() = status;
+    *res.headers_mut() = headers;
     let h = res.headers_mut();
     h.insert(header::CONTENT_TYPE, PROBLEM_VALUE.clone());
     if close {
@@ -850,7 +861,7 @@ fn upgrade_requested(h: &HeaderMap) -> bool {
 
 /// The fixed hop-by-hop headers (RFC 9110 §7.6.1 and the obsolete
 /// `Keep-Alive`/`Proxy-Connection`); `Proxy-Authenticate`/`-Authorization`
-/// belong to this hop too.
+/// belong to this hop too. Index = bit in [`strip_hop_by_hop`]'s mask.
 fn hop_by_hop(i: usize) -> &'static HeaderName {
     match i {
         0 => &header::CONNECTION,
@@ -866,6 +877,25 @@ fn hop_by_hop(i: usize) -> &'static HeaderName {
 }
 const HOP_BY_HOP: usize = 9;
 
+/// The [`hop_by_hop`] index of a header name, if it is one. Dispatches on
+/// the length first: most ordinary names are rejected without a compare.
+#[inline]
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    let s = name.as_str();
+    Some(match s.len() {
+        2 if s == "te" => 3,
+        7 if s == "trailer" => 4,
+        7 if s == "upgrade" => 6,
+        10 if s == "connection" => 0,
+        10 if s == "keep-alive" => 1,
+        16 if s == "proxy-connection" => 2,
+        17 if s == "transfer-encoding" => 5,
+        18 if s == "proxy-authenticate" => 7,
+        19 if s == "proxy-authorization" => 8,
+        _ => return None,
+    })
+}
+
 /// Removes the hop-by-hop headers and the headers `Connection` names.
 ///
 /// One pass over the names finds which are present (usually none, or just
@@ -875,10 +905,8 @@ const HOP_BY_HOP: usize = 9;
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     let mut present = 0u16;
     for name in h.keys() {
-        for i in 0..HOP_BY_HOP {
-            if name == hop_by_hop(i) {
-                present |= 1 << i;
-            }
+        if let Some(i) = hop_index(name) {
+            present |= 1 << i;
         }
     }
     if present == 0 {
@@ -1121,6 +1149,16 @@ mod tests {
         let mut h = map(&[("host", "a"), ("accept", "*/*"), ("content-length", "3")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn hop_index_matches_exactly_the_hop_by_hop_names() {
+        for i in 0..HOP_BY_HOP {
+            assert_eq!(hop_index(hop_by_hop(i)), Some(i));
+        }
+        for other in ["host", "user-agent", "content-type", "te-x", "x-upgrade", "connectionx"] {
+            assert_eq!(hop_index(&HeaderName::from_static(other)), None, "{other}");
+        }
     }
 
     #[test]
