@@ -439,8 +439,11 @@ async fn keep_alive_is_reused_on_both_sides() {
         let r = c.get(&format!("/n{i}")).await;
         assert_eq!(r.text(), format!("app:/n{i}"));
         assert_eq!(r.header("connection"), None);
+        // A chunked response (no Content-Length) also returns its connection to the pool.
+        let r = c.get("/download?n=1000").await;
+        assert_eq!((r.header("transfer-encoding"), r.body.len()), (Some("chunked"), 1000));
     }
-    assert_eq!(app.accepts(), 1, "one pooled upstream connection for five requests");
+    assert_eq!(app.accepts(), 1, "one pooled upstream connection for ten requests");
     assert_eq!(p.gauge_active(), 1);
 }
 
@@ -719,6 +722,19 @@ async fn absolute_form_uri_gets_400() {
     assert_eq!(r.status, 400);
     assert_eq!(app.accepts(), 0);
     assert_eq!(p.count("bad_request"), 1);
+}
+
+/// A malformed request is refused by hyper with 400 and counted as bad_request.
+#[tokio::test]
+async fn malformed_request_gets_400_and_is_counted() {
+    let app = App::start().await;
+    let p = Proxy::in_service(&yaml(app.addr, "", &[]));
+    let mut c = p.client().await;
+    c.send(b"NOT HTTP AT ALL\r\n\r\n").await;
+    let (status, _) = c.head().await;
+    assert_eq!(status, 400);
+    eventually("bad_request counted", STEP, || async { (p.count("bad_request") == 1).then_some(()) }).await;
+    assert_eq!(app.accepts(), 0);
 }
 
 /// The app unreachable: 502 problem+json with cause BAD GATEWAY.
