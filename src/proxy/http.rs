@@ -180,9 +180,10 @@ struct Worker {
     tick: Duration,
 }
 
-/// A zero duration means "no limit".
+/// A zero duration means "no limit". Huge values are capped at a year so
+/// that `Instant + Duration` can never overflow (a panic aborts the process).
 fn limit(d: Duration) -> Option<Duration> {
-    (!d.is_zero()).then_some(d)
+    (!d.is_zero()).then_some(d.min(Duration::from_secs(365 * 24 * 3600)))
 }
 
 impl Worker {
