@@ -880,6 +880,50 @@ async fn idle_client_connection_is_closed_after_the_idle_timeout() {
     eventually("gauge back to 0", STEP, || async { (p.gauge_active() == 0).then_some(()) }).await;
 }
 
+/// Waits until a keep-alive connection has been idle long enough to be
+/// parked (a precondition on elapsed time, not a synchronisation).
+async fn until_parked() {
+    tokio::time::sleep(healthgate::proxy::http::PARK_AFTER * 2 + Duration::from_millis(200)).await;
+}
+
+/// A parked idle connection (hyper state released) serves the next request
+/// on the same TCP connection, including a pipelined pair.
+#[tokio::test]
+async fn parked_idle_connection_serves_the_next_requests() {
+    let app = App::start().await;
+    let p = Proxy::in_service(&yaml(app.addr, "", &[]));
+    let mut c = p.client().await;
+    assert_eq!(c.get("/1").await.text(), "app:/1");
+    until_parked().await;
+    assert_eq!(c.get("/2").await.text(), "app:/2");
+    until_parked().await;
+    c.send(b"GET /3 HTTP/1.1\r\nHost: h\r\n\r\nGET /4 HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    assert_eq!(c.response().await.text(), "app:/3");
+    assert_eq!(c.response().await.text(), "app:/4");
+    assert_eq!(p.gauge_active(), 1);
+}
+
+/// A parked connection still closes at client_idle_timeout, and on drain.
+#[tokio::test]
+async fn parked_connection_closes_on_idle_timeout_and_on_drain() {
+    let app = App::start().await;
+    let p = Proxy::in_service(&yaml(app.addr, "    client_idle_timeout: 3s\n", &[]));
+    let mut c = p.client().await;
+    assert_eq!(c.get("/").await.status, 200);
+    let idle_from = Instant::now();
+    assert!(c.closed().await);
+    let waited = idle_from.elapsed();
+    assert!(waited >= Duration::from_millis(2500) && waited < Duration::from_secs(8), "closed after {waited:?}");
+
+    let mut p = Proxy::in_service(&yaml(app.addr, "", &[]));
+    let mut c = p.client().await;
+    assert_eq!(c.get("/").await.status, 200);
+    until_parked().await;
+    p.drain.send_replace(Some(Instant::now() + Duration::from_secs(10)));
+    assert!(c.closed().await);
+    t("serve returns", p.done.take().unwrap()).await.unwrap();
+}
+
 /// A client that starts a request head but never finishes it is cut off
 /// after header_read_timeout (even with a longer idle timeout).
 #[tokio::test]

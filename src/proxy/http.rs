@@ -36,7 +36,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -175,8 +175,9 @@ struct Worker {
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     upstream_idle_timeout: Option<Duration>,
-    /// The longest the connection timer sleeps: the shorter of the two
-    /// client timeouts, which bounds how late either is enforced.
+    /// The longest the connection timer sleeps: the shortest of the two
+    /// client timeouts and [`PARK_AFTER`], which bounds how late each is
+    /// enforced. A parked connection's timer sleeps until its idle deadline.
     tick: Duration,
 }
 
@@ -207,7 +208,8 @@ impl Worker {
         let tick = match (header_read_timeout, client_idle_timeout) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b).unwrap_or(Duration::from_secs(60)),
-        };
+        }
+        .min(PARK_AFTER);
         Worker {
             http,
             client,
@@ -359,6 +361,9 @@ struct IoState {
     head_started: AtomicU64,
     /// When the connection last became idle (ns since `epoch`).
     idle_since: AtomicU64,
+    /// Set while hyper is being shut down to park the connection: the
+    /// socket's shutdown is then skipped, so the client sees nothing.
+    parking: AtomicBool,
 }
 
 /// What the connection timer decided.
@@ -368,12 +373,29 @@ enum Tick {
     Idle,
     /// A request head took longer than `header_read_timeout`: drop it.
     SlowHead,
+    /// Idle for [`PARK_AFTER`]: release hyper's per-connection state.
+    Park,
 }
+
+/// A keep-alive connection idle this long is parked: hyper's connection
+/// state (an 8 KiB read buffer that hyper never shrinks, the request-future
+/// slot, a cached header map) is dropped and the bare socket is watched for
+/// readability; the next request gets a fresh hyper connection. Parking
+/// costs a few microseconds, so it is kept for connections idle long enough
+/// to matter for memory (thousands of idle keep-alive clients), never for
+/// one between two requests of a busy client.
+pub const PARK_AFTER: Duration = Duration::from_millis(500);
 
 impl IoState {
     fn new(epoch: Instant) -> IoState {
         // A new connection is waiting for its first request head.
-        IoState { epoch, busy: AtomicU32::new(0), head_started: AtomicU64::new(1), idle_since: AtomicU64::new(0) }
+        IoState {
+            epoch,
+            busy: AtomicU32::new(0),
+            head_started: AtomicU64::new(1),
+            idle_since: AtomicU64::new(0),
+            parking: AtomicBool::new(false),
+        }
     }
 
     fn nanos(&self, t: Instant) -> u64 {
@@ -417,15 +439,21 @@ impl IoState {
             }
             return Tick::Rearm(now + w.tick);
         }
-        match w.client_idle_timeout {
-            Some(t) => {
-                let due = self.at(self.idle_since.load(Relaxed)) + t;
-                // Wake at least every `tick`: a head that starts arriving
-                // meanwhile is then held to `header_read_timeout` (within one tick).
-                if now >= due { Tick::Idle } else { Tick::Rearm(due.min(now + w.tick)) }
-            }
-            None => Tick::Rearm(now + w.tick),
+        let idle_since = self.at(self.idle_since.load(Relaxed));
+        if w.client_idle_timeout.is_some_and(|t| now >= idle_since + t) {
+            return Tick::Idle;
         }
+        if now >= idle_since + PARK_AFTER {
+            return Tick::Park;
+        }
+        // Wake at least every `tick`: a head that starts arriving meanwhile
+        // is then held to `header_read_timeout` (within one tick).
+        Tick::Rearm(now + w.tick)
+    }
+
+    /// When a parked connection reaches `client_idle_timeout`.
+    fn idle_deadline(&self, w: &Worker) -> Option<Instant> {
+        w.client_idle_timeout.map(|t| self.at(self.idle_since.load(Relaxed)) + t)
     }
 }
 
@@ -433,11 +461,20 @@ impl IoState {
 struct ClientIo {
     stream: TcpStream,
     state: Arc<IoState>,
+    /// Bytes hyper had read but not parsed when the connection was parked
+    /// (normally none); served before the socket.
+    prefix: Bytes,
 }
 
 impl AsyncRead for ClientIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            this.state.on_read();
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -465,7 +502,12 @@ impl AsyncWrite for ClientIo {
         Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.state.parking.load(Relaxed) {
+            // hyper is being retired, not the connection.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
 
@@ -479,6 +521,11 @@ struct Conn {
 }
 
 /// Serves one client connection until it closes, idles out or is drained.
+///
+/// Runs hyper on the socket; when the connection has been idle for
+/// [`PARK_AFTER`], hyper is shut down without touching the socket (the
+/// client sees nothing) and the bare socket waits for the next request,
+/// which gets a fresh hyper connection.
 async fn connection(w: Rc<Worker>, live: Live, stream: TcpStream, peer: SocketAddr, mut drain: DrainSignal) {
     let _ = stream.set_nodelay(true);
     let state = Arc::new(IoState::new(Instant::now()));
@@ -492,53 +539,88 @@ async fn connection(w: Rc<Worker>, live: Live, stream: TcpStream, peer: SocketAd
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(conn, req).await) }
     });
-    let io = TokioIo::new(ClientIo { stream, state: state.clone() });
-    let http = w.http.serve_connection(io, svc).with_upgrades();
-    tokio::pin!(http);
-    let first = state.tick(Instant::now(), &w);
     let timer = tokio::time::sleep(w.tick);
     tokio::pin!(timer);
-    if let Tick::Rearm(t) = first {
+    if let Tick::Rearm(t) = state.tick(Instant::now(), &w) {
         timer.as_mut().reset(t);
     }
-    let mut timer_on = true;
     let mut drain_seen = drain.borrow_and_update().is_some();
-    if drain_seen {
-        http.as_mut().graceful_shutdown();
-    }
+    let mut io = ClientIo { stream, state: state.clone(), prefix: Bytes::new() };
     loop {
-        tokio::select! {
-            biased;
-            r = http.as_mut() => {
-                if let Err(e) = r {
-                    if e.is_parse() {
-                        // hyper answered 400/431 itself; our service never saw it.
-                        w.ctx.metrics.record(Outcome::BadRequest, Duration::ZERO);
+        // Boxed: while parked, the connection's task then holds a pointer
+        // rather than hyper's whole connection struct.
+        let mut http = Box::new(w.http.serve_connection(TokioIo::new(io), svc.clone()).with_upgrades());
+        if drain_seen {
+            Pin::new(&mut *http).graceful_shutdown();
+        }
+        let mut timer_on = true;
+        let mut parking = false;
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut *http => break r,
+                _ = timer.as_mut(), if timer_on => match state.tick(Instant::now(), &w) {
+                    Tick::Rearm(t) => timer.as_mut().reset(t),
+                    Tick::Idle => {
+                        timer_on = false;
+                        Pin::new(&mut *http).graceful_shutdown();
                     }
-                    debug!(error = %e, "client connection ended with an error");
+                    Tick::Park => {
+                        timer_on = false;
+                        parking = true;
+                        state.parking.store(true, Relaxed);
+                        Pin::new(&mut *http).graceful_shutdown();
+                    }
+                    Tick::SlowHead => {
+                        debug!("request head not received within header_read_timeout; closing");
+                        return;
+                    }
+                },
+                r = drain.changed(), if !drain_seen => {
+                    if r.is_err() || drain.borrow_and_update().is_some() {
+                        drain_seen = true;
+                        // Close rather than park.
+                        parking = false;
+                        state.parking.store(false, Relaxed);
+                        // Idle: closes now; in flight: finishes, answers with
+                        // `Connection: close`, then closes.
+                        Pin::new(&mut *http).graceful_shutdown();
+                    }
                 }
-                return;
             }
-            _ = timer.as_mut(), if timer_on => match state.tick(Instant::now(), &w) {
-                Tick::Rearm(t) => timer.as_mut().reset(t),
-                Tick::Idle => {
-                    timer_on = false;
-                    http.as_mut().graceful_shutdown();
-                }
-                Tick::SlowHead => {
-                    debug!("request head not received within header_read_timeout; closing");
-                    return;
-                }
-            },
-            r = drain.changed(), if !drain_seen => {
-                if r.is_err() || drain.borrow_and_update().is_some() {
-                    drain_seen = true;
-                    // Idle: closes now; in flight: finishes, answers with
-                    // `Connection: close`, then closes.
-                    http.as_mut().graceful_shutdown();
+        };
+        if let Err(e) = result {
+            if e.is_parse() {
+                // hyper answered 400/431 itself; our service never saw it.
+                w.ctx.metrics.record(Outcome::BadRequest, Duration::ZERO);
+            }
+            debug!(error = %e, "client connection ended with an error");
+            return;
+        }
+        // Without parking, hyper finished the connection (closed it, or
+        // handed it to an upgrade).
+        let Some(parts) = (if parking { http.into_parts() } else { None }) else { return };
+        state.parking.store(false, Relaxed);
+        io = parts.io.into_inner();
+        io.prefix = parts.read_buf;
+        if io.prefix.is_empty() {
+            // Parked: only the socket is held until the client speaks again.
+            match state.idle_deadline(&w) {
+                Some(t) => timer.as_mut().reset(t),
+                None => timer.as_mut().reset(Instant::now() + Duration::from_secs(365 * 24 * 3600)),
+            }
+            tokio::select! {
+                r = io.stream.readable() => if r.is_err() { return },
+                // Idle timeout: dropping the socket closes it (FIN).
+                _ = timer.as_mut() => return,
+                r = drain.changed(), if !drain_seen => {
+                    if r.is_err() || drain.borrow_and_update().is_some() {
+                        return;
+                    }
                 }
             }
         }
+        timer.as_mut().reset(Instant::now() + w.tick);
     }
 }
 
