@@ -384,7 +384,7 @@ enum Tick {
 /// costs a few microseconds, so it is kept for connections idle long enough
 /// to matter for memory (thousands of idle keep-alive clients), never for
 /// one between two requests of a busy client.
-pub const PARK_AFTER: Duration = Duration::from_millis(500);
+pub const PARK_AFTER: Duration = Duration::from_millis(100);
 
 impl IoState {
     fn new(epoch: Instant) -> IoState {
@@ -566,6 +566,7 @@ async fn connection(w: Rc<Worker>, live: Live, stream: TcpStream, peer: SocketAd
                         Pin::new(&mut *http).graceful_shutdown();
                     }
                     Tick::Park => {
+                        debug!("parking idle connection");
                         timer_on = false;
                         parking = true;
                         state.parking.store(true, Relaxed);
@@ -601,8 +602,14 @@ async fn connection(w: Rc<Worker>, live: Live, stream: TcpStream, peer: SocketAd
         // handed it to an upgrade).
         let Some(parts) = (if parking { http.into_parts() } else { None }) else { return };
         state.parking.store(false, Relaxed);
-        io = parts.io.into_inner();
-        io.prefix = parts.read_buf;
+        debug!("connection parked");
+        let hyper::server::conn::http1::Parts { io: tokio_io, read_buf, .. } = parts;
+        io = tokio_io.into_inner();
+        // Copied, and the original dropped before waiting: the (normally
+        // empty) remainder still points into hyper's 8 KiB read buffer and
+        // would keep it alive for as long as the connection stays parked.
+        io.prefix = if read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read_buf) };
+        drop(read_buf);
         if io.prefix.is_empty() {
             // Parked: only the socket is held until the client speaks again.
             match state.idle_deadline(&w) {
