@@ -26,6 +26,12 @@
 //! long → close gracefully; head too slow → close; otherwise re-arm).
 //! The upstream response timeout is the one per-request timer (a request can
 //! wait on the app at any time; nothing cheaper can wake it).
+//!
+//! # Parking idle connections
+//! hyper keeps ~12 KiB per connection (buffers it never shrinks) for the
+//! connection's lifetime. A keep-alive connection idle for [`PARK_AFTER`] is
+//! therefore parked: hyper is shut down without touching the socket, only
+//! the socket is watched, and the next request gets a fresh hyper connection.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -566,10 +572,11 @@ async fn connection(w: Rc<Worker>, live: Live, stream: TcpStream, peer: SocketAd
                         Pin::new(&mut *http).graceful_shutdown();
                     }
                     Tick::Park => {
-                        debug!("parking idle connection");
+                        // Once draining, an idle connection closes instead.
+                        debug!(closing = drain_seen, "parking idle connection");
                         timer_on = false;
-                        parking = true;
-                        state.parking.store(true, Relaxed);
+                        parking = !drain_seen;
+                        state.parking.store(parking, Relaxed);
                         Pin::new(&mut *http).graceful_shutdown();
                     }
                     Tick::SlowHead => {
