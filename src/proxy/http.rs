@@ -22,7 +22,7 @@
 //! would cap `client_idle_timeout` at `header_read_timeout`. Instead each
 //! client connection owns *one* timer that is never reset on the request
 //! path: request start/end and the first bytes of a request head are noted in
-//! plain fields ([`IoState`]), and when the timer fires it decides (idle too
+//! plain fields (`IoState`), and when the timer fires it decides (idle too
 //! long → close gracefully; head too slow → close; otherwise re-arm).
 //! The upstream response timeout is the one per-request timer (a request can
 //! wait on the app at any time; nothing cheaper can wake it).
