@@ -102,9 +102,19 @@ impl Proxy {
         Client::connect(self.addr).await
     }
 
-    /// `healthgate_requests_total` for one outcome.
+    /// `healthgate_requests_total` for one outcome, summed over routes.
     fn count(&self, outcome: &str) -> u64 {
-        let needle = format!("healthgate_requests_total{{listener=\"web\",outcome=\"{outcome}\",route=\"default\"}} ");
+        let needle = format!("healthgate_requests_total{{listener=\"web\",outcome=\"{outcome}\",route=");
+        let text = self.metrics.render_prometheus();
+        text.lines()
+            .filter(|l| l.starts_with(needle.as_str()))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    /// `healthgate_requests_total` for one outcome and route.
+    fn count_route(&self, outcome: &str, route: &str) -> u64 {
+        let needle = format!("healthgate_requests_total{{listener=\"web\",outcome=\"{outcome}\",route=\"{route}\"}} ");
         let text = self.metrics.render_prometheus();
         text.lines().find_map(|l| l.strip_prefix(needle.as_str())).map(|v| v.trim().parse().unwrap()).unwrap_or(0)
     }
@@ -507,6 +517,34 @@ async fn bypass_path_is_proxied_during_an_outage() {
     assert_eq!((r.status, r.text().as_str()), (200, "app:/healthz/deep"));
     assert_eq!(c.get("/other").await.status, 503);
     assert_eq!(p.count("bypassed"), 1);
+}
+
+/// A route needs only its own dependencies, answers with its own body, and
+/// is counted under its own label.
+#[tokio::test]
+async fn routes_decide_needs_bodies_and_labels() {
+    let app = App::start().await;
+    let extra = "    routes:\n      - name: catalog\n        match:\n          path_prefix: /catalog\n        needs: [search]\n        short_circuit:\n          out_of_service_body: '{\"cause\":\"CATALOG DOWN\"}'\n";
+    let p = Proxy::in_service(&yaml(app.addr, extra, &[("db", "out_of_service"), ("search", "out_of_service")]));
+    let mut c = p.client().await;
+    p.set(0, DepHealth::Down);
+    assert_eq!(c.get("/catalog/1").await.text(), "app:/catalog/1", "catalog does not need db");
+    assert_eq!(c.get("/cart").await.status, 503);
+    p.set(0, DepHealth::Up);
+    p.set(1, DepHealth::Down);
+    let r = c.get("/catalog/2").await;
+    assert_eq!((r.status, r.text().as_str()), (503, r#"{"cause":"CATALOG DOWN"}"#));
+    assert_eq!(c.get("/cart").await.status, 503, "the default route needs every dependency");
+    assert_eq!(c.get("/healthz").await.status, 200);
+    assert_eq!(
+        [
+            p.count_route("proxied", "catalog"),
+            p.count_route("short_circuited", "catalog"),
+            p.count_route("short_circuited", "default"),
+            p.count_route("bypassed", "bypass"),
+        ],
+        [1, 1, 2, 1]
+    );
 }
 
 /// When the dependency comes back, requests are proxied again on the same connection.

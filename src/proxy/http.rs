@@ -9,10 +9,11 @@
 //! # Per request
 //! 1. URI checks: absolute-form, authority-form (`CONNECT`) or a path not
 //!    starting with `/` → `400`; `Content-Length` over `max_body_bytes` → `413`.
-//! 2. Admission: a `bypass` prefix is always forwarded (outcome `bypassed`);
-//!    otherwise [`Health::admission`](crate::state::Health::admission) decides
-//!    between forwarding (`proxied`) and answering `503`/`500` problem+json
-//!    ourselves (`short_circuited`).
+//! 2. Routing and admission: the listener's route table picks the route
+//!    (`bypass` prefixes are routes needing nothing: outcome `bypassed`);
+//!    [`Health::admission`](crate::state::Health::admission) of the route's
+//!    needs decides between forwarding (`proxied`) and answering `503`/`500`
+//!    problem+json ourselves (`short_circuited`), with the route's bodies.
 //! 3. Forwarding over a pooled keep-alive connection to the app; bodies are
 //!    streamed both ways (hyper `Incoming` passed through, never collected).
 //!
@@ -61,7 +62,7 @@ use tracing::{debug, warn};
 
 use super::{DrainSignal, ListenerCtx, PROBLEM_JSON};
 use crate::check::net;
-use crate::metrics::Outcome;
+use crate::metrics::{Outcome, RouteMetrics};
 use crate::state::Admission;
 
 /// `502` body (RFC 9457, same shape as the short-circuit bodies).
@@ -232,12 +233,6 @@ impl Worker {
             tick,
             ctx,
         }
-    }
-
-    /// Whether `path` starts with a `bypass` prefix.
-    #[inline]
-    fn is_bypass(&self, path: &str) -> bool {
-        self.ctx.config.bypass.iter().any(|p| path.starts_with(p.as_str()))
     }
 }
 
@@ -686,20 +681,24 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
         || req.method() == Method::CONNECT
         || !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS))
     {
-        return reply(&w, busy, start, Outcome::BadRequest, StatusCode::BAD_REQUEST, BAD_REQUEST_BODY, true);
+        return reply(&ctx.metrics, busy, start, Outcome::BadRequest, StatusCode::BAD_REQUEST, BAD_REQUEST_BODY, true);
     }
+    // The route decides what the request needs, its short-circuit bodies and
+    // its metric label (`bypass` prefixes are routes needing nothing).
+    let route = ctx.route(req.method(), path, req.headers());
+    let metrics = &route.metrics;
     let max_body = ctx.config.http.max_body_bytes;
     if max_body > 0 && req.body().size_hint().exact().is_some_and(|n| n > max_body) {
-        return reply(&w, busy, start, Outcome::BadRequest, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_BODY, true);
+        return reply(metrics, busy, start, Outcome::BadRequest, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_BODY, true);
     }
 
-    let outcome = if w.is_bypass(path) {
+    let outcome = if route.bypass {
         Outcome::Bypassed
     } else {
-        match ctx.health.admission(ctx.needs) {
+        match ctx.health.admission(route.needs) {
             Admission::Admit => Outcome::Proxied,
             Admission::Reject(class, missing) => {
-                let (status, body) = ctx.responses.body(class, missing, &ctx.health);
+                let (status, body) = route.responses.body(class, missing, &ctx.health);
                 let (parts, req_body) = req.into_parts();
                 let expects = parts.headers.contains_key(header::EXPECT);
                 let keep_alive = req_body.is_end_stream() || Box::pin(settle_body(req_body, expects, &w)).await;
@@ -712,7 +711,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
                 if status == StatusCode::SERVICE_UNAVAILABLE {
                     res.headers_mut().insert(header::RETRY_AFTER, w.retry_after.clone());
                 }
-                ctx.metrics.record(Outcome::ShortCircuited, start.elapsed());
+                metrics.record(Outcome::ShortCircuited, start.elapsed());
                 return res;
             }
         }
@@ -734,7 +733,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
                 let Some(client_side) = upgrade else {
                     // A 101 nobody asked for cannot be relayed.
                     return reply(
-                        &w,
+                        metrics,
                         busy,
                         start,
                         Outcome::UpstreamError,
@@ -754,25 +753,31 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
                 // The tunnel holds the connection (and its `Live` count).
                 tokio::task::spawn_local(tunnel(client_side, app_side, busy.0.clone()));
                 drop(tx);
-                ctx.metrics.record(outcome, start.elapsed());
+                metrics.record(outcome, start.elapsed());
                 return Response::from_parts(parts, ResBody::full(Bytes::new(), busy));
             }
             let (mut parts, body) = res.into_parts();
             prepare_response(&mut parts.headers, &w);
-            ctx.metrics.record(outcome, start.elapsed());
+            metrics.record(outcome, start.elapsed());
             Response::from_parts(parts, ResBody { kind: Kind::Upstream { body, tx: Some(tx), ended: false }, busy })
         }
-        Err(Fail::Timeout) => {
-            reply(&w, busy, start, Outcome::UpstreamError, StatusCode::GATEWAY_TIMEOUT, GATEWAY_TIMEOUT_BODY, false)
-        }
+        Err(Fail::Timeout) => reply(
+            metrics,
+            busy,
+            start,
+            Outcome::UpstreamError,
+            StatusCode::GATEWAY_TIMEOUT,
+            GATEWAY_TIMEOUT_BODY,
+            false,
+        ),
         Err(Fail::Connect | Fail::Upstream) => {
-            reply(&w, busy, start, Outcome::UpstreamError, StatusCode::BAD_GATEWAY, BAD_GATEWAY_BODY, false)
+            reply(metrics, busy, start, Outcome::UpstreamError, StatusCode::BAD_GATEWAY, BAD_GATEWAY_BODY, false)
         }
         Err(Fail::TooLarge) => {
-            reply(&w, busy, start, Outcome::BadRequest, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_BODY, true)
+            reply(metrics, busy, start, Outcome::BadRequest, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_BODY, true)
         }
         Err(Fail::ClientBody) => {
-            reply(&w, busy, start, Outcome::BadRequest, StatusCode::BAD_REQUEST, BAD_REQUEST_BODY, true)
+            reply(metrics, busy, start, Outcome::BadRequest, StatusCode::BAD_REQUEST, BAD_REQUEST_BODY, true)
         }
     }
 }
@@ -914,7 +919,7 @@ async fn settle_body(mut body: Incoming, expects: bool, w: &Worker) -> bool {
 
 /// A response of ours (problem+json) with a static body.
 fn reply(
-    w: &Worker,
+    metrics: &RouteMetrics,
     busy: Busy,
     start: Instant,
     outcome: Outcome,
@@ -922,7 +927,7 @@ fn reply(
     body: &'static str,
     close: bool,
 ) -> Response<ResBody> {
-    w.ctx.metrics.record(outcome, start.elapsed());
+    metrics.record(outcome, start.elapsed());
     problem(status, Bytes::from_static(body.as_bytes()), busy, close)
 }
 
