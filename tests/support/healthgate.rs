@@ -136,7 +136,8 @@ impl Drop for Healthgate {
 
 /// A blocking HTTP/1.1 GET with `Connection: close`; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let (status, _, body) = http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"));
+    let (status, _, body) =
+        http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"));
     (status, body)
 }
 
