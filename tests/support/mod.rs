@@ -5,6 +5,7 @@
 //! of it, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod app;
 pub mod healthgate;
 pub mod mariadb;
 pub mod rabbitmq;
