@@ -147,7 +147,8 @@ fn only_routes_that_need_the_down_dependency_are_short_circuited() {
     let mut db = Dep::up();
     let mut redis = Dep::up();
     let routes = "    routes:\n      - name: cart\n        match: { path_prefix: /cart }\n        needs: [db, redis]\n      - name: static\n        match: { path_prefix: /static }\n        needs: []\n      - name: reports\n        match: { path_prefix: /api/reports, methods: [GET] }\n        needs: [db]\n";
-    let hg = start(&app, routes, &[dep_yaml("db", "out_of_service", db.addr), dep_yaml("redis", "degraded", redis.addr)]);
+    let hg =
+        start(&app, routes, &[dep_yaml("db", "out_of_service", db.addr), dep_yaml("redis", "degraded", redis.addr)]);
     hg.wait_state("in_service", WITHIN);
 
     redis.kill();
@@ -164,7 +165,8 @@ fn only_routes_that_need_the_down_dependency_are_short_circuited() {
     assert_eq!(get(&hg, "/static/app.js").0, 200, "needs nothing: never short-circuited");
 
     let routes = &hg.status()["listeners"][0]["routes"];
-    let admitted = |name: &str| routes.as_array().unwrap().iter().find(|r| r["name"] == name).unwrap()["admitted"].clone();
+    let admitted =
+        |name: &str| routes.as_array().unwrap().iter().find(|r| r["name"] == name).unwrap()["admitted"].clone();
     assert_eq!(admitted("static"), true);
     assert_eq!(admitted("cart"), false);
 

@@ -205,7 +205,7 @@ impl Worker {
             http.max_headers(c.max_headers);
         }
         let client = hyper::client::conn::http1::Builder::new();
-        let retry_after = HeaderValue::from_maybe_shared(ctx.responses.retry_after.clone())
+        let retry_after = HeaderValue::from_maybe_shared(ctx.default_route.responses.retry_after.clone())
             .unwrap_or_else(|_| HeaderValue::from_static("1"));
         let header_read_timeout = limit(c.header_read_timeout);
         let client_idle_timeout = limit(c.client_idle_timeout);
@@ -595,7 +595,7 @@ async fn connection(w: Rc<Worker>, live: Live, stream: TcpStream, peer: SocketAd
         if let Err(e) = result {
             if e.is_parse() {
                 // hyper answered 400/431 itself; our service never saw it.
-                w.ctx.metrics.record(Outcome::BadRequest, Duration::ZERO);
+                w.ctx.default_route.metrics.record(Outcome::BadRequest, Duration::ZERO);
             }
             debug!(error = %e, "client connection ended with an error");
             return;
@@ -681,7 +681,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
         || req.method() == Method::CONNECT
         || !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS))
     {
-        return reply(&ctx.metrics, busy, start, Outcome::BadRequest, StatusCode::BAD_REQUEST, BAD_REQUEST_BODY, true);
+        return reply(&ctx.default_route.metrics, busy, start, Outcome::BadRequest, StatusCode::BAD_REQUEST, BAD_REQUEST_BODY, true);
     }
     // The route decides what the request needs, its short-circuit bodies and
     // its metric label (`bypass` prefixes are routes needing nothing).

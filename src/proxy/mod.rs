@@ -31,12 +31,6 @@ pub struct ListenerCtx {
     pub config: ListenerConfig,
     /// Shared health state.
     pub health: Arc<Health>,
-    /// Dependencies the listener needs by default (bit mask).
-    pub needs: u64,
-    /// Pre-rendered short-circuit responses.
-    pub responses: Responses,
-    /// Request metrics of the listener's default route.
-    pub metrics: RouteMetrics,
     /// Open client connections.
     pub active_connections: Gauge,
     /// The registry, for per-route or per-protocol handles.
@@ -88,9 +82,6 @@ impl ListenerCtx {
             .collect();
         Arc::new(ListenerCtx {
             config: l.clone(),
-            needs: default_route.needs,
-            responses: base,
-            metrics: default_route.metrics.clone(),
             active_connections: registry.active_connections(&l.name),
             routes: RouteTable::new(l.routes.clone()),
             route_data,

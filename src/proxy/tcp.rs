@@ -193,7 +193,7 @@ impl Worker {
         conns: &mut JoinSet<()>,
     ) -> Option<(TcpStream, SocketAddr)> {
         let tcp = &self.ctx.config.tcp;
-        match self.ctx.health.admission(self.ctx.needs) {
+        match self.ctx.health.admission(self.ctx.default_route.needs) {
             Admission::Admit => {}
             Admission::Reject(Reject::Degraded, _) if tcp.admit_degraded => {}
             Admission::Reject(reason, missing) => {
@@ -225,7 +225,7 @@ impl Worker {
         if conns.is_empty() {
             return;
         }
-        if let Admission::Reject(Reject::OutOfService, missing) = self.ctx.health.admission(self.ctx.needs) {
+        if let Admission::Reject(Reject::OutOfService, missing) = self.ctx.health.admission(self.ctx.default_route.needs) {
             debug!(listener = %self.ctx.config.name, connections = conns.len(), missing, "tcp outage: closing existing connections");
             self.cut.send_modify(|epoch| *epoch += 1);
         }
