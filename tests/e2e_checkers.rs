@@ -21,7 +21,8 @@ fn start(app: &App, dependency: &str, env: &[(&str, &str)]) -> Healthgate {
 
 /// Status and parsed problem body (if any) of a GET through healthgate.
 fn get(hg: &Healthgate) -> (u16, serde_json::Value) {
-    let (status, _, body) = http_request(hg.listeners[0], "GET /orders HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n");
+    let (status, _, body) =
+        http_request(hg.listeners[0], "GET /orders HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n");
     (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)))
 }
 

@@ -681,7 +681,15 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
         || req.method() == Method::CONNECT
         || !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS))
     {
-        return reply(&ctx.default_route.metrics, busy, start, Outcome::BadRequest, StatusCode::BAD_REQUEST, BAD_REQUEST_BODY, true);
+        return reply(
+            &ctx.default_route.metrics,
+            busy,
+            start,
+            Outcome::BadRequest,
+            StatusCode::BAD_REQUEST,
+            BAD_REQUEST_BODY,
+            true,
+        );
     }
     // The route decides what the request needs, its short-circuit bodies and
     // its metric label (`bypass` prefixes are routes needing nothing).

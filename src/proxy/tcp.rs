@@ -225,7 +225,9 @@ impl Worker {
         if conns.is_empty() {
             return;
         }
-        if let Admission::Reject(Reject::OutOfService, missing) = self.ctx.health.admission(self.ctx.default_route.needs) {
+        if let Admission::Reject(Reject::OutOfService, missing) =
+            self.ctx.health.admission(self.ctx.default_route.needs)
+        {
             debug!(listener = %self.ctx.config.name, connections = conns.len(), missing, "tcp outage: closing existing connections");
             self.cut.send_modify(|epoch| *epoch += 1);
         }
