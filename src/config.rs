@@ -24,6 +24,8 @@ use crate::routes::{RouteConfig, RouteMatch, shadows};
 
 /// Most dependencies one process checks (the state is a 64-bit mask).
 pub const MAX_DEPENDENCIES: usize = 64;
+/// Longest duration accepted anywhere in the config.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 // === Errors ===
 
@@ -112,9 +114,14 @@ pub struct HumanDuration(pub Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(HumanDuration)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. 500ms, 2s, 1m")))
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. 500ms, 2s, 1m")))?;
+        // Deadlines are `Instant + duration`; an absurd value would overflow
+        // it at run time, so it is refused here instead.
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!("duration {s:?} is too long (at most 365d)")));
+        }
+        Ok(HumanDuration(d))
     }
 }
 
@@ -1342,6 +1349,14 @@ dependencies:
         assert_eq!(c.dependencies[0].interval, Duration::from_millis(500));
         assert_eq!(c.dependencies[0].timeout, Duration::from_secs(60));
         assert_eq!(c.dependencies[0].interval_down, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn absurdly_long_duration_is_refused_not_overflowed() {
+        let p = problems(&format!(
+            "{MINIMAL}dependencies:\n  - name: db\n    type: tcp\n    address: a:1\n    timeout: 1000000y\n"
+        ));
+        assert!(p[0].message.contains("too long"), "{p:?}");
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub async fn monitor(
     let mut status = health.deps()[index].status();
 
     loop {
+        // Intervals run start to start: a check that takes its whole timeout
+        // does not push the next one back, so detection stays within
+        // `fall × interval + timeout`.
+        let started = Instant::now();
         let (result, latency) = tokio::select! {
             r = run_once(&mut check, dep.timeout) => r,
             _ = stop.wait_for(|s| *s) => break,
@@ -122,7 +126,7 @@ pub async fn monitor(
         health.publish(index, status.clone());
 
         let base = if status.state == DepHealth::Down { dep.interval_down } else { dep.interval };
-        let wake = Instant::now() + jittered(base, dep.jitter);
+        let wake = started + jittered(base, dep.jitter);
         tokio::select! {
             _ = sleep_until(wake) => {}
             _ = stop.wait_for(|s| *s) => break,
