@@ -185,10 +185,14 @@ pub fn classify(e: &mysql_async::Error, phase: Phase, addr: &str) -> CheckError 
             format!("{addr}: server error {} ({}): {}", s.code, s.state, s.message),
         ),
         mysql_async::Error::Io(IoError::Io(io)) => {
-            let cause = if io.kind() == std::io::ErrorKind::InvalidData {
-                Cause::Protocol
-            } else {
-                net::classify_io(io, phase)
+            let cause = match io.kind() {
+                std::io::ErrorKind::InvalidData => Cause::Protocol,
+                // The framed codec's "bytes remaining on stream": the peer
+                // closed in the middle of a packet (e.g. of the greeting).
+                // The TCP connection was made, so this is a reset, not the
+                // refusal an unknown error in the connect phase defaults to.
+                std::io::ErrorKind::Other => Cause::Reset,
+                _ => net::classify_io(io, phase),
             };
             CheckError::new(cause, format!("{addr}: {io}"))
         }
@@ -900,6 +904,24 @@ mod tests {
         let err = err.unwrap_err();
         assert_eq!(err.cause, Cause::Refused, "{err}");
         assert!(err.message.contains("also tried"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn server_closing_mid_greeting_is_a_reset() {
+        // Sends the first bytes of a handshake packet, then closes: a server
+        // (or a proxy in front of it) dying in mid-handshake.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = s.write_all(&[0x5b, 0x00, 0x00, 0x00]).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        let mut c = check_of("    type: mysql\n    address: db\n    user: hg\n");
+        let err = c.try_addrs(&[addr], None, Instant::now() + Duration::from_secs(2)).await.unwrap_err();
+        assert_eq!(err.cause, Cause::Reset, "{err}");
     }
 
     #[test]
