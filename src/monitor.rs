@@ -69,8 +69,10 @@ pub async fn monitor(
 
     loop {
         // Intervals run start to start: a check that takes its whole timeout
-        // does not push the next one back, so detection stays within
-        // `fall × interval + timeout`.
+        // does not push the next one back (unless the timeout is longer than
+        // the interval: then the next starts when it ends), so detection
+        // stays within `fall × interval + timeout` for timeout <= interval,
+        // `interval + (fall - 1) × timeout + timeout` otherwise.
         let started = Instant::now();
         let (result, latency) = tokio::select! {
             r = run_once(&mut check, dep.timeout) => r,

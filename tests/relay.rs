@@ -184,3 +184,15 @@ fn backend_restarts_on_the_same_port() {
     backend.restart();
     assert_eq!(read_n(&mut connect(backend.addr), GREETING.len()), GREETING);
 }
+
+#[test]
+fn relay_is_shareable_between_threads() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    let (_b, relay) = setup();
+    send_sync(&relay);
+    std::thread::scope(|s| {
+        s.spawn(|| relay.set_fault(Fault::Refuse)).join().unwrap();
+    });
+    assert_eq!(relay.fault(), Fault::Refuse);
+    assert_eq!(TcpStream::connect(relay.addr).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+}
