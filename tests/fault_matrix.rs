@@ -383,10 +383,11 @@ fn run_cell(kind: Kind, case: Case, target: &str, mut injector: Injector<'_>) ->
     };
     out.cause = down["last_cause"].as_str().unwrap_or("?").to_string();
     out.detect = Some(elapsed_since(t0, since(&down)));
-    // Keep the fault a few more rounds: a late success would flap it up.
+    // Keep the fault a few more rounds: a late success must not flap it up
+    // (a flap up and down again would move `since`).
     std::thread::sleep(INTERVAL * 2);
     let still = dep_status(&hg);
-    if still["state"] != "down" {
+    if still["state"] != "down" || still["since"] != down["since"] {
         out.problems.push(format!("came back up while the fault was on: {still}"));
     }
 
