@@ -103,6 +103,7 @@ enum Case {
     Refuse,
     Reset,
     BlackHole,
+    BlackHoleFresh,
     Latency,
     Drip,
     CloseMidHandshake,
@@ -111,10 +112,11 @@ enum Case {
     Restart,
 }
 
-const CASES: [Case; 9] = [
+const CASES: [Case; 10] = [
     Case::Refuse,
     Case::Reset,
     Case::BlackHole,
+    Case::BlackHoleFresh,
     Case::Latency,
     Case::Drip,
     Case::CloseMidHandshake,
@@ -129,6 +131,7 @@ impl Case {
             Case::Refuse => "refuse (port closed)".into(),
             Case::Reset => "reset (RST)".into(),
             Case::BlackHole => "black hole (frozen node)".into(),
+            Case::BlackHoleFresh => "black hole, connections closed first".into(),
             Case::Latency => format!("latency {} ms each way", LATENCY.as_millis()),
             Case::Drip => "drip 1 byte / 100 ms".into(),
             Case::CloseMidHandshake => format!("close after {CLOSE_AFTER} bytes"),
@@ -142,7 +145,7 @@ impl Case {
         match self {
             Case::Refuse => Some(Fault::Refuse),
             Case::Reset => Some(Fault::Reset),
-            Case::BlackHole => Some(Fault::BlackHole),
+            Case::BlackHole | Case::BlackHoleFresh => Some(Fault::BlackHole),
             Case::Latency => Some(Fault::Latency(LATENCY)),
             Case::Drip => Some(DRIP),
             Case::CloseMidHandshake => Some(Fault::CloseAfter(CLOSE_AFTER)),
@@ -155,8 +158,11 @@ impl Case {
         Some(match self {
             Case::Refuse | Case::Restart => "refused",
             Case::Reset | Case::CloseMidHandshake => "reset",
+            // The MySQL check counts the greeting and login as part of
+            // connecting (docs/mysql.md): no session in time is a connect timeout.
+            Case::BlackHoleFresh if kind == Kind::Mysql => "connect_timeout",
             // Connected (the kernel accepts), but no reply in time.
-            Case::BlackHole | Case::Latency | Case::Drip => "read_timeout",
+            Case::BlackHole | Case::BlackHoleFresh | Case::Latency | Case::Drip => "read_timeout",
             Case::WrongCredentials if kind.has_credentials() => "auth",
             Case::WrongCredentials => return None,
             Case::Dns => "dns",
@@ -293,6 +299,11 @@ impl Injector<'_> {
             Injector::Relay(r) => {
                 let t = SystemTime::now();
                 r.set_fault(case.relay_fault().unwrap());
+                if case == Case::BlackHoleFresh {
+                    // The kept connections end, so the check must connect
+                    // again into the black hole.
+                    r.close_connections();
+                }
                 t
             }
             Injector::Credentials { relay, file, .. } => {
