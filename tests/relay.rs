@@ -60,6 +60,7 @@ fn refuse_closes_the_port_and_open_connections_until_lifted() {
     read_n(&mut open, GREETING.len());
 
     relay.set_fault(Fault::Refuse);
+    relay.set_fault(Fault::Refuse);
     let err = TcpStream::connect(relay.addr).expect_err("connect must fail while refusing");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
     // The open connection is closed, as by a server that exited.

@@ -184,8 +184,17 @@ async fn accept_loop(
             // A real refusal: nothing listens on the port until the fault is lifted.
             drop(listener);
             ack(control.generation);
-            let lifted = rx.wait_for(|c| c.fault != Fault::Refuse).await.map(|c| c.generation);
-            let Ok(generation) = lifted else { return };
+            let generation = loop {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                let c = *rx.borrow_and_update();
+                if c.fault != Fault::Refuse {
+                    break c.generation;
+                }
+                // Refused again: already in effect.
+                ack(c.generation);
+            };
             listener = rebind(addr).await;
             ack(generation);
             continue;
