@@ -14,6 +14,7 @@ have redis-server || need+=(redis-server)
 have rabbitmq-server || need+=(rabbitmq-server)
 have promtool || need+=(prometheus)
 have curl || need+=(curl)
+have openssl || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

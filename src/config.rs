@@ -642,6 +642,10 @@ pub(crate) struct RawDependency {
     pub(crate) password_env: Option<S<String>>,
     pub(crate) password_file: Option<S<String>>,
     pub(crate) tls: Option<S<bool>>,
+    pub(crate) tls_ca_file: Option<S<String>>,
+    pub(crate) tls_cert_file: Option<S<String>>,
+    pub(crate) tls_key_file: Option<S<String>>,
+    pub(crate) tls_server_name: Option<S<String>>,
     // mysql
     pub(crate) database: Option<S<String>>,
     pub(crate) query: Option<S<String>>,
@@ -683,7 +687,9 @@ fn present_keys(d: &RawDependency) -> Vec<(&'static str, Pos)> {
         address => "address", send => "send", expect => "expect", url => "url",
         expect_status => "expect_status", expect_body => "expect_body", host_header => "host_header",
         user => "user", username => "username", password_env => "password_env",
-        password_file => "password_file", tls => "tls", database => "database", query => "query",
+        password_file => "password_file", tls => "tls", tls_ca_file => "tls_ca_file",
+        tls_cert_file => "tls_cert_file", tls_key_file => "tls_key_file",
+        tls_server_name => "tls_server_name", database => "database", query => "query",
         require_writable => "require_writable", galera => "galera",
         galera_allow_donor => "galera_allow_donor", db => "db", require_role => "require_role",
         sentinel => "sentinel", urls => "urls", nodes => "nodes", require => "require",
@@ -1128,7 +1134,8 @@ fn validate_dependency(d: RawDependency, i: usize, pos: Pos, problems: &mut Prob
         }
     };
     for (k, p) in present_keys(&d) {
-        if !allowed.contains(&k) {
+        // Every type can speak TLS, so the TLS keys are allowed everywhere.
+        if !allowed.contains(&k) && !crate::check::tls::KEYS.contains(&k) {
             problems.at_pos(p, key(k), format!("`{k}` is not a setting of a `{type_name}` dependency"));
         }
     }

@@ -25,20 +25,22 @@ use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use super::net::{self, Phase};
+use super::tls::{self, Stream, TlsSettings};
 use super::{Cause, Check, CheckError, Details, NodeStatus};
-use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, SecretSource, secret_source};
+use crate::config::{DependencyConfig, HostPort, KindCtx, Pos, RawDependency, SecretSource, secret_source};
 
 /// Keys an `amqp` dependency accepts besides the common ones.
 pub(crate) const KEYS: &[&str] =
-    &["url", "urls", "nodes", "require", "password_env", "password_file", "queues", "heartbeat", "tls"];
+    &["url", "urls", "nodes", "require", "password_env", "password_file", "queues", "heartbeat"];
 
 /// Default AMQP port.
 const DEFAULT_PORT: u16 = 5672;
+/// Default AMQPS port.
+const DEFAULT_TLS_PORT: u16 = 5671;
 
 /// How long a connection abandoned after a failure may take to close
 /// cleanly in the background before its socket is simply dropped. Long, on
@@ -101,17 +103,13 @@ pub struct AmqpSettings {
     pub queues: Vec<String>,
     /// Heartbeat to negotiate, whole seconds (`None`: derived from the check schedule; 0 disables).
     pub heartbeat: Option<u16>,
+    /// TLS for every node (`amqps://` or `tls: true`).
+    pub tls: Option<TlsSettings>,
 }
 
 impl AmqpSettings {
     pub(crate) fn from_raw(d: &RawDependency, mut ctx: KindCtx<'_>) -> Option<Self> {
         let mut ok = true;
-        if let Some(tls) = &d.tls
-            && tls.value
-        {
-            ctx.error(tls, "tls", "this build has no TLS support for amqp checks; check a plain amqp:// listener");
-            ok = false;
-        }
         let mut nodes = Vec::new();
         match (&d.url, &d.urls, &d.nodes) {
             (_, Some(urls), Some(_)) => {
@@ -237,19 +235,42 @@ impl AmqpSettings {
             }
         };
 
-        ok.then_some(AmqpSettings { nodes, password, require, queues, heartbeat })
+        // One TLS setting for the dependency: its nodes are one cluster.
+        let schemes: Vec<bool> = [&d.url]
+            .into_iter()
+            .flatten()
+            .chain(d.urls.iter().flat_map(|u| u.value.iter()))
+            .map(|u| is_amqps(&u.value))
+            .collect();
+        let by_scheme = schemes.iter().any(|t| *t);
+        if by_scheme && !schemes.iter().all(|t| *t) {
+            let at = d.urls.as_ref().map(|u| (Pos::from(u), "urls")).or(d.url.as_ref().map(|u| (Pos::from(u), "url")));
+            if let Some((pos, k)) = at {
+                let key = ctx.key(k);
+                ctx.problems.at_pos(pos, key, "mixes amqp:// and amqps://; one cluster uses one scheme");
+            }
+            ok = false;
+        }
+        let tls = TlsSettings::from_raw(d, &mut ctx, by_scheme);
+        ok &= tls.is_ok();
+        ok.then_some(AmqpSettings { nodes, password, require, queues, heartbeat, tls: tls.ok()? })
     }
 }
 
-/// Parses `amqp://[user@]host[:port][/vhost]`; a password in the URL is refused.
+/// Whether a URL asks for TLS.
+fn is_amqps(s: &str) -> bool {
+    s.trim().starts_with("amqps://")
+}
+
+/// Parses `amqp[s]://[user@]host[:port][/vhost]`; a password in the URL is refused.
 fn parse_url(s: &str) -> Result<AmqpNode, String> {
     let s = s.trim();
-    let rest = if let Some(r) = s.strip_prefix("amqp://") {
-        r
-    } else if s.starts_with("amqps://") {
-        return Err("amqps:// is not supported: this build has no TLS; check a plain amqp:// listener".into());
+    let (rest, default_port) = if let Some(r) = s.strip_prefix("amqp://") {
+        (r, DEFAULT_PORT)
+    } else if let Some(r) = s.strip_prefix("amqps://") {
+        (r, DEFAULT_TLS_PORT)
     } else {
-        return Err("must be an amqp:// URL (amqp://user@host:5672/vhost)".into());
+        return Err("must be an amqp:// or amqps:// URL (amqp://user@host:5672/vhost)".into());
     };
     if rest.contains('?') || rest.contains('#') {
         return Err("query parameters are not supported; use the dependency's keys (e.g. `heartbeat`)".into());
@@ -277,7 +298,7 @@ fn parse_url(s: &str) -> Result<AmqpNode, String> {
     if hostport.is_empty() {
         return Err("the URL has no host".into());
     }
-    let address = HostPort::parse(hostport, Some(DEFAULT_PORT))?;
+    let address = HostPort::parse(hostport, Some(default_port))?;
     // Both "amqp://h" and "amqp://h/" mean the default vhost "/", as most
     // clients treat it; another vhost is percent-encoded ("/%2f" is "/" too).
     let vhost = match path {
@@ -638,11 +659,12 @@ struct Shared {
     queues: Vec<String>,
     heartbeat: u16,
     connection_name: String,
+    tls: Option<TlsSettings>,
 }
 
 /// A connection to one node, after `connection.open-ok`.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
     channel_max: u16,
     next_channel: u16,
@@ -666,7 +688,7 @@ struct Conn {
 impl Conn {
     /// Connects (every resolved address) and sends the protocol header, by `deadline`.
     async fn connect(node: &AmqpNode, shared: &Shared, deadline: Instant) -> Result<Conn, CheckError> {
-        let (stream, _) = net::connect(&node.address, deadline).await?;
+        let (stream, _) = tls::connect(&node.address, shared.tls.as_ref(), deadline).await?;
         let mut c = Conn {
             stream,
             buf: Vec::with_capacity(512),
@@ -1325,6 +1347,7 @@ impl AmqpCheck {
             queues: settings.queues,
             heartbeat,
             connection_name: format!("healthgate {}", dep.name),
+            tls: settings.tls,
         });
         let nodes = settings
             .nodes
@@ -1516,15 +1539,23 @@ mod tests {
     }
 
     #[test]
-    fn password_in_url_tls_and_query_are_config_errors() {
+    fn password_in_url_and_query_are_config_errors() {
         assert!(parse_url("amqp://u:secret@h/").unwrap_err().contains("password_env"));
-        assert!(parse_url("amqps://u@h/").unwrap_err().contains("no TLS"));
         assert!(parse_url("amqp://u@h/?heartbeat=5").unwrap_err().contains("query"));
         assert!(parse_url("http://h/").is_err());
         let err = settings("    url: amqp://u:secret@h/\n    password_env: P\n").unwrap_err();
         assert!(err.contains("dependencies[0].url") && !err.contains("secret@"), "{err}");
-        let err = settings("    url: amqp://u@h/\n    password_env: P\n    tls: true\n").unwrap_err();
-        assert!(err.contains("no TLS"), "{err}");
+    }
+
+    #[test]
+    fn amqps_url_turns_tls_on_with_port_5671() {
+        let (s, _) = settings("    url: amqps://u@h/\n    password_env: P\n").unwrap();
+        assert!(s.tls.is_some());
+        assert_eq!(s.nodes[0].address.port, 5671);
+        let (s, _) = settings("    url: amqp://u@h/\n    password_env: P\n    tls: true\n").unwrap();
+        assert!(s.tls.is_some());
+        let err = settings("    urls: [amqps://u@a/, amqp://u@b/]\n    password_env: P\n").unwrap_err();
+        assert!(err.contains("mixes"), "{err}");
     }
 
     #[test]

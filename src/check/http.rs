@@ -9,6 +9,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, timeout_at};
 
 use super::net::{self, Phase};
+use super::tls::{self, TlsSettings};
 use super::{Cause, Check, CheckError};
 use crate::config::{HostPort, KindCtx, RawDependency};
 
@@ -31,6 +32,8 @@ pub struct HttpSettings {
     pub expect_status: Vec<u16>,
     /// A substring the body must contain.
     pub expect_body: Option<String>,
+    /// TLS (`https://`), verified.
+    pub tls: Option<TlsSettings>,
 }
 
 impl HttpSettings {
@@ -43,25 +46,23 @@ impl HttpSettings {
                 return None;
             }
         };
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                ctx.error(url, "url", "https checks are not supported by this build; check the plain-HTTP port");
-                return None;
-            }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             _ => {
-                ctx.error(url, "url", "must be an absolute http:// URL");
+                ctx.error(url, "url", "must be an absolute http:// or https:// URL");
                 return None;
             }
-        }
+        };
         let Some(authority) = uri.authority() else {
             ctx.error(url, "url", "must include a host");
             return None;
         };
         let address = HostPort {
             host: authority.host().trim_start_matches('[').trim_end_matches(']').to_string(),
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
         };
+        let tls = TlsSettings::from_raw(d, &mut ctx, https).ok()?;
         let mut expect_status = Vec::new();
         if let Some(s) = &d.expect_status {
             for code in &s.value {
@@ -84,6 +85,7 @@ impl HttpSettings {
                 .unwrap_or_else(|| authority.as_str().to_string()),
             expect_status,
             expect_body: d.expect_body.as_ref().map(|b| b.value.clone()),
+            tls,
         })
     }
 }
@@ -101,7 +103,7 @@ impl HttpCheck {
     }
 
     async fn connect(&self, deadline: Instant) -> Result<SendRequest<Empty<Bytes>>, CheckError> {
-        let (stream, _) = net::connect(&self.settings.address, deadline).await?;
+        let (stream, _) = tls::connect(&self.settings.address, self.settings.tls.as_ref(), deadline).await?;
         let (sender, conn) = match timeout_at(deadline, http1::handshake(TokioIo::new(stream))).await {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => return Err(CheckError::new(Cause::Protocol, format!("HTTP handshake: {e}"))),
@@ -218,6 +220,7 @@ mod tests {
             host_header: "x".into(),
             expect_status,
             expect_body: body.map(String::from),
+            tls: None,
         })
     }
 

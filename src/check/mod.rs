@@ -14,6 +14,7 @@ pub mod mysql;
 pub mod net;
 pub mod redis;
 pub mod tcp;
+pub mod tls;
 
 use std::fmt;
 use std::future::Future;

@@ -1,5 +1,5 @@
 //! `type: mysql` (alias `mariadb`): a MySQL-protocol check over one
-//! persistent connection (mysql_async, no TLS in this build).
+//! persistent connection (mysql_async; TLS through its rustls support).
 //!
 //! Each check sends `COM_PING`, or the configured `query`, and optionally the
 //! `require_writable` / `galera` readiness queries, on a connection that is
@@ -28,12 +28,13 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, DriverError, IoError, OptsBuilder, Value};
+use mysql_async::{ClientIdentity, Conn, DriverError, IoError, OptsBuilder, SslOpts, Value};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::debug;
 
 use super::net::{self, Phase};
+use super::tls::TlsSettings;
 use super::{Cause, Check, CheckError, Details};
 use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, SecretSource, secret_source};
 
@@ -48,7 +49,6 @@ pub(crate) const KEYS: &[&str] = &[
     "require_writable",
     "galera",
     "galera_allow_donor",
-    "tls",
 ];
 
 /// The MySQL default port.
@@ -79,6 +79,9 @@ pub struct MysqlSettings {
     pub require_writable: bool,
     /// Galera readiness mode, when enabled.
     pub galera: Option<GaleraMode>,
+    /// TLS (`tls: true`): the client asks the server to switch to TLS and
+    /// verifies its certificate before sending credentials.
+    pub tls: Option<TlsSettings>,
 }
 
 /// How a Galera node's state is judged.
@@ -109,15 +112,7 @@ impl MysqlSettings {
         };
         let database = non_empty(&d.database, "database", &mut ctx);
         let query = non_empty(&d.query, "query", &mut ctx);
-        if let Some(t) = &d.tls
-            && t.value
-        {
-            ctx.error(
-                t,
-                "tls",
-                "this build has no MySQL TLS support; set `tls: false` (or remove it) and check over a trusted network",
-            );
-        }
+        let tls = TlsSettings::from_raw(d, &mut ctx, false);
         let galera = d.galera.as_ref().is_some_and(|g| g.value);
         let allow_donor = d.galera_allow_donor.as_ref().is_some_and(|g| g.value);
         if let Some(a) = &d.galera_allow_donor
@@ -133,8 +128,23 @@ impl MysqlSettings {
             query,
             require_writable: d.require_writable.as_ref().is_some_and(|r| r.value),
             galera: galera.then_some(GaleraMode { allow_donor }),
+            tls: tls.ok()?,
         })
     }
+}
+
+/// mysql_async's TLS options for our settings. The connection goes to a
+/// resolved IP, so the name to verify is set explicitly: the configured host
+/// (or `tls_server_name`), as for every other check.
+fn ssl_opts(t: &TlsSettings, host: &str) -> SslOpts {
+    let mut o = SslOpts::default().with_danger_tls_hostname_override(Some(t.name_for(host).to_string()));
+    if let Some(ca) = &t.ca_file {
+        o = o.with_root_certs(vec![ca.clone().into()]).with_disable_built_in_roots(true);
+    }
+    if let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) {
+        o = o.with_client_identity(Some(ClientIdentity::new(cert.clone().into(), key.clone().into())));
+    }
+    o
 }
 
 // === Classification (pure) ===
@@ -185,7 +195,9 @@ pub fn classify(e: &mysql_async::Error, phase: Phase, addr: &str) -> CheckError 
             format!("{addr}: server error {} ({}): {}", s.code, s.state, s.message),
         ),
         mysql_async::Error::Io(IoError::Io(io)) => {
+            let tls = io.get_ref().is_some_and(|e| e.is::<tokio_rustls::rustls::Error>());
             let cause = match io.kind() {
+                _ if tls => Cause::Tls,
                 std::io::ErrorKind::InvalidData => Cause::Protocol,
                 // The framed codec's "bytes remaining on stream": the peer
                 // closed in the middle of a packet (e.g. of the greeting).
@@ -196,8 +208,7 @@ pub fn classify(e: &mysql_async::Error, phase: Phase, addr: &str) -> CheckError 
             };
             CheckError::new(cause, format!("{addr}: {io}"))
         }
-        #[allow(unreachable_patterns)]
-        mysql_async::Error::Io(other) => CheckError::new(Cause::Tls, format!("{addr}: {other}")),
+        mysql_async::Error::Io(IoError::Tls(e)) => CheckError::new(Cause::Tls, format!("{addr}: {e}")),
         mysql_async::Error::Driver(d) => {
             let cause = match d {
                 DriverError::ConnectionClosed => Cause::Reset,
@@ -376,6 +387,7 @@ impl MysqlCheck {
             .max_allowed_packet(Some(16 * 1024 * 1024))
             .wait_timeout(Some(28_800))
             .connect_attributes(attrs)
+            .ssl_opts(s.tls.as_ref().map(|t| ssl_opts(t, &s.address.host)))
     }
 
     /// Waits until `deadline` for the exchange parked in the slot (if any).
@@ -844,11 +856,18 @@ mod tests {
     }
 
     #[test]
-    fn tls_true_is_a_config_error_naming_the_build() {
-        let p = problems("    type: mysql\n    address: db\n    user: hg\n    tls: true\n");
+    fn tls_true_verifies_against_the_configured_host() {
+        let s = settings("    type: mysql\n    address: db.internal\n    user: hg\n    tls: true\n");
+        let o = ssl_opts(s.tls.as_ref().unwrap(), &s.address.host);
+        assert_eq!(o.tls_hostname_override(), Some("db.internal"));
+        assert!(!o.accept_invalid_certs() && !o.skip_domain_validation());
+    }
+
+    #[test]
+    fn tls_key_without_tls_is_reported_at_its_key() {
+        let p = problems("    type: mysql\n    address: db\n    user: hg\n    tls_server_name: db.internal\n");
         assert_eq!(p.len(), 1, "{p:?}");
-        assert_eq!(p[0].0, "dependencies[0].tls");
-        assert!(p[0].1.contains("no MySQL TLS support"), "{p:?}");
+        assert_eq!(p[0].0, "dependencies[0].tls_server_name");
     }
 
     #[test]

@@ -24,6 +24,11 @@ pub enum Phase {
 /// Classifies an I/O error.
 pub fn classify_io(e: &io::Error, phase: Phase) -> Cause {
     use io::ErrorKind::*;
+    // A TLS alert or record error surfaces as an I/O error on a later read
+    // (TLS 1.3 reports a refused client certificate after the handshake).
+    if e.get_ref().is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()) {
+        return Cause::Tls;
+    }
     match e.kind() {
         ConnectionRefused => Cause::Refused,
         ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected => Cause::Reset,

@@ -2,7 +2,7 @@
 //! persistent connection, optionally following a Redis Sentinel to the
 //! current master.
 //!
-//! The check speaks RESP2 itself over a tokio `TcpStream` instead of going
+//! The check speaks RESP2 itself over its own socket (TCP or TLS) instead of going
 //! through the `redis` crate's connection types: a probe has to tell a
 //! connect timeout from a read timeout, classify every error reply by its
 //! code, and must never be hidden behind a reconnecting manager or a
@@ -14,24 +14,22 @@
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tracing::{debug, info};
 
-use super::net::{self, exchange, remaining};
+use super::net::{exchange, remaining};
+use super::tls::{self, Stream, TlsSettings};
 use super::{Cause, Check, CheckError, Details};
 use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, Secret, SecretSource, secret_source};
 
 /// Keys a `redis` dependency accepts besides the common ones.
 pub(crate) const KEYS: &[&str] =
-    &["address", "username", "password_env", "password_file", "db", "require_role", "sentinel", "tls"];
+    &["address", "username", "password_env", "password_file", "db", "require_role", "sentinel"];
 
 /// Port used when an address has none.
 const DEFAULT_PORT: u16 = 6379;
 /// Port used when a sentinel address has none.
 const DEFAULT_SENTINEL_PORT: u16 = 26379;
-/// Why `tls: true` / `rediss://` are refused.
-const NO_TLS: &str = "this build has no Redis TLS support; use a plain-TCP Redis port (or a local TLS tunnel)";
 /// Largest reply accepted (an `INFO server` reply is ~1-2 KiB).
 const MAX_REPLY: usize = 1024 * 1024;
 /// Deepest array nesting accepted (`ROLE` on a master nests three levels).
@@ -72,18 +70,15 @@ pub struct RedisSettings {
     pub db: u32,
     /// Healthy only if `ROLE` says master (always true with a sentinel).
     pub require_master: bool,
+    /// TLS for the node and the sentinels (`rediss://` or `tls: true`).
+    pub tls: Option<TlsSettings>,
 }
 
 impl RedisSettings {
     pub(crate) fn from_raw(d: &RawDependency, mut ctx: KindCtx<'_>) -> Option<Self> {
         let mut ok = true;
-        if let Some(t) = &d.tls
-            && t.value
-        {
-            ctx.error(t, "tls", NO_TLS);
-            ok = false;
-        }
         let mut url_db = None;
+        let mut url_tls = false;
         let target = match (&d.address, &d.sentinel) {
             (Some(_), Some(s)) => {
                 ctx.error(s, "sentinel", "set either `address` or `sentinel`, not both");
@@ -95,8 +90,9 @@ impl RedisSettings {
                 return None;
             }
             (Some(a), None) => match parse_address(&a.value) {
-                Ok((hp, db)) => {
+                Ok((hp, db, tls)) => {
                     url_db = db;
+                    url_tls = tls;
                     Target::Direct(hp)
                 }
                 Err(e) => {
@@ -171,21 +167,21 @@ impl RedisSettings {
                 }
             }
         }
-        ok.then_some(RedisSettings { target, username, password, db, require_master })
+        let tls = TlsSettings::from_raw(d, &mut ctx, url_tls);
+        ok &= tls.is_ok();
+        ok.then_some(RedisSettings { target, username, password, db, require_master, tls: tls.ok()? })
     }
 }
 
-/// Parses `host[:port]`, `redis://host[:port][/db]`; refuses `rediss://`.
-fn parse_address(s: &str) -> Result<(HostPort, Option<u32>), String> {
+/// Parses `host[:port]`, `redis://host[:port][/db]` or `rediss://...`
+/// (TLS: the third value).
+fn parse_address(s: &str) -> Result<(HostPort, Option<u32>, bool), String> {
     let s = s.trim();
-    if s.starts_with("rediss://") {
-        return Err(NO_TLS.into());
-    }
-    let Some(rest) = s.strip_prefix("redis://") else {
-        if s.contains("://") {
-            return Err("write host:port or redis://host:port/db".into());
-        }
-        return Ok((HostPort::parse(s, Some(DEFAULT_PORT))?, None));
+    let (rest, tls) = match (s.strip_prefix("redis://"), s.strip_prefix("rediss://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ if s.contains("://") => return Err("write host:port or redis[s]://host:port/db".into()),
+        _ => return Ok((HostPort::parse(s, Some(DEFAULT_PORT))?, None, false)),
     };
     if rest.contains('@') {
         return Err("credentials in the URL are not accepted; use username and password_env / password_file".into());
@@ -201,7 +197,7 @@ fn parse_address(s: &str) -> Result<(HostPort, Option<u32>), String> {
         "" => None,
         p => Some(p.parse::<u32>().map_err(|_| format!("{p:?} is not a database number"))?),
     };
-    Ok((HostPort::parse(authority, Some(DEFAULT_PORT))?, db))
+    Ok((HostPort::parse(authority, Some(DEFAULT_PORT))?, db, tls))
 }
 
 // === RESP2 ===
@@ -358,14 +354,14 @@ fn unexpected(what: &str, r: &Reply, expected: &str) -> CheckError {
 
 /// One open connection to a Redis node or sentinel.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
     peer: SocketAddr,
 }
 
 impl Conn {
-    async fn open(target: &HostPort, deadline: Instant) -> Result<Conn, CheckError> {
-        let (stream, peer) = net::connect(target, deadline).await?;
+    async fn open(target: &HostPort, tls: Option<&TlsSettings>, deadline: Instant) -> Result<Conn, CheckError> {
+        let (stream, peer) = tls::connect(target, tls, deadline).await?;
         Ok(Conn { stream, buf: Vec::with_capacity(4096), peer })
     }
 
@@ -474,7 +470,7 @@ impl RedisCheck {
     /// the server version.
     async fn connect(&mut self, target: &HostPort, deadline: Instant) -> Result<Conn, CheckError> {
         let password = read_secret(&self.settings.password)?;
-        let mut conn = Conn::open(target, deadline).await?;
+        let mut conn = Conn::open(target, self.settings.tls.as_ref(), deadline).await?;
         if let Some(pw) = &password {
             conn.auth(self.settings.username.as_deref(), pw.expose(), deadline, "AUTH").await?;
         }
@@ -549,7 +545,8 @@ impl RedisCheck {
         for i in 0..n {
             let share_end = Instant::now() + remaining(phase_end) / (n - i) as u32;
             let sentinel = self.sentinels[i].clone();
-            match ask_sentinel(&sentinel, &s.master_name, password.as_ref().map(Secret::expose), share_end).await {
+            let pw = password.as_ref().map(Secret::expose);
+            match ask_sentinel(&sentinel, &s.master_name, pw, self.settings.tls.as_ref(), share_end).await {
                 Ok(master) => {
                     // The sentinel client guidelines: ask the one that answered first next time.
                     let answered = self.sentinels.remove(i);
@@ -637,9 +634,10 @@ async fn ask_sentinel(
     sentinel: &HostPort,
     master_name: &str,
     password: Option<&str>,
+    tls: Option<&TlsSettings>,
     deadline: Instant,
 ) -> Result<HostPort, CheckError> {
-    let mut conn = Conn::open(sentinel, deadline).await?;
+    let mut conn = Conn::open(sentinel, tls, deadline).await?;
     if let Some(pw) = password {
         conn.auth(None, pw, deadline, "sentinel AUTH").await?;
     }
@@ -750,12 +748,18 @@ mod tests {
     }
 
     #[test]
-    fn tls_is_refused_with_a_clear_message() {
-        for y in ["address: cache\ntls: true", "address: rediss://cache:6380"] {
-            let p = settings(y).unwrap_err();
-            assert!(p.iter().any(|m| m.contains("no Redis TLS")), "{p:?}");
+    fn rediss_url_and_tls_true_turn_tls_on() {
+        for y in ["address: cache\ntls: true", "address: rediss://cache:6380", "address: rediss://cache/2"] {
+            assert!(settings(y).unwrap().tls.is_some(), "{y}");
         }
-        assert!(settings("address: cache\ntls: false").is_ok());
+        assert!(settings("address: cache\ntls: false").unwrap().tls.is_none());
+        assert!(settings("address: redis://cache").unwrap().tls.is_none());
+    }
+
+    #[test]
+    fn rediss_url_with_tls_false_is_a_contradiction() {
+        let p = settings("address: rediss://cache\ntls: false").unwrap_err();
+        assert!(p.iter().any(|m| m.contains("remove `tls: false`")), "{p:?}");
     }
 
     #[test]
@@ -879,6 +883,7 @@ mod tests {
             password: None,
             db: 0,
             require_master,
+            tls: None,
         };
         RedisCheck { settings: s, name: "t".into(), sentinels: vec![], conn: None, version: None, current_master: None }
     }
@@ -962,7 +967,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_sentinel_master_is_not_found() {
         let port = fake(vec!["*-1\r\n"]).await;
-        let err = ask_sentinel(&hp("127.0.0.1", port), "nope", None, soon()).await.unwrap_err();
+        let err = ask_sentinel(&hp("127.0.0.1", port), "nope", None, None, soon()).await.unwrap_err();
         assert_eq!(err.cause, Cause::NotFound, "{err}");
     }
 }

@@ -4,7 +4,8 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::net::{self, exchange};
+use super::net::exchange;
+use super::tls::{self, TlsSettings};
 use super::{Cause, Check, CheckError};
 use crate::config::{HostPort, KindCtx, RawDependency};
 
@@ -20,6 +21,8 @@ pub struct TcpSettings {
     pub send: Option<Vec<u8>>,
     /// Bytes the reply must contain.
     pub expect: Option<Vec<u8>>,
+    /// With TLS, the check is a completed, verified TLS handshake.
+    pub tls: Option<TlsSettings>,
 }
 
 impl TcpSettings {
@@ -43,7 +46,8 @@ impl TcpSettings {
         {
             ctx.error(e, "expect", "must not be empty");
         }
-        Some(TcpSettings { address: address?, send, expect })
+        let tls = TlsSettings::from_raw(d, &mut ctx, false).ok()?;
+        Some(TcpSettings { address: address?, send, expect, tls })
     }
 }
 
@@ -88,7 +92,7 @@ impl TcpCheck {
 
 impl Check for TcpCheck {
     async fn check(&mut self, deadline: Instant) -> Result<(), CheckError> {
-        let (mut stream, _) = net::connect(&self.settings.address, deadline).await?;
+        let (mut stream, _) = tls::connect(&self.settings.address, self.settings.tls.as_ref(), deadline).await?;
         if let Some(send) = &self.settings.send {
             exchange(deadline, "send", stream.write_all(send)).await?;
         }
@@ -129,6 +133,7 @@ mod tests {
             address: HostPort { host: "127.0.0.1".into(), port },
             send: send.map(|s| unescape(s).unwrap()),
             expect: expect.map(|s| unescape(s).unwrap()),
+            tls: None,
         })
     }
 

@@ -22,6 +22,8 @@ pub struct MariaDb {
     dir: TempDir,
     port: u16,
     child: Option<Child>,
+    /// Extra server options, kept for restarts.
+    extra: Vec<String>,
 }
 
 /// Finds a server binary in PATH or /usr/sbin, or panics with a clear message.
@@ -43,6 +45,11 @@ impl MariaDb {
     /// Installs a data directory and starts the server; returns once it
     /// accepts connections and the test user exists.
     pub async fn start() -> MariaDb {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`MariaDb::start`] with extra `mariadbd` options (e.g. `--ssl-cert=...`).
+    pub async fn start_with(extra: &[String]) -> MariaDb {
         let dir = tempfile::Builder::new().prefix("hg-mariadb-").tempdir().expect("temp dir");
         let install = binary(&["mariadb-install-db", "mysql_install_db"]);
         // A private tmpdir: concurrent bootstraps sharing /tmp collide on
@@ -66,7 +73,7 @@ impl MariaDb {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut db = MariaDb { dir, port: free_port(), child: None };
+        let mut db = MariaDb { dir, port: free_port(), child: None, extra: extra.to_vec() };
         db.spawn().await;
         db.exec(&format!(
             "CREATE USER '{USER}'@'%' IDENTIFIED BY '{PASSWORD}'; \
@@ -94,6 +101,7 @@ impl MariaDb {
             .arg("--skip-name-resolve")
             .arg("--innodb-buffer-pool-size=16M")
             .arg("--max-connect-errors=1000000")
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

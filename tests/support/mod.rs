@@ -8,6 +8,7 @@
 pub mod app;
 pub mod healthgate;
 pub mod mariadb;
+pub mod pki;
 pub mod rabbitmq;
 pub mod redis;
 pub mod relay;

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use super::pki::Pki;
 use super::{eventually_blocking, free_port, signal};
 
 /// The user the tests' checks log in as.
@@ -61,6 +62,8 @@ pub struct RabbitNode {
     pub name: String,
     /// AMQP port on 127.0.0.1.
     pub port: u16,
+    /// AMQPS (TLS) port on 127.0.0.1, with a certificate from [`RabbitNode::pki`].
+    pub tls_port: u16,
     dir: PathBuf,
     ctl: PathBuf,
 }
@@ -126,15 +129,26 @@ impl RabbitNode {
         let letters: String = random_suffix().bytes().map(|b| (b'A' + b % 26) as char).collect();
         std::fs::write(&cookie, format!("HGCOOKIE{letters}")).unwrap();
         std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let tls_port = free_port();
+        std::fs::create_dir_all(dir.join("pki")).unwrap();
+        let pki = Pki::generate_in(&dir.join("pki"));
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            "loopback_users = none\ndisk_free_limit.absolute = 1MB\nlog.file.level = info\nlog.console = false\n",
+            format!(
+                "loopback_users = none\ndisk_free_limit.absolute = 1MB\nlog.file.level = info\nlog.console = false\n\
+                 listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                pki.path("ca.pem"),
+                pki.path("server.pem"),
+                pki.path("server.key")
+            ),
         )
         .unwrap();
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
         std::fs::write(dir.join("rabbitmq-env.conf"), "").unwrap();
 
-        let node = RabbitNode { name: name.clone(), port, dir: dir.clone(), ctl: binary("rabbitmqctl") };
+        let node = RabbitNode { name: name.clone(), port, tls_port, dir: dir.clone(), ctl: binary("rabbitmqctl") };
         let server = binary("rabbitmq-server");
         let stdout = std::fs::File::create(dir.join("server.out")).unwrap();
         let mut cmd = Command::new(&server);
@@ -211,6 +225,11 @@ impl RabbitNode {
         let log = self.log();
         let lines: Vec<&str> = out.lines().chain(log.lines()).collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The PKI of the node's TLS listener (its CA signs the server certificate).
+    pub fn pki(&self) -> Pki {
+        Pki::at(&self.dir.join("pki"))
     }
 
     /// A private directory that lives as long as the node (for password files).
