@@ -18,7 +18,6 @@ mod support;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -269,32 +268,30 @@ fn the_config_loader_never_panics_on_arbitrary_text() {
 
 // === request path ===
 
-/// One healthgate (in service, in front of a test app) shared by the request fuzzers.
-fn target() -> &'static (Healthgate, App) {
-    static TARGET: OnceLock<(Healthgate, App)> = OnceLock::new();
-    TARGET.get_or_init(|| {
-        let app = App::start();
-        let dep = TcpListener::bind("127.0.0.1:0").unwrap();
-        let dep_addr = dep.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for s in dep.incoming() {
-                drop(s);
-            }
-        });
-        let cfg = format!(
-            "workers: 2\nadmin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: \"{}\"\n    header_read_timeout: 2s\n    max_body_bytes: 4096\n    routes:\n      - name: r\n        match: {{path_prefix: /r}}\n        needs: [db]\n    bypass: [\"/b\"]\n\
-             dependencies:\n  - name: db\n    type: tcp\n    address: \"{dep_addr}\"\n    interval: 100ms\n    rise: 1\n",
-            app.addr
-        );
-        let hg = Healthgate::start(&cfg);
-        hg.wait_state("in_service", WITHIN);
-        (hg, app)
-    })
+/// A healthgate in service in front of a test app, for one request fuzzer.
+/// Owned by the test (not a static), so it is killed when the test ends.
+fn target() -> (Healthgate, App) {
+    let app = App::start();
+    let dep = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dep_addr = dep.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in dep.incoming() {
+            drop(s);
+        }
+    });
+    let cfg = format!(
+        "workers: 2\nadmin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: \"{}\"\n    header_read_timeout: 2s\n    max_body_bytes: 4096\n    routes:\n      - name: r\n        match: {{path_prefix: /r}}\n        needs: [db]\n    bypass: [\"/b\"]\n\
+         dependencies:\n  - name: db\n    type: tcp\n    address: \"{dep_addr}\"\n    interval: 100ms\n    rise: 1\n",
+        app.addr
+    );
+    let hg = Healthgate::start(&cfg);
+    hg.wait_state("in_service", WITHIN);
+    (hg, app)
 }
 
 /// Sends `raw` and reads until the close: the bytes that came back.
 ///
-/// Input with a complete head gets 300 ms to be answered before the write
+/// Input with a complete head gets 100 ms to be answered before the write
 /// side is closed, because hyper drops a request whose client half-closes
 /// (as nginx does); anything else is half-closed at once so that an
 /// unfinished head ends now rather than at `header_read_timeout`.
@@ -308,7 +305,7 @@ fn send(addr: SocketAddr, raw: &[u8]) -> Result<Vec<u8>, TestCaseError> {
     if half_closed {
         let _ = s.shutdown(Shutdown::Write);
     }
-    s.set_read_timeout(Some(if half_closed { WITHIN } else { Duration::from_millis(300) })).unwrap();
+    s.set_read_timeout(Some(if half_closed { WITHIN } else { Duration::from_millis(100) })).unwrap();
     loop {
         match s.read(&mut buf) {
             Ok(0) => return Ok(out),
@@ -373,10 +370,10 @@ fn well_formed(mut out: &[u8]) -> Result<usize, String> {
 }
 
 /// Responses seen by status class (index 0: none), for the run's summary.
-static SEEN: [AtomicUsize; 6] = [const { AtomicUsize::new(0) }; 6];
+type Seen = [AtomicUsize; 6];
 
-fn summary(what: &str) {
-    let n: Vec<usize> = SEEN.iter().map(|c| c.swap(0, Ordering::SeqCst)).collect();
+fn summary(what: &str, seen: &Seen) {
+    let n: Vec<usize> = seen.iter().map(|c| c.load(Ordering::SeqCst)).collect();
     println!(
         "{what}: {} cases; first responses: none {}, 1xx {}, 2xx {}, 3xx {}, 4xx {}, 5xx {}",
         cases(),
@@ -389,13 +386,12 @@ fn summary(what: &str) {
     );
 }
 
-fn check_request(raw: &[u8]) -> Result<(), TestCaseError> {
-    let (hg, _) = target();
+fn check_request(hg: &Healthgate, seen: &Seen, raw: &[u8]) -> Result<(), TestCaseError> {
     for addr in [hg.listeners[0], hg.admin] {
         let out = send(addr, raw)?;
         let class =
             out.get(9).filter(|_| out.starts_with(b"HTTP/1.")).map_or(0, |c| (c.wrapping_sub(b'0')).min(5) as usize);
-        SEEN[class].fetch_add(1, Ordering::SeqCst);
+        seen[class].fetch_add(1, Ordering::SeqCst);
         if let Err(e) = well_formed(&out) {
             return Err(TestCaseError::fail(format!(
                 "{e}\n--- sent to {addr}: {:?}\n--- got: {:?}",
@@ -408,8 +404,7 @@ fn check_request(raw: &[u8]) -> Result<(), TestCaseError> {
 }
 
 /// The process is up and serving after a fuzz run.
-fn still_serving() {
-    let (hg, _) = target();
+fn still_serving(hg: &Healthgate) {
     assert_eq!(hg.admin_get("/livez").0, 200);
     let (status, body) = support::healthgate::http_get(hg.listeners[0], "/after-fuzz");
     assert_eq!((status, body.as_str()), (200, "app:GET /after-fuzz"));
@@ -431,13 +426,17 @@ const REQUESTS: &[&[u8]] = &[
 
 #[test]
 fn arbitrary_bytes_never_crash_the_request_path() {
-    runner().run(&prop::collection::vec(any::<u8>(), 0..600), |raw| check_request(&raw)).unwrap();
-    summary("arbitrary bytes");
-    still_serving();
+    let (hg, _app) = target();
+    let seen = Seen::default();
+    runner().run(&prop::collection::vec(any::<u8>(), 0..600), |raw| check_request(&hg, &seen, &raw)).unwrap();
+    summary("arbitrary bytes", &seen);
+    still_serving(&hg);
 }
 
 #[test]
 fn mutated_requests_get_well_formed_answers() {
+    let (hg, _app) = target();
+    let seen = Seen::default();
     // Edits: (position, delete length, inserted bytes) applied in turn.
     let strategy = (
         prop::sample::select(REQUESTS.to_vec()),
@@ -458,9 +457,9 @@ fn mutated_requests_get_well_formed_answers() {
                 let end = (at + del).min(raw.len());
                 raw.splice(at..end, ins);
             }
-            check_request(&raw)
+            check_request(&hg, &seen, &raw)
         })
         .unwrap();
-    summary("mutated requests");
-    still_serving();
+    summary("mutated requests", &seen);
+    still_serving(&hg);
 }
