@@ -7,9 +7,15 @@
 # record the result in docs/reliability.md.
 #
 # Needs wrk (apt-get install wrk) and python3. Load is throttled (wrk's
-# delay() hook) so it is steady, not a benchmark: SOAK_CONNECTIONS keep-alive
-# connections (default 32), each waiting SOAK_DELAY_MS (default 10) between
-# requests.
+# delay() hook) so it is steady, not a benchmark, and has three parts that
+# exercise different connection paths:
+# * busy: SOAK_CONNECTIONS keep-alive connections (default 32), each waiting
+#   SOAK_DELAY_MS (default 10) between requests;
+# * parking: SOAK_PARK_CONNECTIONS (default 200) keep-alive connections idle
+#   SOAK_PARK_DELAY_MS (default 250) between requests, longer than the 100 ms
+#   after which healthgate parks an idle connection, so every request wakes one;
+# * churn: SOAK_CHURN_CONNECTIONS (default 4) clients sending
+#   `Connection: close`, a new connection per request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +24,9 @@ FLAP=${SOAK_FLAP_SECONDS:-3}
 SAMPLE=${SOAK_SAMPLE_SECONDS:-10}
 CONNS=${SOAK_CONNECTIONS:-32}
 DELAY_MS=${SOAK_DELAY_MS:-10}
+PARK_CONNS=${SOAK_PARK_CONNECTIONS:-200}
+PARK_DELAY_MS=${SOAK_PARK_DELAY_MS:-250}
+CHURN_CONNS=${SOAK_CHURN_CONNECTIONS:-4}
 command -v wrk >/dev/null || { echo "wrk not found (apt-get install wrk)" >&2; exit 1; }
 
 [ -n "${SOAK_SKIP_BUILD:-}" ] || cargo build --release --locked
@@ -88,7 +97,6 @@ function done(summary, latency, requests)
     e.connect, e.read, e.write, e.timeout))
 end
 LUA
-sed -i "s/DELAY_MS/$DELAY_MS/" "$work/load.lua"
 
 sample() {
   local rss fds
@@ -97,15 +105,27 @@ sample() {
   echo "$1 $rss $fds"
 }
 
-echo "soak: $(date -u +%FT%TZ) $(uname -m) $(nproc) cores; $MINUTES min, $CONNS connections, ${DELAY_MS} ms between requests, dependency flaps every ${FLAP}s"
+# load NAME CONNECTIONS DELAY_MS [wrk options]
+wrks=()
+load() {
+  local name=$1 conns=$2 delay=$3
+  shift 3
+  sed "s/DELAY_MS/$delay/" "$work/load.lua" >"$work/$name.lua"
+  wrk -t1 -c"$conns" -d"${MINUTES}m" --timeout 10s -s "$work/$name.lua" "$@" "http://$LISTEN/$name" >"$work/wrk-$name.out" 2>&1 &
+  wrks+=($!)
+  pids+=($!)
+}
+
+echo "soak: $(date -u +%FT%TZ) $(uname -m) $(nproc) cores; $MINUTES min; load: busy $CONNS conns/${DELAY_MS}ms, parking $PARK_CONNS conns/${PARK_DELAY_MS}ms, churn $CHURN_CONNS conns (Connection: close); dependency flaps every ${FLAP}s"
 echo "healthgate pid $HG on $LISTEN (admin $ADMIN), app :$APP, dependency :$DEP"
-wrk -t2 -c"$CONNS" -d"${MINUTES}m" --timeout 10s -s "$work/load.lua" "http://$LISTEN/" >"$work/wrk.out" 2>&1 &
-WRK=$!
-pids+=($WRK)
+load busy "$CONNS" "$DELAY_MS"
+load parking "$PARK_CONNS" "$PARK_DELAY_MS"
+load churn "$CHURN_CONNS" 5 -H "Connection: close"
+running() { for p in "${wrks[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 t0=$(date +%s)
 printf '%8s %10s %6s\n' seconds rss_kib fds
 samples=()
-while kill -0 "$WRK" 2>/dev/null; do
+while running; do
   kill -0 "$HG" || { echo "healthgate died" >&2; exit 1; }
   s=$(sample $(( $(date +%s) - t0 )))
   samples+=("$s")
@@ -114,8 +134,10 @@ while kill -0 "$WRK" 2>/dev/null; do
 done
 s=$(sample $(( $(date +%s) - t0 ))); samples+=("$s"); printf '%8s %10s %6s\n' $s
 metrics=$(curl -s "http://$ADMIN/metrics" 2>/dev/null || python3 -c "import urllib.request,sys; print(urllib.request.urlopen('http://$ADMIN/metrics').read().decode())")
-echo "--- wrk"
-cat "$work/wrk.out"
+for name in busy parking churn; do
+  echo "--- wrk $name"
+  cat "$work/wrk-$name.out"
+done
 echo "--- healthgate metrics"
 grep -E '^healthgate_(dependency_transitions_total|requests_total)' <<<"$metrics" || true
 read -r _ rss0 fd0 <<<"${samples[0]}"
