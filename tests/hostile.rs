@@ -505,9 +505,12 @@ fn ten_thousand_idle_keep_alive_connections_keep_memory_bounded_and_service_up()
     let (rss1, fds1) = (rss_kib(pid), fds(pid));
     let per_conn = (rss1.saturating_sub(rss0) * 1024) / n as u64;
     println!("{n} idle connections: RSS {rss0} -> {rss1} KiB ({per_conn} B each), fds {fds0} -> {fds1}");
-    // Generous bound: 16 KiB per idle connection; measured ~6 KiB with a
-    // debug build on the dev machine (including the pooled app connections).
-    assert!(per_conn < 16 * 1024, "{per_conn} bytes per idle connection");
+    // Generous bound: 12 KiB per idle connection plus 16 MiB for what does
+    // not scale with them (the pooled app connections, runtime growth).
+    // Measured with a debug build on the dev machine: ~5 KiB each at 10 000
+    // connections, 24 MiB in all at 2 000.
+    let bound = n as u64 * 12 + 16 * 1024;
+    assert!(rss1.saturating_sub(rss0) < bound, "RSS grew {} KiB for {n} connections (bound {bound} KiB)", rss1 - rss0);
 
     // Still serving: a new client, and idle clients waking up.
     still_serving(&hg);
