@@ -124,7 +124,15 @@ fn invalid_header_names_values_and_obs_fold_get_400() {
         b"GET / HTTP/1.1\r\nHost: h\r\nX-A : space before the colon\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\r\n folded\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\r\n\tfolded\r\n\r\n",
+    ]);
+}
+
+#[test]
+fn two_host_headers_get_400() {
+    // RFC 9112 §3.2; hyper itself lets them through, so healthgate checks.
+    each_gets_400_without_reaching_the_app(&[
         b"GET / HTTP/1.1\r\nHost: h\r\nHost: other\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nhost: h\r\n\r\n",
     ]);
 }
 
