@@ -264,7 +264,7 @@ impl Running {
 /// Runs until SIGTERM/SIGINT and the drain complete. Returns the exit code.
 pub fn run(config: Config) -> Result<i32, StartError> {
     let rt = runtime_current()?;
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term =
             signal(SignalKind::terminate()).map_err(|source| StartError::Runtime { what: "signals", source })?;
@@ -298,5 +298,11 @@ pub fn run(config: Config) -> Result<i32, StartError> {
         info!("healthgate stopped");
         // 130: the conventional code for "interrupted"; a forced exit is not a clean drain.
         Ok(if forced.load(std::sync::atomic::Ordering::SeqCst) { 130 } else { 0 })
-    })
+    });
+    // Dropping a runtime waits for its blocking tasks, and after a second
+    // signal (or a drain timeout) one of them is still joining the workers
+    // that serve the remaining connections: the process would not exit until
+    // they finished. Leave them to the process exit instead.
+    rt.shutdown_background();
+    code
 }

@@ -7,8 +7,9 @@
 //! header edits below, and hyper's own work; nothing is logged at info.
 //!
 //! # Per request
-//! 1. URI checks: absolute-form, authority-form (`CONNECT`) or a path not
-//!    starting with `/` → `400`; `Content-Length` over `max_body_bytes` → `413`.
+//! 1. URI checks: absolute-form, authority-form (`CONNECT`), a path not
+//!    starting with `/` or more than one `Host` → `400`; `Content-Length`
+//!    over `max_body_bytes` → `413`.
 //! 2. Routing and admission: the listener's route table picks the route
 //!    (`bypass` prefixes are routes needing nothing: outcome `bypassed`);
 //!    [`Health::admission`](crate::state::Health::admission) of the route's
@@ -680,6 +681,9 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
         || uri.authority().is_some()
         || req.method() == Method::CONNECT
         || !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS))
+        // RFC 9112 §3.2: more than one Host is a 400 (hyper passes them
+        // on); the app and a front proxy could otherwise each pick another.
+        || req.headers().get_all(header::HOST).iter().nth(1).is_some()
     {
         return reply(
             &ctx.default_route.metrics,

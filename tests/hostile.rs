@@ -1,0 +1,543 @@
+//! Hostile clients against the real binary: malformed request lines and
+//! headers, request smuggling attempts, oversized heads, slowloris heads,
+//! slow bodies and 10 000 idle connections. Each gets the right 4xx or a
+//! timely close; the process stays up and its memory stays bounded.
+//!
+//! tests/proxy_http.rs already covers (in process) 431 for a large head,
+//! 400 for absolute-form and for a non-HTTP line, 413, and a slow head on a
+//! kept-alive connection; this file does not repeat those. The fuzzers are
+//! in tests/fuzz.rs.
+
+mod support;
+
+use std::convert::Infallible;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use support::app::App;
+use support::healthgate::Healthgate;
+use support::{STEP, eventually_blocking};
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+/// A dependency that is always up (accepts and closes).
+fn dep_up() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            drop(s);
+        }
+    });
+    addr
+}
+
+/// A port nothing listens on: a dependency that is down.
+fn dep_down() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// healthgate in front of `upstream` with extra listener keys, and one
+/// dependency at `dep`; waits for `state`.
+fn start_with(upstream: SocketAddr, listener_extra: &str, dep: SocketAddr, state: &str) -> Healthgate {
+    let cfg = format!(
+        "workers: 2\nadmin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: \"{upstream}\"\n{listener_extra}\
+         dependencies:\n  - name: db\n    type: tcp\n    address: \"{dep}\"\n    interval: 100ms\n    timeout: 1s\n    rise: 1\n    fall: 1\n"
+    );
+    let hg = Healthgate::start(&cfg);
+    hg.wait_state(state, WITHIN);
+    hg
+}
+
+fn start(upstream: SocketAddr, listener_extra: &str) -> Healthgate {
+    start_with(upstream, listener_extra, dep_up(), "in_service")
+}
+
+/// Sends `raw` and reads until healthgate closes the connection.
+fn exchange(addr: SocketAddr, raw: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect_timeout(&addr, STEP).expect("connect");
+    s.set_read_timeout(Some(STEP)).unwrap();
+    s.write_all(raw).unwrap();
+    let mut buf = Vec::new();
+    match s.read_to_end(&mut buf) {
+        Ok(_) => {}
+        // Unread input discarded at close can turn the FIN into a reset.
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("not closed within {STEP:?} after {:?}: {e}", String::from_utf8_lossy(raw)),
+    }
+    buf
+}
+
+/// Status codes of every response head in `bytes`, in order.
+fn statuses(bytes: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(bytes);
+    text.match_indices("HTTP/1.1 ").filter_map(|(i, _)| text[i + 9..].get(..3)?.parse().ok()).collect()
+}
+
+/// The process is up and still proxies.
+fn still_serving(hg: &Healthgate) {
+    assert_eq!(hg.admin_get("/livez").0, 200);
+    let (status, body) = support::healthgate::http_get(hg.listeners[0], "/still-there");
+    assert_eq!((status, body.as_str()), (200, "app:GET /still-there"));
+}
+
+/// Each case gets exactly one `400` and a close, and never reaches the app.
+fn each_gets_400_without_reaching_the_app(cases: &[&[u8]]) {
+    let app = App::start();
+    let hg = start(app.addr, "");
+    for raw in cases {
+        let got = exchange(hg.listeners[0], raw);
+        assert_eq!(statuses(&got), [400], "{:?} -> {:?}", String::from_utf8_lossy(raw), String::from_utf8_lossy(&got));
+    }
+    assert_eq!(app.requests(), 0);
+    still_serving(&hg);
+}
+
+#[test]
+fn malformed_request_lines_get_400_and_a_close() {
+    each_gets_400_without_reaching_the_app(&[
+        b"GET / HTTP/9.9\r\nHost: h\r\n\r\n",
+        b"GET  / HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /\r\nHost: h\r\n\r\n",
+        b"GET / HTTP/1.1 extra\r\nHost: h\r\n\r\n",
+        b"G\x01T / HTTP/1.1\r\nHost: h\r\n\r\n",
+        // A TLS ClientHello on the plain-HTTP port.
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ]);
+}
+
+#[test]
+fn invalid_header_names_values_and_obs_fold_get_400() {
+    each_gets_400_without_reaching_the_app(&[
+        b"GET / HTTP/1.1\r\nHost: h\r\nBad Header: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x01b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nno colon here\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\n: empty-name\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-A : space before the colon\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\r\n folded\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\r\n\tfolded\r\n\r\n",
+    ]);
+}
+
+#[test]
+fn two_host_headers_get_400() {
+    // RFC 9112 §3.2; hyper itself lets them through, so healthgate checks.
+    each_gets_400_without_reaching_the_app(&[
+        b"GET / HTTP/1.1\r\nHost: h\r\nHost: other\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nhost: h\r\n\r\n",
+    ]);
+}
+
+#[test]
+fn ambiguous_or_invalid_message_framing_gets_400() {
+    each_gets_400_without_reaching_the_app(&[
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 6\r\n\r\nhello!",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: abc\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        // Chunked framing is not defined for HTTP/1.0 (RFC 9112 §6.1).
+        b"POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ]);
+}
+
+#[test]
+fn too_many_headers_and_a_huge_request_line_get_431() {
+    let app = App::start();
+    let hg = start(app.addr, "");
+    let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+    let long_line = format!("GET /{} HTTP/1.1\r\nHost: h\r\n\r\n", "a".repeat(20_000));
+    for raw in [format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n"), long_line] {
+        assert_eq!(statuses(&exchange(hg.listeners[0], raw.as_bytes())), [431]);
+    }
+    assert_eq!(app.requests(), 0);
+    still_serving(&hg);
+}
+
+#[test]
+fn a_malformed_chunked_body_gets_400_problem_json() {
+    let app = App::start();
+    let hg = start(app.addr, "");
+    for raw in [
+        &b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nabc",
+    ] {
+        let got = String::from_utf8_lossy(&exchange(hg.listeners[0], raw)).to_string();
+        assert_eq!(statuses(got.as_bytes()), [400], "{got}");
+        assert!(got.contains("application/problem+json") && got.contains(r#""cause":"BAD REQUEST""#), "{got}");
+    }
+    still_serving(&hg);
+}
+
+// === smuggling: what reaches the app ===
+
+/// What the recording app saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    content_length: Vec<String>,
+    transfer_encoding: Vec<String>,
+    /// The body as the app's own HTTP parser framed it (`None`: the body failed).
+    body: Option<Vec<u8>>,
+}
+
+/// An app that records each request, reading its body in full before it
+/// answers `app:PATH`.
+fn recording_app() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let values = |name| -> Vec<String> {
+                                req.headers()
+                                    .get_all(name)
+                                    .iter()
+                                    .map(|v| String::from_utf8_lossy(v.as_bytes()).to_string())
+                                    .collect()
+                            };
+                            let path = req.uri().path().to_string();
+                            let content_length = values(hyper::header::CONTENT_LENGTH);
+                            let transfer_encoding = values(hyper::header::TRANSFER_ENCODING);
+                            let body = req.into_body().collect().await.ok().map(|b| b.to_bytes().to_vec());
+                            log.lock().unwrap().push(Seen {
+                                path: path.clone(),
+                                content_length,
+                                transfer_encoding,
+                                body,
+                            });
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("app:{path}")))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    (addr, seen)
+}
+
+/// Sends a smuggling attempt and returns what the client got (waiting up to
+/// `quiet` for anything after the first response) and what the app saw.
+fn smuggle(raw: &[u8]) -> (Vec<u8>, Vec<Seen>) {
+    let (app, seen) = recording_app();
+    let hg = start(app, "");
+    let mut s = TcpStream::connect_timeout(&hg.listeners[0], STEP).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(raw).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0; 4096];
+    // Read until the close, or 2 s of silence (a kept-alive connection).
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let seen = seen.lock().unwrap().clone();
+    (got, seen)
+}
+
+/// The app sees each forwarded request with exactly one framing, and sees
+/// exactly the requests healthgate answered for: nothing is smuggled past
+/// healthgate's own reading of the stream.
+fn single_framing(got: &[u8], seen: &[Seen]) {
+    let text = String::from_utf8_lossy(got);
+    for s in seen {
+        assert!(s.content_length.len() + s.transfer_encoding.len() <= 1, "the app got an ambiguous framing: {s:?}");
+        assert!(
+            text.contains(&format!("app:{}", s.path)),
+            "the app answered {} but the client never saw it: {text}",
+            s.path
+        );
+    }
+    assert_eq!(statuses(got).len(), seen.len(), "responses vs requests at the app: {text} / {seen:?}");
+}
+
+#[test]
+fn content_length_plus_transfer_encoding_is_read_as_chunked_and_never_desyncs() {
+    // CL.TE: a front end trusting Content-Length would see one request with
+    // a 4-byte body; chunked framing ends the body at `0`, and the rest is a
+    // second request. healthgate must frame it one way and tell the app that way.
+    let (got, seen) = smuggle(
+        b"POST /first HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n",
+    );
+    single_framing(&got, &seen);
+    assert_eq!(seen[0].path, "/first");
+    assert_eq!(seen[0].body.as_deref(), Some(&b""[..]));
+    // RFC 9112 §6.3: after such a message the connection is closed, so the
+    // bytes after the chunked body are never read as a request.
+    assert!(seen.iter().all(|s| s.path != "/smuggled"), "{seen:?}");
+}
+
+#[test]
+fn transfer_encoding_plus_content_length_forwards_the_chunked_body() {
+    // TE.CL: a back end trusting Content-Length: 3 would read `8\r\n` and
+    // take `SMUGGLED...` as the next request.
+    let (got, seen) = smuggle(
+        b"POST /first HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
+    );
+    single_framing(&got, &seen);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].body.as_deref(), Some(&b"SMUGGLED"[..]));
+}
+
+// === slow clients ===
+
+/// A tokio runtime for the tests that need many concurrent clients.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+#[test]
+fn slowloris_heads_are_closed_at_header_read_timeout_while_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = App::start();
+    let hg = start(app.addr, "    header_read_timeout: 1s\n    client_idle_timeout: 60s\n");
+    let addr = hg.listeners[0];
+    let lifetimes = runtime().block_on(async move {
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            clients.spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let t0 = Instant::now();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n").await.unwrap();
+                let mut buf = [0u8; 256];
+                // One more header line every 200 ms, never the blank line.
+                while t0.elapsed() < Duration::from_secs(20) {
+                    tokio::select! {
+                        r = s.read(&mut buf) => match r {
+                            Ok(0) | Err(_) => return t0.elapsed(),
+                            Ok(n) => panic!("answered an unfinished head: {:?}", String::from_utf8_lossy(&buf[..n])),
+                        },
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                            if s.write_all(b"X-Drip: x\r\n").await.is_err() {
+                                return t0.elapsed();
+                            }
+                        }
+                    }
+                }
+                panic!("a slowloris connection was still open after 20 s");
+            });
+        }
+        // Meanwhile an ordinary client is served.
+        let (status, body) =
+            tokio::task::spawn_blocking(move || support::healthgate::http_get(addr, "/meanwhile")).await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "app:GET /meanwhile"));
+        let mut lifetimes = Vec::new();
+        while let Some(r) = clients.join_next().await {
+            lifetimes.push(r.unwrap());
+        }
+        lifetimes
+    });
+    let (min, max) = (lifetimes.iter().min().unwrap(), lifetimes.iter().max().unwrap());
+    println!("200 slowloris connections closed after {min:?}..{max:?}");
+    // Not before the timeout (100 ms allowance for the connect-to-write gap);
+    // 5 s of slack for a loaded machine on top of the 1 s timeout.
+    assert!(*min >= Duration::from_millis(900), "closed before header_read_timeout: {min:?}");
+    assert!(*max < Duration::from_secs(6), "a slowloris connection lived {max:?}");
+    still_serving(&hg);
+}
+
+#[test]
+fn a_slow_body_on_a_short_circuited_request_gets_503_and_a_close_at_header_read_timeout() {
+    let app = App::start();
+    let hg = start_with(app.addr, "    header_read_timeout: 1s\n", dep_down(), "out_of_service");
+    let mut s = TcpStream::connect_timeout(&hg.listeners[0], STEP).unwrap();
+    s.set_read_timeout(Some(STEP)).unwrap();
+    let t0 = Instant::now();
+    // 10 bytes announced, 1 sent, the rest never.
+    s.write_all(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\na").unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("closed, not left hanging");
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(statuses(&got), [503], "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(6), "took {:?} (1 s timeout + 5 s slack)", t0.elapsed());
+    assert_eq!(app.requests(), 0);
+}
+
+#[test]
+fn a_body_slower_than_the_upstream_response_timeout_gets_504_and_a_close() {
+    let (app, seen) = recording_app();
+    let hg = start(app, "    upstream_response_timeout: 1s\n");
+    let mut s = TcpStream::connect_timeout(&hg.listeners[0], STEP).unwrap();
+    s.set_read_timeout(Some(STEP)).unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n").unwrap();
+    // One byte every 100 ms: the app, which reads the whole body before it
+    // answers, would need 10 s.
+    let mut drip = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..100 {
+            if drip.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("not closed: {e}"),
+    }
+    assert_eq!(statuses(&got), [504], "{}", String::from_utf8_lossy(&got));
+    assert!(t0.elapsed() < Duration::from_secs(6), "took {:?} (1 s timeout + 5 s slack)", t0.elapsed());
+    assert!(seen.lock().unwrap().iter().all(|s| s.body.is_none()), "the app got a complete body");
+    still_serving_recording(&hg);
+}
+
+fn still_serving_recording(hg: &Healthgate) {
+    assert_eq!(hg.admin_get("/livez").0, 200);
+    assert_eq!(support::healthgate::http_get(hg.listeners[0], "/after"), (200, "app:/after".to_string()));
+}
+
+// === many idle connections ===
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Open file descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// The soft open-files limit, raised to the hard limit first if it is lower
+/// than `want` (healthgate, a child, inherits it).
+fn nofile_limit(want: u64) -> u64 {
+    let read = || -> (u64, u64) {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+        let mut v = line.split_whitespace().skip(3).map(|x| x.parse().unwrap_or(u64::MAX));
+        (v.next().unwrap(), v.next().unwrap())
+    };
+    let (soft, hard) = read();
+    if soft < want {
+        // `prlimit` (util-linux) rather than a libc call: the crate forbids unsafe code.
+        let _ = std::process::Command::new("prlimit")
+            .args(["--pid", &std::process::id().to_string(), &format!("--nofile={hard}:{hard}")])
+            .status();
+    }
+    read().0
+}
+
+#[test]
+fn ten_thousand_idle_keep_alive_connections_keep_memory_bounded_and_service_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const WANT: usize = 10_000;
+    let limit = nofile_limit(WANT as u64 + 1_000);
+    // Each process (this one and healthgate) holds one end of every connection.
+    let n = WANT.min(limit.saturating_sub(1_000) as usize);
+    if n < WANT {
+        eprintln!("open-files limit {limit}: testing {n} connections instead of {WANT}");
+    }
+    assert!(n >= 1_000, "open-files limit {limit} is too low for this test");
+    let app = App::start();
+    // A short upstream idle timeout so the pooled app connections are gone
+    // too when the fd count is checked at the end.
+    let hg = start(app.addr, "    client_idle_timeout: 300s\n    upstream_idle_timeout: 1s\n");
+    let (addr, pid) = (hg.listeners[0], hg.pid());
+    for i in 0..50 {
+        assert_eq!(support::healthgate::http_get(addr, &format!("/warm/{i}")).0, 200);
+    }
+    let (rss0, fds0) = (rss_kib(pid), fds(pid));
+
+    let rt = runtime();
+    let request = |path: String| format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n");
+    // One request each (so each connection is a real keep-alive client), then idle.
+    let mut conns = rt.block_on(async move {
+        let gate = Arc::new(tokio::sync::Semaphore::new(256));
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let gate = gate.clone();
+            set.spawn(async move {
+                let _permit = gate.acquire().await.unwrap();
+                let mut s = tokio::time::timeout(STEP, tokio::net::TcpStream::connect(addr)).await.unwrap().unwrap();
+                s.write_all(request(format!("/idle/{i}")).as_bytes()).await.unwrap();
+                let want = format!("app:GET /idle/{i}");
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !got.ends_with(want.as_bytes()) {
+                    let k = tokio::time::timeout(STEP, s.read(&mut buf)).await.unwrap().unwrap();
+                    assert!(k > 0, "closed before the response");
+                    got.extend_from_slice(&buf[..k]);
+                }
+                s
+            });
+        }
+        let mut conns = Vec::new();
+        while let Some(s) = set.join_next().await {
+            conns.push(s.unwrap());
+        }
+        conns
+    });
+    eventually_blocking("healthgate holds every connection", WITHIN, || (fds(pid) >= fds0 + n).then_some(()));
+    // Idle connections are parked after 100 ms (hyper's buffers released):
+    // measure once all of them have been idle that long, with a margin.
+    std::thread::sleep(Duration::from_millis(500));
+    let (rss1, fds1) = (rss_kib(pid), fds(pid));
+    let per_conn = (rss1.saturating_sub(rss0) * 1024) / n as u64;
+    println!("{n} idle connections: RSS {rss0} -> {rss1} KiB ({per_conn} B each), fds {fds0} -> {fds1}");
+    // Generous bound: 12 KiB per idle connection plus 16 MiB for what does
+    // not scale with them (the pooled app connections, runtime growth).
+    // Measured with a debug build on the dev machine: ~5 KiB each at 10 000
+    // connections, 24 MiB in all at 2 000.
+    let bound = n as u64 * 12 + 16 * 1024;
+    assert!(rss1.saturating_sub(rss0) < bound, "RSS grew {} KiB for {n} connections (bound {bound} KiB)", rss1 - rss0);
+
+    // Still serving: a new client, and idle clients waking up.
+    still_serving(&hg);
+    rt.block_on(async {
+        for (i, s) in conns.iter_mut().enumerate().step_by(n / 100) {
+            s.write_all(request(format!("/again/{i}")).as_bytes()).await.unwrap();
+            let want = format!("app:GET /again/{i}");
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(want.as_bytes()) {
+                let k = tokio::time::timeout(STEP, s.read(&mut buf)).await.unwrap().unwrap();
+                assert!(k > 0, "an idle connection was closed");
+                got.extend_from_slice(&buf[..k]);
+            }
+        }
+    });
+    drop(conns);
+    drop(rt);
+    // Every socket is released once the clients leave (no fd leak).
+    eventually_blocking("connections released", WITHIN, || (fds(pid) <= fds0 + 16).then_some(()));
+    still_serving(&hg);
+}
