@@ -18,7 +18,9 @@ RabbitMQ, never reconfigured); the short-circuit path points both proxies'
 MySQL check at a port with nothing listening, so both answer 503 themselves.
 
 Environment: QUICK=1 (one repeat, short runs), REPEATS, DURATION (s),
-CONNS (e.g. "32,256"), IDLE_CONNS, CG_REQUESTS, HG_BIN, SKIP_CALLGRIND=1.
+CONNS (e.g. "32,256"), IDLE_CONNS, CG_REQUESTS, HG_BIN, SKIP_CALLGRIND=1,
+PHASES (subset of load,routes,idle,callgrind; a partial run writes
+results/partial.* instead of latest.*).
 """
 
 import datetime
@@ -49,7 +51,10 @@ CONNS = [int(c) for c in os.environ.get("CONNS", "32,256").split(",")]
 MAXCONN = min(12000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 100) // 2)
 IDLE_CONNS = int(os.environ.get("IDLE_CONNS", str(min(10000, MAXCONN - 50))))
 CG_REQUESTS = int(os.environ.get("CG_REQUESTS", "2000" if QUICK else "5000"))
-SKIP_CALLGRIND = os.environ.get("SKIP_CALLGRIND") == "1"
+ALL_PHASES = {"load", "routes", "idle", "callgrind"}
+PHASES = set(os.environ.get("PHASES", ",".join(sorted(ALL_PHASES))).split(","))
+if os.environ.get("SKIP_CALLGRIND") == "1":
+    PHASES.discard("callgrind")
 HG_BIN = os.environ.get("HG_BIN", os.path.join(ROOT, "target", "release", "healthgate"))
 MYSQL = "127.0.0.1:3306"
 ROUTES_PATH = "/r150/item"  # matched by route 150 of the 200-route table
@@ -448,6 +453,17 @@ def ratio(a, b):
     return a / b if b else float("nan")
 
 
+def memory_table(idle):
+    return [
+        "",
+        "| memory | healthgate | HAProxy |",
+        "|---|---|---|",
+        f"| idle RSS MiB | {idle['healthgate']['idle_rss_kib'] / 1024:.1f} | {idle['haproxy']['idle_rss_kib'] / 1024:.1f} |",
+        f"| RSS with {IDLE_CONNS} idle keep-alive clients, MiB | {idle['healthgate']['rss_kib'] / 1024:.1f} | {idle['haproxy']['rss_kib'] / 1024:.1f} |",
+        f"| clients answered | {idle['healthgate']['answered']} | {idle['haproxy']['answered']} |",
+    ]
+
+
 def report(started, info, idle, cmd):
     load = [r for r in RUNS if r["kind"] == "load"]
     rows = []
@@ -456,6 +472,8 @@ def report(started, info, idle, cmd):
         ("proxied", "main", "haproxy", "main"),
         ("503", "main", "haproxy", "main"),
     ):
+        if not any(r["scenario"] == scenario for r in load):
+            continue
         for conns in CONNS:
             def agg(kind, tag):
                 rs = [r for r in load if r["scenario"] == scenario and r["conns"] == conns and r["proxy"] == kind and r["variant"] == tag]
@@ -472,8 +490,9 @@ def report(started, info, idle, cmd):
     for sc in ("proxied", "503"):
         if ("healthgate", sc, 0) in cg and ("haproxy", sc, 0) in cg:
             ratios.append((f"{sc} callgrind instr/req", ratio(cg[("healthgate", sc, 0)], cg[("haproxy", sc, 0)])))
-    ratios.append(("idle RSS", ratio(idle["healthgate"]["idle_rss_kib"], idle["haproxy"]["idle_rss_kib"])))
-    ratios.append((f"RSS with {IDLE_CONNS} idle conns", ratio(idle["healthgate"]["rss_kib"], idle["haproxy"]["rss_kib"])))
+    if idle:
+        ratios.append(("idle RSS", ratio(idle["healthgate"]["idle_rss_kib"], idle["haproxy"]["idle_rss_kib"])))
+        ratios.append((f"RSS with {IDLE_CONNS} idle conns", ratio(idle["healthgate"]["rss_kib"], idle["haproxy"]["rss_kib"])))
 
     peak = {r["proxy"] + r["scenario"]: r["hwm_kib"] for r in RUNS if r["kind"] == "peak"}
     md = []
@@ -493,12 +512,8 @@ def report(started, info, idle, cmd):
                 f"| {scenario} | {conns} | {name} | {a['rps']:.0f} | {a['p50_us']:.0f} | {a['p99_us']:.0f} | {a['p999_us']:.0f} | "
                 f"{a['cpu_us_per_req']:.2f} {a['cpu_all']} | {peak.get(key, 0) / 1024:.1f} |"
             )
-    md.append("")
-    md.append("| memory | healthgate | HAProxy |")
-    md.append("|---|---|---|")
-    md.append(f"| idle RSS MiB | {idle['healthgate']['idle_rss_kib'] / 1024:.1f} | {idle['haproxy']['idle_rss_kib'] / 1024:.1f} |")
-    md.append(f"| RSS with {IDLE_CONNS} idle keep-alive clients, MiB | {idle['healthgate']['rss_kib'] / 1024:.1f} | {idle['haproxy']['rss_kib'] / 1024:.1f} |")
-    md.append(f"| clients answered | {idle['healthgate']['answered']} | {idle['haproxy']['answered']} |")
+    if idle:
+        md.extend(memory_table(idle))
     if cg:
         md.append("")
         md.append(f"Callgrind, instructions per request ({CG_REQUESTS} sequential keep-alive requests, counters zeroed after a warm-up):\n")
@@ -534,7 +549,7 @@ def report(started, info, idle, cmd):
 def main():
     raise_nofile()
     cmd = " ".join(["bench/compare.sh"] + sys.argv[1:])
-    env_cmd = " ".join(f"{k}={os.environ[k]}" for k in ("QUICK", "REPEATS", "DURATION", "CONNS", "IDLE_CONNS", "CG_REQUESTS", "SKIP_CALLGRIND") if k in os.environ)
+    env_cmd = " ".join(f"{k}={os.environ[k]}" for k in ("QUICK", "REPEATS", "DURATION", "CONNS", "IDLE_CONNS", "CG_REQUESTS", "SKIP_CALLGRIND", "PHASES") if k in os.environ)
     if env_cmd:
         cmd = env_cmd + " " + cmd
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -543,33 +558,37 @@ def main():
     app, app_port = start_app()
     try:
         dead = f"127.0.0.1:{dead_port()}"
-        main_procs = {}
-        for kind in ("healthgate", "haproxy"):
-            main_procs[(kind, "proxied")] = Proxy(kind, app_port, MYSQL, "main")
-            main_procs[(kind, "503")] = Proxy(kind, app_port, dead, "main")
-        for (kind, sc), p in main_procs.items():
-            p.wait(200 if sc == "proxied" else 503)
-        log("proxied path (every dependency up):")
-        load_phase([main_procs[("healthgate", "proxied")], main_procs[("haproxy", "proxied")]], "proxied", CONNS)
-        log("short-circuit path (MySQL check on a dead port: 503):")
-        load_phase([main_procs[("healthgate", "503")], main_procs[("haproxy", "503")]], "503", CONNS)
-        for (kind, sc), p in main_procs.items():
-            RUNS.append(dict(kind="peak", proxy=kind, scenario=sc, hwm_kib=status_kib(p.pid, "VmHWM")))
-            p.stop()
+        idle = None
+        if "load" in PHASES:
+            procs = {}
+            for kind in ("healthgate", "haproxy"):
+                procs[(kind, "proxied")] = Proxy(kind, app_port, MYSQL, "main")
+                procs[(kind, "503")] = Proxy(kind, app_port, dead, "main")
+            for (kind, sc), p in procs.items():
+                p.wait(200 if sc == "proxied" else 503)
+            log("proxied path (every dependency up):")
+            load_phase([procs[("healthgate", "proxied")], procs[("haproxy", "proxied")]], "proxied", CONNS)
+            log("short-circuit path (MySQL check on a dead port: 503):")
+            load_phase([procs[("healthgate", "503")], procs[("haproxy", "503")]], "503", CONNS)
+            for (kind, sc), p in procs.items():
+                RUNS.append(dict(kind="peak", proxy=kind, scenario=sc, hwm_kib=status_kib(p.pid, "VmHWM")))
+                p.stop()
 
-        log(f"route matching: healthgate with 0 vs 200 routes, GET {ROUTES_PATH}:")
-        r0 = Proxy("healthgate", app_port, MYSQL, "routes0", routes=0)
-        r200 = Proxy("healthgate", app_port, MYSQL, "routes200", routes=200)
-        r0.wait(200, ROUTES_PATH)
-        r200.wait(200, ROUTES_PATH)
-        load_phase([r0, r200], "routes", [32], ROUTES_PATH)
-        r0.stop()
-        r200.stop()
+        if "routes" in PHASES:
+            log(f"route matching: healthgate with 0 vs 200 routes, GET {ROUTES_PATH}:")
+            r0 = Proxy("healthgate", app_port, MYSQL, "routes0", routes=0)
+            r200 = Proxy("healthgate", app_port, MYSQL, "routes200", routes=200)
+            r0.wait(200, ROUTES_PATH)
+            r200.wait(200, ROUTES_PATH)
+            load_phase([r0, r200], "routes", [32], ROUTES_PATH)
+            r0.stop()
+            r200.stop()
 
-        log(f"{IDLE_CONNS} idle keep-alive connections:")
-        idle = idle_phase(app_port)
+        if "idle" in PHASES:
+            log(f"{IDLE_CONNS} idle keep-alive connections:")
+            idle = idle_phase(app_port)
 
-        if not SKIP_CALLGRIND:
+        if "callgrind" in PHASES:
             log(f"callgrind ({CG_REQUESTS} requests each):")
             for kind in ("healthgate", "haproxy"):
                 callgrind(kind, app_port, MYSQL, "proxied", 200)
@@ -583,16 +602,18 @@ def main():
     md, ratios = report(started, info, idle, cmd)
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "latest.md"), "w") as f:
+    # Only a full run replaces the committed results.
+    out = "latest" if PHASES == ALL_PHASES else "partial"
+    with open(os.path.join(out_dir, out + ".md"), "w") as f:
         f.write(md)
-    with open(os.path.join(out_dir, "latest.jsonl"), "w") as f:
+    with open(os.path.join(out_dir, out + ".jsonl"), "w") as f:
         for r in RUNS:
             f.write(json.dumps(r | {"date": started}) + "\n")
     print(md)
     print("Ratios healthgate/HAProxy:")
     for name, v in ratios:
         print(f"  {name:40} {v:.2f}")
-    log(f"wrote bench/results/latest.md and latest.jsonl; callgrind dumps and logs in {TMP}")
+    log(f"wrote bench/results/{out}.md and {out}.jsonl; callgrind dumps and logs in {TMP}")
 
 
 if __name__ == "__main__":
