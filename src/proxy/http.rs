@@ -201,10 +201,16 @@ impl Worker {
         // Our own timer handles header and idle timeouts (see module doc),
         // so hyper needs none and allocates no timer per request.
         http.keep_alive(true).header_read_timeout(None).max_header_size(c.max_header_bytes.max(1));
+        // Head and small bodies copied into one buffer and sent with one
+        // `write`: fewer instructions than hyper's `writev` queue for the
+        // small messages a sidecar mostly relays (callgrind: −3.3 % proxied,
+        // −5.0 % short-circuited; bench/compare.sh).
+        http.writev(false);
         if c.max_headers != HYPER_DEFAULT_MAX_HEADERS {
             http.max_headers(c.max_headers);
         }
-        let client = hyper::client::conn::http1::Builder::new();
+        let mut client = hyper::client::conn::http1::Builder::new();
+        client.writev(false);
         let retry_after = HeaderValue::from_maybe_shared(ctx.default_route.responses.retry_after.clone())
             .unwrap_or_else(|_| HeaderValue::from_static("1"));
         let header_read_timeout = limit(c.header_read_timeout);
