@@ -19,7 +19,7 @@ MySQL check at a port with nothing listening, so both answer 503 themselves.
 
 Environment: QUICK=1 (one repeat, short runs), REPEATS, DURATION (s),
 CONNS (e.g. "32,256"), IDLE_CONNS, CG_REQUESTS, HG_BIN, SKIP_CALLGRIND=1,
-PHASES (subset of load,routes,idle,callgrind; a partial run writes
+PHASES (subset of load,routes,idle,callgrind,syscalls; a partial run writes
 results/partial.* instead of latest.*).
 """
 
@@ -51,7 +51,7 @@ CONNS = [int(c) for c in os.environ.get("CONNS", "32,256").split(",")]
 MAXCONN = min(12000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 100) // 2)
 IDLE_CONNS = int(os.environ.get("IDLE_CONNS", str(min(10000, MAXCONN - 50))))
 CG_REQUESTS = int(os.environ.get("CG_REQUESTS", "2000" if QUICK else "5000"))
-ALL_PHASES = {"load", "routes", "idle", "callgrind"}
+ALL_PHASES = {"load", "routes", "idle", "callgrind", "syscalls"}
 PHASES = set(os.environ.get("PHASES", ",".join(sorted(ALL_PHASES))).split(","))
 if os.environ.get("SKIP_CALLGRIND") == "1":
     PHASES.discard("callgrind")
@@ -103,9 +103,10 @@ def stop(p):
 
 
 def cpu_ticks(pid):
+    """(utime, stime) in clock ticks: fields 14 and 15 of /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15)
+    return int(fields[11]), int(fields[12])
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -259,10 +260,10 @@ def wrk(port, conns, duration, path="/"):
 
 
 def measured_run(proxy, scenario, conns, rep, path="/"):
-    before = cpu_ticks(proxy.pid)
+    (u0, s0) = cpu_ticks(proxy.pid)
     r = wrk(proxy.port, conns, DURATION, path)
-    after = cpu_ticks(proxy.pid)
-    cpu_s = (after - before) / TICK
+    (u1, s1) = cpu_ticks(proxy.pid)
+    cpu_s = (u1 - u0 + s1 - s0) / TICK
     r.update(
         kind="load",
         proxy=proxy.kind,
@@ -273,6 +274,7 @@ def measured_run(proxy, scenario, conns, rep, path="/"):
         rps=r["requests"] / (r["duration_us"] / 1e6),
         cpu_s=cpu_s,
         cpu_us_per_req=cpu_s * 1e6 / max(r["requests"], 1),
+        sys_share=(s1 - s0) / max(u1 - u0 + s1 - s0, 1),
         errors=r["err_connect"] + r["err_read"] + r["err_write"] + r["err_timeout"],
         non_2xx=r["err_status"],
     )
@@ -420,6 +422,37 @@ def callgrind(kind, app_port, mysql, scenario, want, routes=0, path="/"):
     return r
 
 
+# === syscalls ===
+
+
+def syscalls(kind, app_port, mysql, scenario, want):
+    """Syscalls per request under wrk -c32, counted by strace -c (which slows
+    the proxy down; the counts, not the time, are the point)."""
+    p = Proxy(kind, app_port, mysql, "strace-" + scenario)
+    out = os.path.join(TMP, f"strace-{kind}-{scenario}.txt")
+    try:
+        p.wait(want)
+        wrk(p.port, 32, 1)
+        st = subprocess.Popen(["strace", "-c", "-f", "-p", str(p.pid), "-o", out], stderr=subprocess.DEVNULL)
+        time.sleep(1)
+        n = wrk(p.port, 32, 3)["requests"]
+        st.send_signal(signal.SIGINT)
+        st.wait()
+    finally:
+        p.stop()
+    calls = {}
+    with open(out) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 5 and parts[3].isdigit() and parts[-1] != "total":
+                calls[parts[-1]] = int(parts[3]) / max(n, 1)
+    r = dict(kind="syscalls", proxy=kind, scenario=scenario, requests=n, per_req=calls, total_per_req=sum(calls.values()))
+    RUNS.append(r)
+    top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v >= 0.01)
+    log(f"  syscalls {kind:10} {scenario:8} {r['total_per_req']:.2f}/request ({top})")
+    return r
+
+
 # === report ===
 
 
@@ -477,7 +510,7 @@ def report(started, info, idle, cmd):
         for conns in CONNS:
             def agg(kind, tag):
                 rs = [r for r in load if r["scenario"] == scenario and r["conns"] == conns and r["proxy"] == kind and r["variant"] == tag]
-                return {k: med([r[k] for r in rs]) for k in ("rps", "p50_us", "p99_us", "p999_us", "cpu_us_per_req")} | {
+                return {k: med([r[k] for r in rs]) for k in ("rps", "p50_us", "p99_us", "p999_us", "cpu_us_per_req", "sys_share")} | {
                     "cpu_all": [round(r["cpu_us_per_req"], 2) for r in rs],
                     "hwm": max((r.get("hwm_kib", 0) for r in rs), default=0),
                 }
@@ -503,14 +536,14 @@ def report(started, info, idle, cmd):
     md.append(f"- command: `{cmd}`")
     md.append(f"- load: wrk -t1, keep-alive, {DURATION} s per run, {REPEATS} runs per cell, interleaved; medians shown "
               "(CPU µs/req of every run in brackets)\n")
-    md.append("| path | conns | proxy | req/s | p50 µs | p99 µs | p99.9 µs | CPU µs/req | peak RSS MiB |")
-    md.append("|---|---|---|---|---|---|---|---|---|")
+    md.append("| path | conns | proxy | req/s | p50 µs | p99 µs | p99.9 µs | CPU µs/req | kernel share of CPU | peak RSS MiB |")
+    md.append("|---|---|---|---|---|---|---|---|---|---|")
     for scenario, conns, hg, ha in rows:
         for name, a in (("healthgate", hg), ("HAProxy", ha)):
             key = ("healthgate" if name == "healthgate" else "haproxy") + scenario
             md.append(
                 f"| {scenario} | {conns} | {name} | {a['rps']:.0f} | {a['p50_us']:.0f} | {a['p99_us']:.0f} | {a['p999_us']:.0f} | "
-                f"{a['cpu_us_per_req']:.2f} {a['cpu_all']} | {peak.get(key, 0) / 1024:.1f} |"
+                f"{a['cpu_us_per_req']:.2f} {a['cpu_all']} | {a['sys_share'] * 100:.0f} % | {peak.get(key, 0) / 1024:.1f} |"
             )
     if idle:
         md.extend(memory_table(idle))
@@ -523,6 +556,15 @@ def report(started, info, idle, cmd):
             if ("healthgate", sc, 0) in cg:
                 h, a = cg[("healthgate", sc, 0)], cg.get(("haproxy", sc, 0), float("nan"))
                 md.append(f"| {sc} | {h:.0f} | {a:.0f} | {ratio(h, a):.2f} |")
+    sc_runs = {(r["proxy"], r["scenario"]): r for r in RUNS if r["kind"] == "syscalls"}
+    if sc_runs:
+        md.append("")
+        md.append("Syscalls per request (strace -c over wrk -c32; only calls at ≥ 0.01 per request):\n")
+        md.append("| path | proxy | total | calls |")
+        md.append("|---|---|---|---|")
+        for (kind, sc), r in sorted(sc_runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            calls = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["per_req"].items(), key=lambda kv: -kv[1]) if v >= 0.01)
+            md.append(f"| {sc} | {kind} | {r['total_per_req']:.2f} | {calls} |")
     rt = [r for r in load if r["scenario"] == "routes"]
     if rt:
         md.append("")
@@ -587,6 +629,12 @@ def main():
         if "idle" in PHASES:
             log(f"{IDLE_CONNS} idle keep-alive connections:")
             idle = idle_phase(app_port)
+
+        if "syscalls" in PHASES and shutil.which("strace"):
+            log("syscalls per request (strace -c, wrk -c32):")
+            for kind in ("healthgate", "haproxy"):
+                syscalls(kind, app_port, MYSQL, "proxied", 200)
+                syscalls(kind, app_port, dead, "503", 503)
 
         if "callgrind" in PHASES:
             log(f"callgrind ({CG_REQUESTS} requests each):")

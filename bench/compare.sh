@@ -2,7 +2,7 @@
 # healthgate vs HAProxy on this machine; prints ratios and writes
 # bench/results/latest.md and bench/results/latest.jsonl.
 #
-#   bench/compare.sh              # full run (~8 minutes)
+#   bench/compare.sh              # full run (~6 minutes on 2 cores)
 #   QUICK=1 bench/compare.sh      # one repeat, short runs (~4 minutes)
 #
 # Needs the machine's MariaDB (127.0.0.1:3306, passwordless root over TCP),
@@ -16,6 +16,7 @@ command -v nginx >/dev/null || missing+=(nginx-light)
 command -v haproxy >/dev/null || missing+=(haproxy)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v valgrind >/dev/null || missing+=(valgrind)
+command -v strace >/dev/null || missing+=(strace)
 command -v python3 >/dev/null || missing+=(python3)
 if ((${#missing[@]})); then
     echo "installing ${missing[*]}" >&2
