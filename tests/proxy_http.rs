@@ -801,6 +801,20 @@ async fn slow_app_answers_504() {
     assert_eq!(p.count("upstream_error"), 1);
 }
 
+/// The upstream response deadline belongs to one request: after a 504 the
+/// same client connection gets the next request proxied, and that one is
+/// not cut short by the deadline the first one left behind.
+#[tokio::test]
+async fn the_request_after_a_504_on_the_same_connection_is_proxied() {
+    let app = App::start().await;
+    let p = Proxy::in_service(&yaml(app.addr, "    upstream_response_timeout: 300ms\n", &[]));
+    let mut c = p.client().await;
+    assert_eq!(c.get("/hang").await.status, 504);
+    assert_eq!(c.get("/").await.status, 200);
+    assert_eq!(c.get("/hang").await.status, 504);
+    assert_eq!(p.count("upstream_error"), 2);
+}
+
 /// A WebSocket-style upgrade is relayed, then bytes flow both ways.
 #[tokio::test]
 async fn websocket_upgrade_is_relayed_both_ways() {
