@@ -28,27 +28,10 @@ impl Pki {
     pub fn generate_in(d: &Path) -> Pki {
         openssl(
             d,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=healthgate-test-ca",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
+            &format!(
+                "req -x509 {NEW_KEY} -keyout ca.key -out ca.pem -days 2 -subj /CN=healthgate-test-ca \
+                 -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"
+            ),
         );
         leaf(d, "server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
         leaf(d, "client", "healthgate", "extendedKeyUsage=clientAuth\n");
@@ -79,49 +62,25 @@ impl Pki {
 /// A key and a certificate for `cn`, signed by the CA, with extensions `ext`.
 fn leaf(d: &Path, name: &str, cn: &str, ext: &str) {
     std::fs::write(d.join(format!("{name}.ext")), format!("basicConstraints=CA:FALSE\n{ext}")).unwrap();
-    let (key, csr, pem, extfile) =
-        (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+    openssl(d, &format!("req {NEW_KEY} -keyout {name}.key -out {name}.csr -subj /CN={cn}"));
     openssl(
         d,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            &extfile,
-        ],
+        &format!(
+            "x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem -days 2 \
+             -extfile {name}.ext"
+        ),
     );
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out =
-        Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl (apt-get install openssl)");
+/// `openssl` arguments for a new unencrypted ECDSA P-256 key.
+const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+
+/// Runs `openssl` with `args` (split on whitespace; no argument has a space) in `dir`.
+fn openssl(dir: &Path, args: &str) {
+    let out = Command::new("openssl")
+        .args(args.split_whitespace())
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (apt-get install openssl)");
     assert!(out.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
