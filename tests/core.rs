@@ -9,26 +9,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
 use std::time::Duration;
 
+use support::Dep;
 use support::healthgate::{Healthgate, binary};
-
-/// A TCP dependency the test can take down and bring back on the same port.
-struct Dep {
-    addr: SocketAddr,
-    listener: Option<TcpListener>,
-}
-
-impl Dep {
-    fn up() -> Dep {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        Dep { addr: l.local_addr().unwrap(), listener: Some(l) }
-    }
-    fn kill(&mut self) {
-        self.listener = None;
-    }
-    fn revive(&mut self) {
-        self.listener = Some(TcpListener::bind(self.addr).unwrap());
-    }
-}
 
 /// A config with one HTTP listener and the given `(name, impact, address)` tcp dependencies.
 fn config(deps: &[(&str, &str, SocketAddr)], extra: &str) -> String {

@@ -6,29 +6,11 @@ mod support;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
+use support::Dep;
 use support::app::App;
 use support::healthgate::{Healthgate, http_request};
 
 const WITHIN: Duration = Duration::from_secs(10);
-
-/// A TCP dependency the test can take down and bring back on the same port.
-struct Dep {
-    addr: SocketAddr,
-    listener: Option<TcpListener>,
-}
-
-impl Dep {
-    fn up() -> Dep {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        Dep { addr: l.local_addr().unwrap(), listener: Some(l) }
-    }
-    fn kill(&mut self) {
-        self.listener = None;
-    }
-    fn revive(&mut self) {
-        self.listener = Some(TcpListener::bind(self.addr).unwrap());
-    }
-}
 
 fn dep_yaml(name: &str, impact: &str, addr: SocketAddr) -> String {
     format!(

@@ -51,6 +51,33 @@ pub fn eventually_blocking<T>(what: &str, within: Duration, mut f: impl FnMut() 
     }
 }
 
+/// A TCP dependency the test can take down (connections refused) and bring
+/// back on the same port. The listener never accepts: a `tcp` check needs
+/// only the kernel to complete the handshake.
+pub struct Dep {
+    /// Its address.
+    pub addr: std::net::SocketAddr,
+    listener: Option<std::net::TcpListener>,
+}
+
+impl Dep {
+    /// Listens on 127.0.0.1:0.
+    pub fn up() -> Dep {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Dep { addr: l.local_addr().unwrap(), listener: Some(l) }
+    }
+
+    /// Closes the listener: connects are refused.
+    pub fn kill(&mut self) {
+        self.listener = None;
+    }
+
+    /// Listens again on the same port.
+    pub fn revive(&mut self) {
+        self.listener = Some(std::net::TcpListener::bind(self.addr).unwrap());
+    }
+}
+
 /// A TCP port that was free a moment ago (for servers that cannot bind port 0
 /// and report it back, such as mariadbd or rabbitmq).
 pub fn free_port() -> u16 {
