@@ -319,3 +319,32 @@ async fn aborted_counters_do_not_move_over_hundreds_of_checks_with_failures() {
     let after_bad = db.aborted().await;
     assert_eq!(after_bad, (before.0 + 5, before.1), "exactly one aborted connect per rejected login");
 }
+
+#[tokio::test]
+async fn server_at_max_connections_is_too_many_connections_and_recovers() {
+    // 10 is the smallest max_connections MariaDB accepts.
+    let db = MariaDb::start_with(&["--max-connections=10".into()]).await;
+    // Root sessions take every ordinary slot (root could still use the one
+    // extra slot MariaDB keeps for CONNECTION ADMIN; the check user cannot).
+    let mut sessions = Vec::new();
+    for _ in 0..10 {
+        sessions.push(db.admin().await);
+    }
+    let mut c = check_of(&db, PASSWORD, "");
+    let err = probe(&mut c, T).await.unwrap_err();
+    assert_eq!(err.cause, Cause::TooManyConnections, "{err}");
+    sessions.pop().unwrap().disconnect().await.unwrap();
+    let mut recovered = false;
+    for _ in 0..40 {
+        if probe(&mut c, T).await.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "the check passes once a slot is free");
+    close(&mut c).await;
+    for s in sessions {
+        s.disconnect().await.unwrap();
+    }
+}
