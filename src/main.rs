@@ -8,6 +8,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use healthgate::config::Config;
 
+/// jemalloc rather than glibc malloc: it returns freed memory to the OS (see
+/// Cargo.toml; its options are baked in by .cargo/config.toml).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Sidecar health proxy: gates inbound traffic on the health of the app's backing services.
 #[derive(Parser)]
 #[command(name = "healthgate", version, about)]
