@@ -328,6 +328,9 @@ pub struct ListenerConfig {
     pub http: HttpListenerConfig,
     /// TCP options (meaningful for `protocol: tcp`).
     pub tcp: TcpListenerConfig,
+    /// Close a relayed connection (a TCP session, an upgraded HTTP tunnel)
+    /// with no traffic either way for this long.
+    pub idle_timeout: Duration,
 }
 
 /// HTTP listener options.
@@ -388,8 +391,6 @@ pub struct TcpListenerConfig {
     pub on_outage: TcpOnOutage,
     /// Admit new connections while degraded (default true).
     pub admit_degraded: bool,
-    /// Close a connection with no traffic either way for this long.
-    pub idle_timeout: Duration,
     /// Bound on connecting to the app.
     pub connect_timeout: Duration,
 }
@@ -555,25 +556,61 @@ struct RawListener {
     #[serde(default)]
     routes: Vec<S<RawRoute>>,
     max_connections: Option<S<usize>>,
+    idle_timeout: Option<S<HumanDuration>>,
     // http
-    x_forwarded_for: Option<bool>,
-    x_forwarded_proto: Option<bool>,
-    via: Option<bool>,
-    header_read_timeout: Option<HumanDuration>,
-    client_idle_timeout: Option<HumanDuration>,
-    upstream_connect_timeout: Option<HumanDuration>,
-    upstream_response_timeout: Option<HumanDuration>,
-    upstream_idle_timeout: Option<HumanDuration>,
-    upstream_pool_max_idle: Option<usize>,
+    x_forwarded_for: Option<S<bool>>,
+    x_forwarded_proto: Option<S<bool>>,
+    via: Option<S<bool>>,
+    header_read_timeout: Option<S<HumanDuration>>,
+    client_idle_timeout: Option<S<HumanDuration>>,
+    upstream_connect_timeout: Option<S<HumanDuration>>,
+    upstream_response_timeout: Option<S<HumanDuration>>,
+    upstream_idle_timeout: Option<S<HumanDuration>>,
+    upstream_pool_max_idle: Option<S<usize>>,
     max_header_bytes: Option<S<usize>>,
     max_headers: Option<S<usize>>,
-    max_body_bytes: Option<u64>,
+    max_body_bytes: Option<S<u64>>,
     // tcp
-    reject: Option<TcpReject>,
-    on_outage: Option<TcpOnOutage>,
-    admit_degraded: Option<bool>,
-    idle_timeout: Option<HumanDuration>,
-    connect_timeout: Option<HumanDuration>,
+    reject: Option<S<TcpReject>>,
+    on_outage: Option<S<TcpOnOutage>>,
+    admit_degraded: Option<S<bool>>,
+    connect_timeout: Option<S<HumanDuration>>,
+}
+
+impl RawListener {
+    /// Keys that belong to the other protocol, with their positions: a
+    /// `reject:` on an HTTP listener would otherwise be silently ignored.
+    fn foreign_keys(&self, protocol: ListenerProtocol) -> Vec<(&'static str, Pos)> {
+        macro_rules! present {
+            ($($f:ident),* $(,)?) => {{
+                let mut v = Vec::new();
+                $( if let Some(x) = &self.$f { v.push((stringify!($f), Pos::from(x))); } )*
+                v
+            }};
+        }
+        match protocol {
+            ListenerProtocol::Http => present!(reject, on_outage, admit_degraded, connect_timeout),
+            ListenerProtocol::Tcp => {
+                let mut v = present!(
+                    x_forwarded_for,
+                    x_forwarded_proto,
+                    via,
+                    header_read_timeout,
+                    client_idle_timeout,
+                    upstream_connect_timeout,
+                    upstream_response_timeout,
+                    upstream_idle_timeout,
+                    upstream_pool_max_idle,
+                    max_header_bytes,
+                    max_headers,
+                    max_body_bytes,
+                );
+                v.extend(self.bypass.first().map(|b| ("bypass", Pos::from(b))));
+                v.extend(self.routes.first().map(|r| ("routes", Pos::from(r))));
+                v
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -913,7 +950,18 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Config {
         {
             problems.at(s, key("max_header_bytes"), "must be at least 8192");
         }
-        let protocol = l.protocol.map(|p| p.value).unwrap_or(ListenerProtocol::Http);
+        let protocol = l.protocol.as_ref().map(|p| p.value).unwrap_or(ListenerProtocol::Http);
+        for (k, pos) in l.foreign_keys(protocol) {
+            let other = match protocol {
+                ListenerProtocol::Http => "tcp",
+                ListenerProtocol::Tcp => "http",
+            };
+            problems.at_pos(pos, key(k), format!("`{k}` is a setting of `protocol: {other}` listeners only"));
+        }
+        let dur = |v: &Option<S<HumanDuration>>, default: u64| {
+            v.as_ref().map(|d| d.value.0).unwrap_or(Duration::from_secs(default))
+        };
+        let flag = |v: &Option<S<bool>>, default: bool| v.as_ref().map(|b| b.value).unwrap_or(default);
         listeners.push(ListenerConfig {
             name: l.name.value,
             protocol,
@@ -924,25 +972,25 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Config {
             routes,
             max_connections: positive(&l.max_connections, "max_connections", 10_000, problems),
             http: HttpListenerConfig {
-                x_forwarded_for: l.x_forwarded_for.unwrap_or(true),
-                x_forwarded_proto: l.x_forwarded_proto.unwrap_or(true),
-                via: l.via.unwrap_or(true),
-                header_read_timeout: l.header_read_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
-                client_idle_timeout: l.client_idle_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
-                upstream_connect_timeout: l.upstream_connect_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(2)),
-                upstream_response_timeout: l.upstream_response_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
-                upstream_idle_timeout: l.upstream_idle_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
-                upstream_pool_max_idle: l.upstream_pool_max_idle.unwrap_or(256),
+                x_forwarded_for: flag(&l.x_forwarded_for, true),
+                x_forwarded_proto: flag(&l.x_forwarded_proto, true),
+                via: flag(&l.via, true),
+                header_read_timeout: dur(&l.header_read_timeout, 10),
+                client_idle_timeout: dur(&l.client_idle_timeout, 60),
+                upstream_connect_timeout: dur(&l.upstream_connect_timeout, 2),
+                upstream_response_timeout: dur(&l.upstream_response_timeout, 60),
+                upstream_idle_timeout: dur(&l.upstream_idle_timeout, 30),
+                upstream_pool_max_idle: l.upstream_pool_max_idle.as_ref().map(|v| v.value).unwrap_or(256),
                 max_header_bytes,
                 max_headers: positive(&l.max_headers, "max_headers", 100, problems),
-                max_body_bytes: l.max_body_bytes.unwrap_or(0),
+                max_body_bytes: l.max_body_bytes.as_ref().map(|v| v.value).unwrap_or(0),
             },
+            idle_timeout: dur(&l.idle_timeout, 3600),
             tcp: TcpListenerConfig {
-                reject: l.reject.unwrap_or(TcpReject::Close),
-                on_outage: l.on_outage.unwrap_or(TcpOnOutage::Keep),
-                admit_degraded: l.admit_degraded.unwrap_or(true),
-                idle_timeout: l.idle_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(3600)),
-                connect_timeout: l.connect_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(2)),
+                reject: l.reject.as_ref().map(|v| v.value).unwrap_or(TcpReject::Close),
+                on_outage: l.on_outage.as_ref().map(|v| v.value).unwrap_or(TcpOnOutage::Keep),
+                admit_degraded: flag(&l.admit_degraded, true),
+                connect_timeout: dur(&l.connect_timeout, 2),
             },
         });
     }
@@ -1260,6 +1308,20 @@ mod tests {
     }
 
     const MINIMAL: &str = "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:3000\n";
+
+    #[test]
+    fn a_key_of_the_other_listener_protocol_is_an_error_at_its_line() {
+        let p = problems(&format!("{MINIMAL}    reject: reset\n    idle_timeout: 5m\n"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!((p[0].key.as_str(), p[0].line), ("listeners[0].reject", 5), "{p:?}");
+        assert!(p[0].message.contains("protocol: tcp"), "{p:?}");
+        let p = problems(
+            "listeners:\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    \
+             bypass: [/healthz]\n    max_body_bytes: 10\n    idle_timeout: 5m\n",
+        );
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["listeners[0].bypass", "listeners[0].max_body_bytes"], "{p:?}");
+    }
 
     #[test]
     fn the_shipped_example_config_is_valid() {

@@ -844,6 +844,27 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     assert_eq!(c2.response().await.status, 503);
 }
 
+/// An upgraded tunnel in which nothing moves for the listener's
+/// `idle_timeout` is closed; traffic keeps it open past that time.
+#[tokio::test]
+async fn upgraded_tunnel_is_closed_after_idle_timeout_not_while_busy() {
+    let app = App::start().await;
+    let p = Proxy::in_service(&yaml(app.addr, "    idle_timeout: 600ms\n", &[]));
+    let mut c = p.client().await;
+    c.send(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await;
+    assert_eq!(c.head().await.0, 101);
+    // 1.2 s of traffic, a message every 200 ms: twice the idle timeout, kept open.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.send(b"ping").await;
+        assert_eq!(c.take(4).await, b"ping");
+    }
+    let quiet = Instant::now();
+    assert!(c.closed().await, "a quiet tunnel is closed");
+    let after = quiet.elapsed();
+    assert!(after >= Duration::from_millis(550), "closed only after the idle timeout, not {after:?}");
+}
+
 /// Drain: in-flight request completes (with Connection: close), idle
 /// connections close, new connections are refused, serve returns.
 #[tokio::test]

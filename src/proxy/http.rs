@@ -188,6 +188,8 @@ struct Worker {
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     upstream_idle_timeout: Option<Duration>,
+    /// An upgraded tunnel with no traffic for this long is closed.
+    tunnel_idle_timeout: Option<Duration>,
     /// The longest the connection timer sleeps: the shortest of the two
     /// client timeouts and [`PARK_AFTER`], which bounds how late each is
     /// enforced. A parked connection's timer sleeps until its idle deadline.
@@ -244,6 +246,7 @@ impl Worker {
             connect_timeout: limit(c.upstream_connect_timeout),
             response_timeout: limit(c.upstream_response_timeout),
             upstream_idle_timeout: limit(c.upstream_idle_timeout),
+            tunnel_idle_timeout: limit(ctx.config.idle_timeout),
             tick,
             ctx,
         }
@@ -819,7 +822,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
                     parts.headers.insert(header::UPGRADE, v);
                 }
                 // The tunnel holds the connection (and its `Live` count).
-                tokio::task::spawn_local(tunnel(client_side, app_side, busy.0.clone()));
+                tokio::task::spawn_local(tunnel(client_side, app_side, busy.0.clone(), w.tunnel_idle_timeout));
                 drop(tx);
                 metrics.record(outcome, start.elapsed());
                 return Response::from_parts(parts, ResBody::full(Bytes::new(), busy));
@@ -963,8 +966,15 @@ fn classify(e: hyper::Error) -> Fail {
     Fail::Upstream
 }
 
-/// Relays an upgraded connection both ways until either side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, app: hyper::upgrade::OnUpgrade, conn: Rc<Conn>) {
+/// Relays an upgraded connection both ways until either side closes, or
+/// until nothing moved either way for the listener's `idle_timeout`: a peer
+/// that vanished without a FIN must not hold the tunnel (and the drain) forever.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    app: hyper::upgrade::OnUpgrade,
+    conn: Rc<Conn>,
+    idle: Option<Duration>,
+) {
     let (client, app) = match (client.await, app.await) {
         (Ok(c), Ok(a)) => (c, a),
         (Err(e), _) | (_, Err(e)) => {
@@ -972,11 +982,60 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, app: hyper::upgrade::OnUpgrad
             return;
         }
     };
-    let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
+    let last = Rc::new(Cell::new(Instant::now()));
+    let mut client = Active { io: TokioIo::new(client), last: last.clone() };
+    let mut app = Active { io: TokioIo::new(app), last: last.clone() };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut app);
+    tokio::pin!(copy);
+    let result = loop {
+        let Some(idle) = idle else { break copy.await };
+        tokio::select! {
+            r = &mut copy => break r,
+            _ = sleep_until(last.get() + idle) => {
+                // Traffic since the timer was armed moved the deadline: sleep again.
+                if last.get() + idle <= Instant::now() {
+                    debug!(?idle, "upgraded connection idle; closing");
+                    break Ok((0, 0));
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
         debug!(error = %e, "upgraded connection ended with an error");
     }
     drop(conn);
+}
+
+/// An upgraded stream that notes when bytes last arrived, for the tunnel's idle timeout.
+struct Active<T> {
+    io: T,
+    last: Rc<Cell<Instant>>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.set(Instant::now());
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// Reads a short-circuited request's small body to its end so the

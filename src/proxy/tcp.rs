@@ -330,7 +330,7 @@ async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, slo
     let mut record = Record::new(worker.clone());
     let end = {
         let Record { traffic, buffers, .. } = &mut record;
-        relay(&worker, &mut client, &mut upstream, buffers, traffic, tcp.idle_timeout, &mut cut).await
+        relay(&worker, &mut client, &mut upstream, buffers, traffic, worker.ctx.config.idle_timeout, &mut cut).await
     };
     debug!(listener = %worker.ctx.config.name, %peer, ?end, bytes_in = record.traffic.total[0].get(),
         bytes_out = record.traffic.total[1].get(), "tcp connection ended");
