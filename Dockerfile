@@ -23,9 +23,10 @@
 # which keep the cargo registry and target/ between builds.
 #
 # Not a static (musl) binary on purpose: healthgate's performance figures
-# were measured against glibc (its allocator and resolver), and musl's
-# allocator is known to be slower for multi-threaded servers. The runtime
-# image only needs glibc and libgcc_s, which distroless/cc provides.
+# were measured against glibc (its resolver; the allocator is jemalloc, built
+# from source by tikv-jemalloc-sys with the options in .cargo/config.toml,
+# which COPY brings along). The runtime image only needs glibc and libgcc_s,
+# which distroless/cc provides.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
