@@ -541,3 +541,38 @@ fn ten_thousand_idle_keep_alive_connections_keep_memory_bounded_and_service_up()
     eventually_blocking("connections released", WITHIN, || (fds(pid) <= fds0 + 16).then_some(()));
     still_serving(&hg);
 }
+
+/// `max_connections` counts the whole listener, whichever worker accepted:
+/// with 2 workers and a limit of 2, only 2 of 6 clients are served at once;
+/// the others wait (unread) and are served as slots free up.
+#[test]
+fn max_connections_counts_the_whole_listener_across_workers() {
+    let app = App::start();
+    let hg = start(app.addr, "    max_connections: 2\n");
+    let addr = hg.listeners[0];
+    let mut clients: Vec<TcpStream> = (0..6)
+        .map(|i| {
+            let mut s = TcpStream::connect_timeout(&addr, STEP).unwrap();
+            write!(s, "GET /c{i} HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    // Answered within 1 s, or still held back.
+    let answered = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut b = [0u8; 12];
+        matches!(s.read(&mut b), Ok(n) if n > 0)
+    };
+    let served: Vec<bool> = clients.iter_mut().map(answered).collect();
+    assert_eq!(served.iter().filter(|s| **s).count(), 2, "served at once: {served:?}");
+    // Closing the served ones frees their slots for the others, two at a time.
+    let mut waiting: Vec<TcpStream> = clients.drain(..).zip(served).filter(|(_, s)| !s).map(|(c, _)| c).collect();
+    while !waiting.is_empty() {
+        let next: Vec<TcpStream> = waiting.drain(..2.min(waiting.len())).collect();
+        for mut c in next {
+            c.set_read_timeout(Some(STEP)).unwrap();
+            let mut b = [0u8; 12];
+            assert!(matches!(c.read(&mut b), Ok(n) if n > 0), "a held client is served once a slot frees");
+        }
+    }
+}

@@ -104,22 +104,33 @@ static PROBLEM_VALUE: HeaderValue = HeaderValue::from_static(PROBLEM_JSON);
 /// Serves one worker's socket of a `protocol: http` listener until drained.
 ///
 /// Runs inside a `tokio::task::LocalSet` on the worker's current-thread
-/// runtime. `max_connections` applies to this worker's socket (the listener
-/// as a whole admits `workers × max_connections`); further connections wait
-/// in the kernel backlog. Returns once the drain signal fired and every
-/// connection ended (or the drain deadline passed).
+/// runtime. `max_connections` counts the whole listener, across workers (as
+/// for TCP listeners): a connection accepted at the limit waits, unread as
+/// in the kernel backlog, until a slot frees up. Returns once the drain
+/// signal fired and every connection ended (or the drain deadline passed).
 pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: DrainSignal) {
     let w = Rc::new(Worker::new(ctx));
     let sweeper = tokio::task::spawn_local(sweep_pool(w.clone()));
-    let max = w.ctx.config.max_connections.max(1);
+    let mut held: Option<(TcpStream, SocketAddr)> = None;
     let deadline = loop {
         if let Some(deadline) = *drain.borrow_and_update() {
             break deadline;
         }
-        if w.live.get() >= max {
-            tokio::select! {
-                _ = w.slot_free.notified() => {}
-                r = drain.changed() => if r.is_err() { break Instant::now() },
+        if let Some((stream, peer)) = held.take() {
+            match Live::reserve(&w) {
+                Some(live) => {
+                    tokio::task::spawn_local(connection(w.clone(), live, stream, peer, drain.clone()));
+                }
+                None => {
+                    held = Some((stream, peer));
+                    // Our own connections wake us at once; another worker's
+                    // are noticed on the next retry.
+                    tokio::select! {
+                        _ = w.slot_free.notified() => {}
+                        _ = tokio::time::sleep(SLOT_RETRY) => {}
+                        r = drain.changed() => if r.is_err() { break Instant::now() },
+                    }
+                }
             }
             continue;
         }
@@ -130,10 +141,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: Drai
                 break Instant::now();
             },
             r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    let live = Live::new(&w);
-                    tokio::task::spawn_local(connection(w.clone(), live, stream, peer, drain.clone()));
-                }
+                Ok(accepted) => held = Some(accepted),
                 Err(e) => accept_failed(e).await,
             },
         }
@@ -178,7 +186,7 @@ struct Worker {
     pool: RefCell<VecDeque<Pooled>>,
     /// Open client connections of this worker (including upgraded tunnels).
     live: Cell<usize>,
-    /// Signalled when `live` drops below `max_connections`.
+    /// Signalled when one of this worker's connections ends (a slot is free).
     slot_free: Notify,
     /// Signalled when `live` reaches zero.
     all_done: Notify,
@@ -253,15 +261,24 @@ impl Worker {
     }
 }
 
-/// Counts a client connection for `max_connections` and the drain; lives in
-/// [`Conn`], so an upgraded tunnel keeps counting after hyper let go.
+/// One of the listener's `max_connections` slots, counted for the drain
+/// too; lives in [`Conn`], so an upgraded tunnel keeps counting after hyper
+/// let go.
 struct Live(Rc<Worker>);
 
 impl Live {
-    fn new(w: &Rc<Worker>) -> Live {
+    /// Takes a slot, or `None` at the limit. The `active_connections` gauge
+    /// is the listener-wide counter itself: `inc` returns the previous
+    /// value atomically, so two workers cannot both take the last slot.
+    fn reserve(w: &Rc<Worker>) -> Option<Live> {
+        let gauge = &w.ctx.active_connections;
+        let max = i64::try_from(w.ctx.config.max_connections).unwrap_or(i64::MAX);
+        if gauge.inc() >= max {
+            gauge.dec();
+            return None;
+        }
         w.live.set(w.live.get() + 1);
-        w.ctx.active_connections.inc();
-        Live(w.clone())
+        Some(Live(w.clone()))
     }
 }
 
@@ -271,9 +288,7 @@ impl Drop for Live {
         let n = w.live.get() - 1;
         w.live.set(n);
         w.ctx.active_connections.dec();
-        if n + 1 == w.ctx.config.max_connections {
-            w.slot_free.notify_one();
-        }
+        w.slot_free.notify_one();
         if n == 0 {
             w.all_done.notify_one();
         }
@@ -528,6 +543,10 @@ impl AsyncWrite for ClientIo {
         Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
+
+/// How often a worker holding a connection at `max_connections` re-checks
+/// for a slot freed by another worker.
+const SLOT_RETRY: Duration = Duration::from_millis(50);
 
 /// One client connection, shared by its requests (and an upgraded tunnel).
 struct Conn {
