@@ -12,7 +12,6 @@
 //! `bypass` prefixes become routes that need nothing, placed before the
 //! configured routes.
 
-
 use hyper::{HeaderMap, Method};
 
 use crate::config::Pos;
