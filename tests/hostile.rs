@@ -469,8 +469,11 @@ fn ten_thousand_idle_keep_alive_connections_keep_memory_bounded_and_service_up()
     assert!(n >= 1_000, "open-files limit {limit} is too low for this test");
     let app = App::start();
     // A short upstream idle timeout so the pooled app connections are gone
-    // too when the fd count is checked at the end.
-    let hg = start(app.addr, "    client_idle_timeout: 300s\n    upstream_idle_timeout: 1s\n");
+    // too when the fd count is checked at the end; room above the default
+    // max_connections (10 000 for the whole listener) for the probes made
+    // while the idle ones are open.
+    let hg =
+        start(app.addr, "    client_idle_timeout: 300s\n    upstream_idle_timeout: 1s\n    max_connections: 20000\n");
     let (addr, pid) = (hg.listeners[0], hg.pid());
     for i in 0..50 {
         assert_eq!(support::healthgate::http_get(addr, &format!("/warm/{i}")).0, 200);
