@@ -12,6 +12,9 @@
 //! `bypass` prefixes become routes that need nothing, placed before the
 //! configured routes.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
 use hyper::{HeaderMap, Method};
 
 use crate::config::Pos;
@@ -66,39 +69,33 @@ fn segments(path: &str) -> impl Iterator<Item = &str> {
     path.split('/').filter(|s| !s.is_empty())
 }
 
-/// A sorted map searched by bisection: a handful of short string compares
-/// per path segment, cheaper than hashing each segment (SipHash) on the
-/// request path (callgrind: bench/compare.sh, routes).
-#[derive(Debug)]
-struct SortedMap<V>(Vec<(Box<str>, V)>);
+/// FNV-1a: the route table's keys are fixed at config load and short (path
+/// segments), so a keyed hash's protection against crafted collisions buys
+/// nothing here, while SipHash costs most of a lookup on the request path
+/// (callgrind: bench/compare.sh, routes).
+#[derive(Default)]
+struct Fnv(u64);
 
-impl<V> Default for SortedMap<V> {
-    fn default() -> Self {
-        SortedMap(Vec::new())
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
     }
 }
 
-impl<V> SortedMap<V> {
-    fn get(&self, key: &str) -> Option<&V> {
-        self.0.binary_search_by(|(k, _)| k.as_ref().cmp(key)).ok().map(|i| &self.0[i].1)
-    }
-
-    /// The value for `key`, inserted with `new` when missing.
-    fn get_or_insert_with(&mut self, key: &str, new: impl FnOnce() -> V) -> &mut V {
-        let i = match self.0.binary_search_by(|(k, _)| k.as_ref().cmp(key)) {
-            Ok(i) => i,
-            Err(i) => {
-                self.0.insert(i, (key.into(), new()));
-                i
-            }
-        };
-        &mut self.0[i].1
-    }
-}
+/// A map from path strings, hashed with [`Fnv`].
+type PathMap<V> = HashMap<Box<str>, V, BuildHasherDefault<Fnv>>;
 
 #[derive(Debug, Default)]
 struct Node {
-    children: SortedMap<usize>,
+    children: PathMap<usize>,
     /// Routes whose prefix ends at this node, ascending.
     routes: Vec<usize>,
 }
@@ -109,7 +106,7 @@ pub struct RouteTable {
     routes: Vec<RouteConfig>,
     nodes: Vec<Node>,
     /// Exact-path routes by path, ascending.
-    exact: SortedMap<Vec<usize>>,
+    exact: PathMap<Vec<usize>>,
     /// Routes with no path condition, ascending.
     anywhere: Vec<usize>,
 }
@@ -120,17 +117,17 @@ impl RouteTable {
         let mut t = RouteTable {
             routes: Vec::new(),
             nodes: vec![Node::default()],
-            exact: SortedMap::default(),
+            exact: PathMap::default(),
             anywhere: Vec::new(),
         };
         for (i, r) in routes.iter().enumerate() {
             if let Some(p) = &r.matcher.path {
-                t.exact.get_or_insert_with(p, Vec::new).push(i);
+                t.exact.entry(p.as_str().into()).or_default().push(i);
             } else if let Some(p) = &r.matcher.path_prefix {
                 let mut node = 0;
                 for seg in segments(p) {
                     let next = t.nodes.len();
-                    node = *t.nodes[node].children.get_or_insert_with(seg, || next);
+                    node = *t.nodes[node].children.entry(seg.into()).or_insert(next);
                     if node == next {
                         t.nodes.push(Node::default());
                     }
