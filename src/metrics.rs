@@ -1,7 +1,7 @@
 //! Prometheus metrics: one registry, handles resolved once at startup.
 //!
 //! The request path never looks a label set up: each listener gets its
-//! counters and histograms per outcome at startup ([`ListenerMetrics`]), and
+//! counters and histograms per outcome at startup ([`RouteMetrics`]), and
 //! recording is a few relaxed atomic adds ([`AtomicHistogram`] replaces
 //! prometheus-client's mutex-guarded histogram there).
 

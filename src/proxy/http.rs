@@ -27,7 +27,7 @@
 //! plain fields (`IoState`), and when the timer fires it decides (idle too
 //! long → close gracefully; head too slow → close; otherwise re-arm).
 //! The upstream response timeout uses the same timer: a request waiting on
-//! the app notes its deadline in the connection ([`Conn::upstream_due`]),
+//! the app notes its deadline in the connection (`Conn::upstream_due`),
 //! the timer (which wakes at least every tick while a request is in
 //! progress, and at the deadline once it is near) marks it expired, and the
 //! request, polled by hyper in the same task right after, answers `504`. A
@@ -267,14 +267,9 @@ impl Worker {
 struct Live(Rc<Worker>);
 
 impl Live {
-    /// Takes a slot, or `None` at the limit. The `active_connections` gauge
-    /// is the listener-wide counter itself: `inc` returns the previous
-    /// value atomically, so two workers cannot both take the last slot.
+    /// Takes a slot of the listener, or `None` at the limit.
     fn reserve(w: &Rc<Worker>) -> Option<Live> {
-        let gauge = &w.ctx.active_connections;
-        let max = i64::try_from(w.ctx.config.max_connections).unwrap_or(i64::MAX);
-        if gauge.inc() >= max {
-            gauge.dec();
+        if !w.ctx.take_slot() {
             return None;
         }
         w.live.set(w.live.get() + 1);

@@ -91,6 +91,20 @@ impl ListenerCtx {
         })
     }
 
+    /// Takes one of the listener's `max_connections` slots, shared by all
+    /// its workers; `false` at the limit. The `active_connections` gauge is
+    /// the counter itself: `inc` returns the previous value atomically, so
+    /// two workers cannot both take the last slot. Give it back with
+    /// `active_connections.dec()`.
+    pub fn take_slot(&self) -> bool {
+        let max = i64::try_from(self.config.max_connections).unwrap_or(i64::MAX);
+        if self.active_connections.inc() >= max {
+            self.active_connections.dec();
+            return false;
+        }
+        true
+    }
+
     /// The route a request takes: first match wins, else the default. Allocation-free.
     #[inline]
     pub fn route(&self, method: &hyper::Method, path: &str, headers: &hyper::HeaderMap) -> &Route {

@@ -5,7 +5,7 @@
 //! runtime. Its connections are local tasks in a `JoinSet`, so the drain can
 //! wait for them and abort the stragglers at its deadline. Per connection:
 //!
-//! 1. **Admission** at accept: one atomic load ([`Health::admission`]). Out
+//! 1. **Admission** at accept: one atomic load ([`Health::admission`](crate::state::Health::admission)). Out
 //!    of service (or degraded with `admit_degraded: false`) → the connection
 //!    is ended at once, per `reject` (`close`: FIN, `reset`: RST), never left
 //!    hanging.
@@ -253,22 +253,14 @@ impl Worker {
 
 // === impl Slot ===
 
-/// One of the listener's `max_connections` slots. The `active_connections`
-/// gauge is the counter itself: it is shared by every worker of the
-/// listener, and `inc` returns the previous value atomically.
+/// One of the listener's `max_connections` slots ([`ListenerCtx::take_slot`]).
 struct Slot {
     worker: Rc<Worker>,
 }
 
 impl Slot {
     fn reserve(worker: &Rc<Worker>) -> Option<Slot> {
-        let gauge = &worker.ctx.active_connections;
-        let max = i64::try_from(worker.ctx.config.max_connections).unwrap_or(i64::MAX);
-        if gauge.inc() >= max {
-            gauge.dec();
-            return None;
-        }
-        Some(Slot { worker: worker.clone() })
+        worker.ctx.take_slot().then(|| Slot { worker: worker.clone() })
     }
 }
 
