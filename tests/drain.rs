@@ -24,23 +24,6 @@ use support::{STEP, eventually_blocking};
 /// Bound for anything that should happen "soon" on a loaded 2-core machine.
 const WITHIN: Duration = Duration::from_secs(10);
 
-/// A dependency that is always up: accepts and closes connections (accepting
-/// matters: unaccepted connections would fill the backlog and time out).
-struct Dep(SocketAddr);
-
-impl Dep {
-    fn up() -> Dep {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                drop(s);
-            }
-        });
-        Dep(addr)
-    }
-}
-
 /// The upstream app. `GET /sleep/MS` answers `slept MS` after MS
 /// milliseconds; `GET /stream/N` streams N chunks (`chunk I\n`) 100 ms apart;
 /// anything else answers `ok PATH` at once. Keep-alive, as healthgate pools.
@@ -121,18 +104,18 @@ impl Upstream {
 
 /// Starts healthgate with one HTTP listener to `app` and a TCP listener to
 /// `tcp_upstream`, one always-up dependency, and the given drain settings.
-fn start(app: SocketAddr, tcp_upstream: SocketAddr, delay: &str, timeout: &str) -> (Healthgate, Dep) {
-    let dep = Dep::up();
+fn start(app: SocketAddr, tcp_upstream: SocketAddr, delay: &str, timeout: &str) -> Healthgate {
+    let dep = support::always_up();
     let cfg = format!(
         "workers: 2\nadmin:\n  listen: 127.0.0.1:0\ndrain:\n  delay: {delay}\n  timeout: {timeout}\n\
          listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: \"{app}\"\n\
          \x20 - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: \"{tcp_upstream}\"\n\
          dependencies:\n  - name: db\n    type: tcp\n    address: \"{}\"\n    interval: 100ms\n    timeout: 1s\n    rise: 1\n    fall: 2\n",
-        dep.0
+        dep
     );
     let hg = Healthgate::start(&cfg);
     hg.wait_state("in_service", WITHIN);
-    (hg, dep)
+    hg
 }
 
 /// A complete response read on a `Connection: close` request: (status, raw head, raw body).
@@ -201,7 +184,7 @@ fn round_trip(s: &mut TcpStream, msg: &[u8]) {
 fn new_requests_are_served_during_the_delay_and_refused_after_it() {
     let app = Upstream::start();
     let delay = Duration::from_secs(3);
-    let (mut hg, _dep) = start(app.addr, echo(), "3s", "10s");
+    let mut hg = start(app.addr, echo(), "3s", "10s");
     let web = hg.listeners[0];
     let signalled = Instant::now();
     hg.signal("TERM");
@@ -224,7 +207,7 @@ fn new_requests_are_served_during_the_delay_and_refused_after_it() {
 #[test]
 fn a_slow_request_and_a_long_stream_in_flight_finish_then_the_process_exits_zero() {
     let app = Upstream::start();
-    let (mut hg, _dep) = start(app.addr, echo(), "500ms", "20s");
+    let mut hg = start(app.addr, echo(), "500ms", "20s");
     let web = hg.listeners[0];
     let slow = in_background(move || get(web, "/sleep/3000", Duration::from_secs(30)));
     // 30 chunks, 100 ms apart: ~3 s of streaming, well past the delay.
@@ -245,7 +228,7 @@ fn a_slow_request_and_a_long_stream_in_flight_finish_then_the_process_exits_zero
 #[test]
 fn a_stuck_request_is_cut_at_the_drain_timeout_and_the_process_exits() {
     let app = Upstream::start();
-    let (mut hg, _dep) = start(app.addr, echo(), "200ms", "1s");
+    let mut hg = start(app.addr, echo(), "200ms", "1s");
     let web = hg.listeners[0];
     let stuck = in_background(move || get(web, "/sleep/60000", Duration::from_secs(30)));
     app.wait_started(1);
@@ -266,7 +249,7 @@ fn a_stuck_request_is_cut_at_the_drain_timeout_and_the_process_exits() {
 /// at once with 130.
 fn second_signal_during_the_wait_exits_at_once(second: &str) {
     let app = Upstream::start();
-    let (mut hg, _dep) = start(app.addr, echo(), "200ms", "60s");
+    let mut hg = start(app.addr, echo(), "200ms", "60s");
     let web = hg.listeners[0];
     let _stuck = in_background(move || get(web, "/sleep/60000", Duration::from_secs(90)));
     app.wait_started(1);
@@ -293,7 +276,7 @@ fn a_sigint_while_requests_are_in_flight_exits_at_once_with_130() {
 #[test]
 fn an_open_tcp_session_keeps_working_during_the_drain_and_its_close_ends_the_process() {
     let app = Upstream::start();
-    let (mut hg, _dep) = start(app.addr, echo(), "200ms", "60s");
+    let mut hg = start(app.addr, echo(), "200ms", "60s");
     let l4 = hg.listeners[1];
     let mut s = TcpStream::connect_timeout(&l4, STEP).unwrap();
     s.set_read_timeout(Some(STEP)).unwrap();

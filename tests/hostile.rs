@@ -26,18 +26,6 @@ use support::{STEP, eventually_blocking};
 
 const WITHIN: Duration = Duration::from_secs(10);
 
-/// A dependency that is always up (accepts and closes).
-fn dep_up() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            drop(s);
-        }
-    });
-    addr
-}
-
 /// A port nothing listens on: a dependency that is down.
 fn dep_down() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
@@ -56,7 +44,7 @@ fn start_with(upstream: SocketAddr, listener_extra: &str, dep: SocketAddr, state
 }
 
 fn start(upstream: SocketAddr, listener_extra: &str) -> Healthgate {
-    start_with(upstream, listener_extra, dep_up(), "in_service")
+    start_with(upstream, listener_extra, support::always_up(), "in_service")
 }
 
 /// Sends `raw` and reads until healthgate closes the connection.

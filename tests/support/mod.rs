@@ -78,6 +78,20 @@ impl Dep {
     }
 }
 
+/// A dependency that is always up: a listener on 127.0.0.1 that accepts and
+/// closes every connection, forever (accepting matters: unaccepted
+/// connections would fill the backlog and connects would time out).
+pub fn always_up() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            drop(s);
+        }
+    });
+    addr
+}
+
 /// A TCP port that was free a moment ago (for servers that cannot bind port 0
 /// and report it back, such as mariadbd or rabbitmq).
 pub fn free_port() -> u16 {
