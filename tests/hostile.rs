@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use support::app::App;
-use support::healthgate::Healthgate;
+use support::healthgate::{Healthgate, http_request};
 use support::{STEP, eventually_blocking};
 
 const WITHIN: Duration = Duration::from_secs(10);
@@ -122,6 +122,16 @@ fn two_host_headers_get_400() {
         b"GET / HTTP/1.1\r\nHost: h\r\nHost: other\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nhost: h\r\n\r\n",
     ]);
+}
+
+#[test]
+fn http11_request_without_host_gets_400_and_http10_is_proxied() {
+    // RFC 9112 §3.2: Host is mandatory in HTTP/1.1 only.
+    each_gets_400_without_reaching_the_app(&[b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n"]);
+    let app = App::start();
+    let hg = start(app.addr, "");
+    let (status, _, body) = http_request(hg.listeners[0], "GET /old HTTP/1.0\r\n\r\n");
+    assert_eq!((status, body.as_str()), (200, "app:GET /old"));
 }
 
 #[test]

@@ -754,9 +754,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
         || uri.authority().is_some()
         || req.method() == Method::CONNECT
         || !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS))
-        // RFC 9112 §3.2: more than one Host is a 400 (hyper passes them
-        // on); the app and a front proxy could otherwise each pick another.
-        || req.headers().get_all(header::HOST).iter().nth(1).is_some()
+        || !host_is_valid(req.headers(), req.version())
     {
         return reply(
             &ctx.default_route.metrics,
@@ -1115,6 +1113,18 @@ fn problem_with(headers: HeaderMap, status: StatusCode, body: Bytes, busy: Busy,
 /// Whether a comma-separated header list contains `token` (ASCII case-insensitive).
 fn has_token(v: &HeaderValue, token: &str) -> bool {
     v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`, an HTTP/1.0
+/// one at most; anything else is a 400. hyper passes both cases on, and
+/// with two the app and a front proxy could each pick another.
+fn host_is_valid(h: &HeaderMap, version: Version) -> bool {
+    let mut hosts = h.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), None) => true,
+        (None, _) => version != Version::HTTP_11,
+        (Some(_), Some(_)) => false,
+    }
 }
 
 /// `Connection: upgrade` plus an `Upgrade` header.
