@@ -8,7 +8,7 @@
 //!
 //! # Per request
 //! 1. URI checks: absolute-form, authority-form (`CONNECT`), a path not
-//!    starting with `/` or more than one `Host` → `400`; `Content-Length`
+//!    starting with `/`, no `Host` (HTTP/1.1) or more than one → `400`; `Content-Length`
 //!    over `max_body_bytes` → `413`.
 //! 2. Routing and admission: the listener's route table picks the route
 //!    (`bypass` prefixes are routes needing nothing: outcome `bypassed`);
