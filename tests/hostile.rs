@@ -454,9 +454,23 @@ fn nofile_limit(want: u64) -> u64 {
     read().0
 }
 
+/// Sends `GET path` on a kept-alive connection and reads until the app's
+/// answer to it has arrived.
+async fn ask(s: &mut tokio::net::TcpStream, path: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes()).await.unwrap();
+    let want = format!("app:GET {path}");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(want.as_bytes()) {
+        let k = tokio::time::timeout(STEP, s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(k > 0, "closed before the response to {path}");
+        got.extend_from_slice(&buf[..k]);
+    }
+}
+
 #[test]
 fn ten_thousand_idle_keep_alive_connections_keep_memory_bounded_and_service_up() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const WANT: usize = 10_000;
     let limit = nofile_limit(WANT as u64 + 1_000);
     // Each process (this one and healthgate) holds one end of every connection.
@@ -479,7 +493,6 @@ fn ten_thousand_idle_keep_alive_connections_keep_memory_bounded_and_service_up()
     let (rss0, fds0) = (rss_kib(pid), fds(pid));
 
     let rt = runtime();
-    let request = |path: String| format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n");
     // One request each (so each connection is a real keep-alive client), then idle.
     let mut conns = rt.block_on(async move {
         let gate = Arc::new(tokio::sync::Semaphore::new(256));
@@ -489,15 +502,7 @@ fn ten_thousand_idle_keep_alive_connections_keep_memory_bounded_and_service_up()
             set.spawn(async move {
                 let _permit = gate.acquire().await.unwrap();
                 let mut s = tokio::time::timeout(STEP, tokio::net::TcpStream::connect(addr)).await.unwrap().unwrap();
-                s.write_all(request(format!("/idle/{i}")).as_bytes()).await.unwrap();
-                let want = format!("app:GET /idle/{i}");
-                let mut got = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !got.ends_with(want.as_bytes()) {
-                    let k = tokio::time::timeout(STEP, s.read(&mut buf)).await.unwrap().unwrap();
-                    assert!(k > 0, "closed before the response");
-                    got.extend_from_slice(&buf[..k]);
-                }
+                ask(&mut s, &format!("/idle/{i}")).await;
                 s
             });
         }
@@ -525,15 +530,7 @@ fn ten_thousand_idle_keep_alive_connections_keep_memory_bounded_and_service_up()
     still_serving(&hg);
     rt.block_on(async {
         for (i, s) in conns.iter_mut().enumerate().step_by(n / 100) {
-            s.write_all(request(format!("/again/{i}")).as_bytes()).await.unwrap();
-            let want = format!("app:GET /again/{i}");
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !got.ends_with(want.as_bytes()) {
-                let k = tokio::time::timeout(STEP, s.read(&mut buf)).await.unwrap().unwrap();
-                assert!(k > 0, "an idle connection was closed");
-                got.extend_from_slice(&buf[..k]);
-            }
+            ask(s, &format!("/again/{i}")).await;
         }
     });
     drop(conns);
