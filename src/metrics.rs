@@ -197,7 +197,7 @@ impl EncodeMetric for AtomicHistogram {
             .bounds
             .iter()
             .copied()
-            .chain(std::iter::once(f64::MAX))
+            .chain(std::iter::once(f64::INFINITY))
             .zip(self.0.counts.iter().map(|c| c.load(Ordering::Relaxed)))
             .collect();
         let count = buckets.iter().map(|b| b.1).sum();
@@ -457,5 +457,18 @@ mod tests {
         assert!(text.contains("x_seconds_bucket{le=\"0.0001\"} 1"), "{text}");
         assert!(text.contains("x_seconds_bucket{le=\"0.0025\"} 2"), "{text}");
         assert!(text.contains("x_seconds_count 3"), "{text}");
+    }
+
+    #[test]
+    fn atomic_histogram_ends_with_an_inf_bucket_holding_every_observation() {
+        let h = AtomicHistogram::new(&CONNECTION_BUCKETS);
+        h.observe(Duration::from_secs(7200));
+        h.observe(Duration::from_millis(1));
+        let mut reg = Registry::default();
+        reg.register("y_seconds", "y", h);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(text.contains("y_seconds_bucket{le=\"+Inf\"} 2"), "{text}");
+        assert!(!text.contains("e308"), "a finite stand-in for +Inf breaks histogram_quantile: {text}");
     }
 }
