@@ -6,7 +6,8 @@
 //!
 //! Every failure carries a [`Cause`] from a fixed vocabulary, so metric labels
 //! stay bounded and an operator can tell "refused" from "connect timeout" from
-//! "the server answered, but not well" (seed 003).
+//! "the server answered, but not well". When several attempts fail (nodes of
+//! a cluster, addresses of a name), [`most_telling`] picks the one to report.
 
 pub mod amqp;
 pub mod http;
@@ -18,11 +19,19 @@ pub mod tls;
 
 use std::fmt;
 use std::future::Future;
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::{DependencyConfig, DependencyKind};
+
+/// How long work on a connection a check stopped waiting for (a late reply,
+/// a clean close) may go on in the background before the connection is
+/// simply dropped. Long, on purpose: a frozen server reads what we sent only
+/// when it thaws, and a socket closed before that makes it log an abrupt
+/// close (or count an aborted client).
+pub const ABANDON_AFTER: Duration = Duration::from_secs(30);
 
 /// Why a check failed: a bounded set of label values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -132,6 +141,50 @@ impl Cause {
             Cause::Config => "config",
         }
     }
+}
+
+impl Cause {
+    /// How much a failure with this cause tells about the dependency (higher
+    /// is more telling): the server's own answer (a refused login, a missing
+    /// queue, "loading") over a broken conversation (protocol, TLS, a server
+    /// error), over silence (timeouts), over a refusal, over a reset, over
+    /// not reaching the host at all (typically an IPv6 address without a route).
+    pub fn specificity(self) -> u8 {
+        match self {
+            Cause::Config
+            | Cause::Auth
+            | Cause::Vhost
+            | Cause::NotFound
+            | Cause::Blocked
+            | Cause::TooManyConnections
+            | Cause::HostBlocked
+            | Cause::NotReady
+            | Cause::Loading
+            | Cause::MasterDown
+            | Cause::Busy
+            | Cause::NotMaster
+            | Cause::UnexpectedStatus
+            | Cause::UnexpectedResponse => 5,
+            Cause::Protocol | Cause::ServerError | Cause::Tls => 4,
+            Cause::ReadTimeout | Cause::ConnectTimeout => 3,
+            Cause::Refused => 2,
+            Cause::Reset => 1,
+            Cause::Unreachable | Cause::Dns => 0,
+        }
+    }
+}
+
+/// The position of the most telling of several failures (by
+/// [`Cause::specificity`]; the first among equals), `None` when there are none.
+pub fn most_telling<'a>(errors: impl IntoIterator<Item = &'a CheckError>) -> Option<usize> {
+    let mut best: Option<(usize, u8)> = None;
+    for (i, e) in errors.into_iter().enumerate() {
+        let s = e.cause.specificity();
+        if best.is_none_or(|(_, b)| s > b) {
+            best = Some((i, s));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 impl fmt::Display for Cause {
@@ -278,5 +331,19 @@ mod tests {
             assert!(seen.insert(s), "duplicate {s}");
             assert_eq!(serde_json::to_value(c).unwrap(), serde_json::Value::String(s.into()));
         }
+    }
+
+    #[test]
+    fn the_most_telling_failure_is_the_servers_own_answer_then_the_first_among_equals() {
+        let errs = |causes: &[Cause]| causes.iter().map(|c| CheckError::new(*c, "")).collect::<Vec<_>>();
+        let pick = |causes: &[Cause]| most_telling(&errs(causes)).map(|i| causes[i]);
+        assert_eq!(pick(&[]), None);
+        assert_eq!(pick(&[Cause::Refused, Cause::Auth, Cause::ReadTimeout]), Some(Cause::Auth));
+        assert_eq!(pick(&[Cause::Refused, Cause::Protocol]), Some(Cause::Protocol));
+        assert_eq!(pick(&[Cause::Refused, Cause::ConnectTimeout]), Some(Cause::ConnectTimeout));
+        assert_eq!(pick(&[Cause::Reset, Cause::Refused]), Some(Cause::Refused));
+        assert_eq!(pick(&[Cause::Unreachable, Cause::Reset]), Some(Cause::Reset));
+        let two_timeouts = errs(&[Cause::ConnectTimeout, Cause::ReadTimeout]);
+        assert_eq!(most_telling(&two_timeouts), Some(0), "the first among equals");
     }
 }

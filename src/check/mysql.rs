@@ -13,14 +13,16 @@
 //!   interval, the connection is closed after each check instead of being
 //!   left for the server to kill;
 //! * an exchange that overruns the check's deadline is not cut off: it keeps
-//!   running in a background task (bounded by [`ABANDON_AFTER`]) and the
-//!   next check takes the connection back when the late reply arrives. So a
+//!   running in a background task (bounded by [`ABANDON_AFTER`], after which
+//!   its connection is dropped, which mysql_async ends with a `COM_QUIT` if
+//!   it can) and the next check takes the connection back when the late
+//!   reply arrives. So a
 //!   frozen server sees no half-finished handshake and no vanished client,
 //!   and healthgate opens no second connection while one is still pending.
 //!
 //! A connection the server closed while idle (`wait_timeout`, "gone away",
 //! EOF or reset on first use) is replaced once within the same check before
-//! anything is judged (seed 001).
+//! anything is judged: a stale idle connection is not an outage.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +37,7 @@ use tracing::debug;
 
 use super::net::{self, Phase};
 use super::tls::TlsSettings;
-use super::{Cause, Check, CheckError, Details};
+use super::{ABANDON_AFTER, Cause, Check, CheckError, Details, most_telling};
 use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, SecretSource, secret_source};
 
 /// Keys a `mysql` dependency accepts besides the common ones.
@@ -53,11 +55,6 @@ pub(crate) const KEYS: &[&str] = &[
 
 /// The MySQL default port.
 const DEFAULT_PORT: u16 = 3306;
-
-/// How long an exchange that overran its check may keep running in the
-/// background before it is given up (its connection is then dropped, which
-/// mysql_async ends with a `COM_QUIT` if it can).
-pub const ABANDON_AFTER: Duration = Duration::from_secs(30);
 
 /// Bound on the background `COM_QUIT` of a connection being retired.
 const QUIT_BOUND: Duration = Duration::from_secs(5);
@@ -539,15 +536,10 @@ impl MysqlCheck {
                 }
             }
         }
-        // Report the failure that says most about the server: a refusal or a
-        // timeout over a reset, over "unreachable" (typically an IPv6 address
-        // without a route), and name every address tried.
-        let rank = |c: Cause| match c {
-            Cause::Refused | Cause::ConnectTimeout | Cause::ReadTimeout => 0,
-            Cause::Reset => 1,
-            _ => 2,
-        };
-        let Some(best) = (0..failures.len()).min_by_key(|&i| rank(failures[i].1.cause)) else {
+        // Report the failure that says most about the server (a timeout over
+        // a refusal, over a reset, over "unreachable"), and name every
+        // address tried.
+        let Some(best) = most_telling(failures.iter().map(|(_, e)| e)) else {
             return Err(CheckError::new(Cause::Dns, format!("{} has no address to try", self.settings.address)));
         };
         let (_, e) = failures.remove(best);
