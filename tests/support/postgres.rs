@@ -59,7 +59,8 @@ fn running_as_root() -> bool {
 /// The uid and gid of the `postgres` system user.
 fn postgres_ids() -> (u32, u32) {
     let passwd = std::fs::read_to_string("/etc/passwd").expect("/etc/passwd");
-    let line = passwd.lines().find(|l| l.starts_with("postgres:")).expect("no postgres user: apt-get install postgresql");
+    let line =
+        passwd.lines().find(|l| l.starts_with("postgres:")).expect("no postgres user: apt-get install postgresql");
     let f: Vec<&str> = line.split(':').collect();
     (f[2].parse().unwrap(), f[3].parse().unwrap())
 }
@@ -84,27 +85,27 @@ fn give_to_postgres(path: &Path) {
     }
 }
 
-/// Sends `sig` to every process of the group `pgid`.
-fn signal_group(pgid: u32, sig: &str) {
-    let status =
-        Command::new("kill").arg(format!("-{sig}")).arg("--").arg(format!("-{pgid}")).status().expect("kill");
-    assert!(status.success(), "kill -{sig} -{pgid} failed");
-}
-
-/// The pids of the processes in group `pgid`.
-fn group_members(pgid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
+/// The postmaster `pid` and its children (the backends call `setsid()`, so
+/// they are not in the postmaster's process group).
+fn server_processes(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-        // Fields after the ")" closing the command name: state ppid pgrp ...
+        // Fields after the ")" closing the command name: state ppid ...
         let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
-            out.push(pid);
+        if rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(child);
         }
     }
     out
+}
+
+/// Sends `sig` to the postmaster first (so it forks no more), then to its children.
+fn signal_server(pid: u32, sig: &str) {
+    for p in server_processes(pid) {
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(p.to_string()).stderr(Stdio::null()).status();
+    }
 }
 
 fn process_state(pid: u32) -> Option<char> {
@@ -141,12 +142,8 @@ impl Postgres {
              host all all 127.0.0.1/32 scram-sha-256\n"
         );
         std::fs::write(dir.path().join("data/pg_hba.conf"), hba).unwrap();
-        let mut pg = Postgres {
-            dir,
-            port: free_port(),
-            child: None,
-            extra: settings.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut pg =
+            Postgres { dir, port: free_port(), child: None, extra: settings.iter().map(|s| s.to_string()).collect() };
         pg.spawn().await;
         pg.sql(&format!(
             "CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'; \
@@ -154,9 +151,9 @@ impl Postgres {
              CREATE ROLE {CLEAR_USER} LOGIN PASSWORD '{PASSWORD}'; \
              CREATE ROLE {REJECTED_USER} LOGIN PASSWORD '{PASSWORD}'; \
              SET password_encryption = 'md5'; \
-             CREATE ROLE {MD5_USER} LOGIN PASSWORD '{PASSWORD}'; \
-             CREATE DATABASE app"
+             CREATE ROLE {MD5_USER} LOGIN PASSWORD '{PASSWORD}'"
         ));
+        pg.sql("CREATE DATABASE app");
         pg
     }
 
@@ -170,7 +167,7 @@ impl Postgres {
             .arg(self.dir.path())
             .arg("-p")
             .arg(self.port.to_string())
-            .args(["-U", "postgres", "-R", "-X", "stream", "--no-sync", "-D"])
+            .args(["-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync", "-D"])
             .arg(dir.path().join("data"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -188,20 +185,18 @@ impl Postgres {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(d.join("server.log")).expect("log file");
         give_to_postgres(&d.join("server.log"));
         let mut cmd = pg_command("postgres");
-        cmd.arg("-D")
-            .arg(d.join("data"))
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-k")
-            .arg(d)
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "logging_collector=off"]);
+        cmd.arg("-D").arg(d.join("data")).arg("-p").arg(self.port.to_string()).arg("-k").arg(d).args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "logging_collector=off",
+        ]);
         for s in &self.extra {
             cmd.arg("-c").arg(s);
         }
-        // Its own process group, so a freeze or a kill reaches every backend.
-        use std::os::unix::process::CommandExt;
-        let child =
-            cmd.process_group(0).stdout(Stdio::null()).stderr(log).spawn().expect("start postgres");
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start postgres");
         self.child = Some(child);
         let this = &*self;
         eventually("postgres accepts connections", Duration::from_secs(30), || async move {
@@ -232,6 +227,11 @@ impl Postgres {
 
     /// Runs SQL as the superuser over the Unix socket; `None` on failure.
     pub fn try_sql(&self, sql: &str) -> Option<String> {
+        self.psql(sql).ok()
+    }
+
+    /// Runs SQL as the superuser: its output, or psql's error text.
+    fn psql(&self, sql: &str) -> Result<String, String> {
         let out = pg_command("psql")
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-d", "postgres", "-h"])
             .arg(self.dir.path())
@@ -242,13 +242,17 @@ impl Postgres {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output()
-            .ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     /// Runs SQL as the superuser, failing the test on error.
     pub fn sql(&self, sql: &str) -> String {
-        self.try_sql(sql).unwrap_or_else(|| panic!("SQL failed: {sql}"))
+        self.psql(sql).unwrap_or_else(|e| panic!("SQL failed: {sql}: {e}"))
     }
 
     /// Sessions with the given `application_name`.
@@ -276,19 +280,19 @@ impl Postgres {
         self.spawn().await;
     }
 
-    /// Freezes every process of the server (SIGSTOP to its group): the kernel
-    /// still accepts TCP connections. Returns once all are stopped.
+    /// Freezes every process of the server (SIGSTOP): the kernel still
+    /// accepts TCP connections. Returns once all are stopped.
     pub fn freeze(&self) {
-        let pgid = self.pid();
-        signal_group(pgid, "STOP");
+        let pid = self.pid();
+        signal_server(pid, "STOP");
         eventually_blocking("every postgres process stopped", STEP, || {
-            group_members(pgid).iter().all(|p| process_state(*p).is_none_or(|s| s == 'T')).then_some(())
+            server_processes(pid).iter().all(|p| process_state(*p).is_none_or(|s| s == 'T')).then_some(())
         });
     }
 
     /// Resumes a frozen server.
     pub fn thaw(&self) {
-        signal_group(self.pid(), "CONT");
+        signal_server(self.pid(), "CONT");
     }
 
     /// Opens a session as the trust user over TCP and keeps it (occupies a
@@ -329,10 +333,9 @@ pub async fn release_session(mut s: TcpStream) {
 impl Drop for Postgres {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let pgid = c.id();
-            // Resume first in case the test froze it, then kill the whole group.
-            let _ = Command::new("kill").args(["-CONT", "--", &format!("-{pgid}")]).status();
-            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status();
+            // Resume first in case the test froze it, then kill every process.
+            signal_server(c.id(), "CONT");
+            signal_server(c.id(), "KILL");
             let _ = c.wait();
         }
     }

@@ -38,16 +38,8 @@ use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, SecretSo
 use wire::{Conn, Login, WireError};
 
 /// Keys a `postgres` dependency accepts besides the common ones.
-pub(crate) const KEYS: &[&str] = &[
-    "address",
-    "user",
-    "password_env",
-    "password_file",
-    "database",
-    "application_name",
-    "query",
-    "require_writable",
-];
+pub(crate) const KEYS: &[&str] =
+    &["address", "user", "password_env", "password_file", "database", "application_name", "query", "require_writable"];
 
 /// The PostgreSQL default port.
 const DEFAULT_PORT: u16 = 5432;
@@ -245,7 +237,9 @@ impl Failure {
 impl From<WireError> for Failure {
     fn from(e: WireError) -> Self {
         match e {
-            WireError::Server(e) => Failure::Judged(CheckError::new(wire::cause_of_sqlstate(&e.code, false), e.to_string())),
+            WireError::Server(e) => {
+                Failure::Judged(CheckError::new(wire::cause_of_sqlstate(&e.code, false), e.to_string()))
+            }
             WireError::Fatal(e) => Failure::Lost(e),
             WireError::Broken(e) if e.cause == Cause::Reset => Failure::Lost(e),
             WireError::Broken(e) => Failure::Broken(e),
@@ -305,7 +299,9 @@ impl PostgresCheck {
                 Cause::ConnectTimeout,
                 format!("{}: no complete session in time: startup, TLS or authentication unanswered{waiting}", p.peer),
             ),
-            _ => CheckError::new(Cause::ReadTimeout, format!("{}: no reply to the check query in time{waiting}", p.peer)),
+            _ => {
+                CheckError::new(Cause::ReadTimeout, format!("{}: no reply to the check query in time{waiting}", p.peer))
+            }
         }
     }
 

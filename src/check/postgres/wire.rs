@@ -210,7 +210,7 @@ impl Conn {
             params.push(("database", db));
         }
         self.out.clear();
-        frontend::startup_message(params.into_iter(), &mut self.out).map_err(|e| self.encode_error(e))?;
+        frontend::startup_message(params, &mut self.out).map_err(|e| self.encode_error(e))?;
         self.flush(deadline, "startup").await?;
         let mut scram: Option<ScramSha256> = None;
         let mut info = StartupInfo::default();
@@ -241,7 +241,10 @@ impl Conn {
                     if !scram_offered {
                         return Err(broken(
                             Cause::Auth,
-                            format!("{}: the server offers no SASL mechanism this check speaks (SCRAM-SHA-256)", self.peer),
+                            format!(
+                                "{}: the server offers no SASL mechanism this check speaks (SCRAM-SHA-256)",
+                                self.peer
+                            ),
                         ));
                     }
                     let pw = self.password(login)?;
@@ -256,7 +259,8 @@ impl Conn {
                 }
                 Message::AuthenticationSaslContinue(body) => {
                     let peer = self.peer;
-                    let s = scram.as_mut().ok_or_else(|| broken(Cause::Protocol, format!("{peer}: SASL out of order")))?;
+                    let s =
+                        scram.as_mut().ok_or_else(|| broken(Cause::Protocol, format!("{peer}: SASL out of order")))?;
                     s.update(body.data()).map_err(|e| broken(Cause::Auth, format!("{peer}: SCRAM: {e}")))?;
                     self.out.clear();
                     frontend::sasl_response(s.message(), &mut self.out).map_err(|e| self.encode_error(e))?;
@@ -264,7 +268,8 @@ impl Conn {
                 }
                 Message::AuthenticationSaslFinal(body) => {
                     let peer = self.peer;
-                    let s = scram.as_mut().ok_or_else(|| broken(Cause::Protocol, format!("{peer}: SASL out of order")))?;
+                    let s =
+                        scram.as_mut().ok_or_else(|| broken(Cause::Protocol, format!("{peer}: SASL out of order")))?;
                     // Verifies the server's signature: a server that does
                     // not know the password cannot pass.
                     s.finish(body.data()).map_err(|e| broken(Cause::Auth, format!("{peer}: SCRAM: {e}")))?;
@@ -276,7 +281,10 @@ impl Conn {
                 | Message::AuthenticationGssContinue(_) => {
                     return Err(broken(
                         Cause::Auth,
-                        format!("{}: the server asks for GSS/SSPI/Kerberos authentication, which this check does not speak", self.peer),
+                        format!(
+                            "{}: the server asks for GSS/SSPI/Kerberos authentication, which this check does not speak",
+                            self.peer
+                        ),
                     ));
                 }
                 Message::ErrorResponse(body) => return Err(self.fatal_at_startup(body.fields())),
@@ -342,7 +350,10 @@ impl Conn {
                 | Message::ParameterStatus(_)
                 | Message::NotificationResponse(_) => {}
                 Message::CopyInResponse(_) | Message::CopyOutResponse(_) => {
-                    return Err(broken(Cause::Config, format!("{}: the query starts a COPY, which a check cannot run", self.peer)));
+                    return Err(broken(
+                        Cause::Config,
+                        format!("{}: the query starts a COPY, which a check cannot run", self.peer),
+                    ));
                 }
                 other => return Err(self.unexpected("query", &other)),
             }
@@ -359,7 +370,10 @@ impl Conn {
             match self.stream.try_read(&mut tmp) {
                 Ok(0) => {
                     self.terminated = true;
-                    return Err(CheckError::new(Cause::Reset, format!("{}: closed by the server while idle", self.peer)));
+                    return Err(CheckError::new(
+                        Cause::Reset,
+                        format!("{}: closed by the server while idle", self.peer),
+                    ));
                 }
                 Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -377,7 +391,10 @@ impl Conn {
             if let Message::ErrorResponse(body) = m {
                 self.terminated = true;
                 let e = ServerError::from_fields(body.fields())?;
-                return Err(CheckError::new(Cause::Reset, format!("{}: closed by the server while idle: {e}", self.peer)));
+                return Err(CheckError::new(
+                    Cause::Reset,
+                    format!("{}: closed by the server while idle: {e}", self.peer),
+                ));
             }
         }
         Ok(())
@@ -401,7 +418,10 @@ impl Conn {
         login.password.ok_or_else(|| {
             broken(
                 Cause::Auth,
-                format!("{}: the server asks for a password and none is configured (password_env / password_file)", self.peer),
+                format!(
+                    "{}: the server asks for a password and none is configured (password_env / password_file)",
+                    self.peer
+                ),
             )
         })
     }
@@ -455,7 +475,8 @@ impl Conn {
                 Err(e) => return Err(broken(Cause::Protocol, format!("{}: {what}: {e}", self.peer))),
             }
             self.buf.reserve(4096);
-            let n = exchange(deadline, what, self.stream.read_buf(&mut self.buf)).await.map_err(|e| self.io_failure(e))?;
+            let n =
+                exchange(deadline, what, self.stream.read_buf(&mut self.buf)).await.map_err(|e| self.io_failure(e))?;
             if n == 0 {
                 self.terminated = true;
                 return Err(broken(Cause::Reset, format!("{}: {what}: connection closed by the server", self.peer)));
