@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use healthgate::check::{AnyCheck, Cause, Check, CheckError};
 use healthgate::config::{Config, DependencyConfig};
-use support::postgres::{CLEAR_USER, MD5_USER, PASSWORD, Postgres, REJECTED_USER, TRUST_USER, USER, release_session};
+use support::pki::Pki;
+use support::postgres::{
+    CLEAR_USER, MD5_USER, PASSWORD, Postgres, REJECTED_USER, TLS_USER, TRUST_USER, USER, release_session,
+};
 use support::{STEP, eventually};
 use tokio::time::Instant;
 
@@ -303,4 +306,29 @@ async fn missing_password_file_is_config_and_unresolvable_host_is_dns() {
     let dep = dependency(&format!("    address: postgres://{USER}@no-such-host.invalid/app\n"));
     let err = probe(&mut AnyCheck::new(&dep), Duration::from_secs(3)).await.unwrap_err();
     assert_eq!(err.cause, Cause::Dns, "{err}");
+}
+
+#[tokio::test]
+async fn tls_true_negotiates_with_sslrequest_and_verifies_the_certificate() {
+    let pki = Pki::generate();
+    let mut pg = Postgres::start().await;
+    // Before the server has TLS, a TLS check is refused plainly.
+    let tls = format!("    tls: true\n    tls_ca_file: {}\n    tls_server_name: localhost\n", pki.path("ca.pem"));
+    let err = probe(&mut check_as(&pg, TLS_USER, PASSWORD, &tls), T).await.unwrap_err();
+    assert_eq!(err.cause, Cause::Tls, "{err}");
+    pg.enable_tls(&pki.file("server.pem"), &pki.file("server.key")).await;
+
+    // pg_hba.conf admits this user over TLS only: proof that the check below used TLS.
+    let err = probe(&mut check_as(&pg, TLS_USER, PASSWORD, ""), T).await.unwrap_err();
+    assert_eq!(err.cause, Cause::Auth, "{err}");
+    assert!(err.message.contains("no encryption"), "{err}");
+    let mut c = check_as(&pg, TLS_USER, PASSWORD, &format!("{tls}    application_name: hg-tls\n"));
+    for _ in 0..5 {
+        probe(&mut c, T).await.unwrap();
+    }
+    assert_eq!(pg.sql("SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE ssl AND application_name = 'hg-tls'"), "1");
+    close(&mut c).await;
+    // Without the private CA the certificate is not trusted.
+    let err = probe(&mut check_as(&pg, TLS_USER, PASSWORD, "    tls: true\n"), T).await.unwrap_err();
+    assert_eq!(err.cause, Cause::Tls, "{err}");
 }

@@ -27,6 +27,8 @@ pub const TRUST_USER: &str = "hg_trust";
 pub const CLEAR_USER: &str = "hg_clear";
 /// A user pg_hba.conf rejects.
 pub const REJECTED_USER: &str = "hg_reject";
+/// A user pg_hba.conf admits only over TLS.
+pub const TLS_USER: &str = "hg_tls";
 /// The password of every user.
 pub const PASSWORD: &str = "hg-Secret-123";
 
@@ -135,6 +137,7 @@ impl Postgres {
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let hba = format!(
             "local all all trust\nlocal replication all trust\n\
+             hostnossl all {TLS_USER} 127.0.0.1/32 reject\n\
              host all {REJECTED_USER} 127.0.0.1/32 reject\n\
              host all {TRUST_USER} 127.0.0.1/32 trust\n\
              host all {CLEAR_USER} 127.0.0.1/32 password\n\
@@ -150,6 +153,7 @@ impl Postgres {
              CREATE ROLE {TRUST_USER} LOGIN; \
              CREATE ROLE {CLEAR_USER} LOGIN PASSWORD '{PASSWORD}'; \
              CREATE ROLE {REJECTED_USER} LOGIN PASSWORD '{PASSWORD}'; \
+             CREATE ROLE {TLS_USER} LOGIN PASSWORD '{PASSWORD}'; \
              SET password_encryption = 'md5'; \
              CREATE ROLE {MD5_USER} LOGIN PASSWORD '{PASSWORD}'"
         ));
@@ -273,6 +277,22 @@ impl Postgres {
             super::signal(c.id(), "INT");
             let _ = c.wait();
         }
+    }
+
+    /// Restarts the server with TLS on (`ssl = on`), serving `cert` and `key`
+    /// (copied into its directory: the server wants its key private to it).
+    pub async fn enable_tls(&mut self, cert: &Path, key: &Path) {
+        let d = self.dir.path().to_path_buf();
+        for (src, name) in [(cert, "server.crt"), (key, "server.key")] {
+            std::fs::copy(src, d.join(name)).expect("copy TLS file");
+            std::fs::set_permissions(d.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+            give_to_postgres(&d.join(name));
+        }
+        self.extra.push("ssl=on".into());
+        self.extra.push(format!("ssl_cert_file={}", d.join("server.crt").display()));
+        self.extra.push(format!("ssl_key_file={}", d.join("server.key").display()));
+        self.stop();
+        self.spawn().await;
     }
 
     /// Starts the server again after [`Postgres::stop`].
