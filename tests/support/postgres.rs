@@ -196,6 +196,9 @@ impl Postgres {
             "fsync=off",
             "-c",
             "logging_collector=off",
+            // The application name in every log line tells the checks' lines from psql's.
+            "-c",
+            "log_line_prefix=%m [%p] %a: ",
         ]);
         for s in &self.extra {
             cmd.arg("-c").arg(s);
