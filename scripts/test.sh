@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: installs what a fresh machine lacks, then runs the
-# lint gates and every test. Tests start their own private MariaDB, Redis and
-# RabbitMQ instances on ephemeral ports; they never touch services already
+# lint gates and every test. Tests start their own private MariaDB, PostgreSQL,
+# Redis and RabbitMQ instances on ephemeral ports; they never touch services already
 # running on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/
 need=()
 have mariadbd || need+=(mariadb-server)
 have mariadb-install-db || need+=(mariadb-server)
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need+=(postgresql)
 have redis-server || need+=(redis-server)
 have rabbitmq-server || need+=(rabbitmq-server)
 have promtool || need+=(prometheus)

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::check::{amqp, http as http_check, mysql, redis, tcp as tcp_check};
+use crate::check::{amqp, http as http_check, mysql, postgres, redis, tcp as tcp_check};
 use crate::routes::{RouteConfig, RouteMatch, shadows};
 
 /// Most dependencies one process checks (the state is a 64-bit mask).
@@ -450,6 +450,8 @@ pub enum DependencyKind {
     Http(http_check::HttpSettings),
     /// MySQL / MariaDB.
     Mysql(mysql::MysqlSettings),
+    /// PostgreSQL.
+    Postgres(postgres::PostgresSettings),
     /// Redis.
     Redis(redis::RedisSettings),
     /// RabbitMQ (AMQP 0-9-1).
@@ -463,6 +465,7 @@ impl DependencyKind {
             DependencyKind::Tcp(_) => "tcp",
             DependencyKind::Http(_) => "http",
             DependencyKind::Mysql(_) => "mysql",
+            DependencyKind::Postgres(_) => "postgres",
             DependencyKind::Redis(_) => "redis",
             DependencyKind::Amqp(_) => "amqp",
         }
@@ -689,6 +692,8 @@ pub(crate) struct RawDependency {
     pub(crate) require_writable: Option<S<bool>>,
     pub(crate) galera: Option<S<bool>>,
     pub(crate) galera_allow_donor: Option<S<bool>>,
+    // postgres
+    pub(crate) application_name: Option<S<String>>,
     // redis
     pub(crate) db: Option<S<i64>>,
     pub(crate) require_role: Option<S<String>>,
@@ -728,7 +733,7 @@ fn present_keys(d: &RawDependency) -> Vec<(&'static str, Pos)> {
         tls_cert_file => "tls_cert_file", tls_key_file => "tls_key_file",
         tls_server_name => "tls_server_name", database => "database", query => "query",
         require_writable => "require_writable", galera => "galera",
-        galera_allow_donor => "galera_allow_donor", db => "db", require_role => "require_role",
+        galera_allow_donor => "galera_allow_donor", application_name => "application_name", db => "db", require_role => "require_role",
         sentinel => "sentinel", urls => "urls", nodes => "nodes", require => "require",
         queues => "queues", heartbeat => "heartbeat",
     )
@@ -1158,25 +1163,27 @@ fn validate_dependency(d: RawDependency, i: usize, pos: Pos, problems: &mut Prob
         problems.at(name, key("name"), "must be non-empty and use only letters, digits, '_', '-' and '.'");
     }
     let Some(kind) = &d.kind else {
-        problems.at_pos(pos, key("type"), "missing key `type` (tcp, http, mysql, redis, amqp)");
+        problems.at_pos(pos, key("type"), "missing key `type` (tcp, http, mysql, postgres, redis, amqp)");
         return None;
     };
     let type_name = match kind.value.as_str() {
         "rabbitmq" => "amqp",
         "mariadb" => "mysql",
+        "postgresql" => "postgres",
         other => other,
     };
     let allowed: &[&str] = match type_name {
         "tcp" => tcp_check::KEYS,
         "http" => http_check::KEYS,
         "mysql" => mysql::KEYS,
+        "postgres" => postgres::KEYS,
         "redis" => redis::KEYS,
         "amqp" => amqp::KEYS,
         other => {
             problems.at(
                 kind,
                 key("type"),
-                format!("unknown dependency type {other:?}; expected one of tcp, http, mysql, redis, amqp"),
+                format!("unknown dependency type {other:?}; expected one of tcp, http, mysql, postgres, redis, amqp"),
             );
             return None;
         }
@@ -1225,6 +1232,7 @@ fn validate_dependency(d: RawDependency, i: usize, pos: Pos, problems: &mut Prob
         "tcp" => tcp_check::TcpSettings::from_raw(&d, ctx).map(DependencyKind::Tcp),
         "http" => http_check::HttpSettings::from_raw(&d, ctx).map(DependencyKind::Http),
         "mysql" => mysql::MysqlSettings::from_raw(&d, ctx).map(DependencyKind::Mysql),
+        "postgres" => postgres::PostgresSettings::from_raw(&d, ctx).map(DependencyKind::Postgres),
         "redis" => redis::RedisSettings::from_raw(&d, ctx).map(DependencyKind::Redis),
         "amqp" => amqp::AmqpSettings::from_raw(&d, ctx).map(DependencyKind::Amqp),
         _ => unreachable!("type checked above"),

@@ -151,6 +151,8 @@ fn edit() -> impl Strategy<Value = Edit> {
         "tcp",
         "http",
         "mysql",
+        "postgres",
+        "application_name",
         "redis",
         "amqp",
         "listen",

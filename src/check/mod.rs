@@ -13,6 +13,7 @@ pub mod amqp;
 pub mod http;
 pub mod mysql;
 pub mod net;
+pub mod postgres;
 pub mod redis;
 pub mod tcp;
 pub mod tls;
@@ -273,6 +274,8 @@ pub enum AnyCheck {
     Http(http::HttpCheck),
     /// `type: mysql`.
     Mysql(mysql::MysqlCheck),
+    /// `type: postgres`.
+    Postgres(postgres::PostgresCheck),
     /// `type: redis`.
     Redis(redis::RedisCheck),
     /// `type: amqp`.
@@ -286,6 +289,7 @@ impl AnyCheck {
             DependencyKind::Tcp(s) => AnyCheck::Tcp(tcp::TcpCheck::new(s.clone())),
             DependencyKind::Http(s) => AnyCheck::Http(http::HttpCheck::new(s.clone())),
             DependencyKind::Mysql(s) => AnyCheck::Mysql(mysql::MysqlCheck::new(s.clone(), dep)),
+            DependencyKind::Postgres(s) => AnyCheck::Postgres(postgres::PostgresCheck::new(s.clone(), dep)),
             DependencyKind::Redis(s) => AnyCheck::Redis(redis::RedisCheck::new(s.clone(), dep)),
             DependencyKind::Amqp(s) => AnyCheck::Amqp(amqp::AmqpCheck::new(s.clone(), dep)),
         }
@@ -298,6 +302,7 @@ macro_rules! dispatch {
             AnyCheck::Tcp($c) => $e,
             AnyCheck::Http($c) => $e,
             AnyCheck::Mysql($c) => $e,
+            AnyCheck::Postgres($c) => $e,
             AnyCheck::Redis($c) => $e,
             AnyCheck::Amqp($c) => $e,
         }

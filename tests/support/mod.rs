@@ -9,6 +9,7 @@ pub mod app;
 pub mod healthgate;
 pub mod mariadb;
 pub mod pki;
+pub mod postgres;
 pub mod rabbitmq;
 pub mod redis;
 pub mod relay;
