@@ -10,7 +10,7 @@
 //!
 //! The protocol subset is spoken here directly rather than through lapin, so
 //! that every step has a deadline and a precise cause, the socket comes from
-//! [`net::connect`] (every resolved address tried), and no background I/O loop
+//! [`crate::net::connect`] (every resolved address tried), and no background I/O loop
 //! outlives a cancelled check. See docs/amqp.md for the full rationale.
 //!
 //! Cancellation: the per-node work runs in a spawned task that owns the
@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
-use super::net::{self, Phase};
+use super::io::{Phase, io_error};
 use super::tls::{self, Stream, TlsSettings};
 use super::{Cause, Check, CheckError, Details, NodeStatus};
 use crate::config::{DependencyConfig, HostPort, KindCtx, Pos, RawDependency, SecretSource, secret_source};
@@ -1036,7 +1036,7 @@ impl Conn {
             Err(_) => Err(CheckError::new(Cause::ReadTimeout, format!("no {what} in time"))),
             Ok(Err(e)) => {
                 self.dead = true;
-                Err(net::io_error(&e, Phase::Exchange, &format!("waiting for {what}")))
+                Err(io_error(&e, Phase::Exchange, &format!("waiting for {what}")))
             }
             Ok(Ok(0)) => {
                 self.dead = true;
@@ -1110,7 +1110,7 @@ impl Conn {
             }
             Ok(Err(e)) => {
                 self.dead = true;
-                Err(net::io_error(&e, Phase::Exchange, what))
+                Err(io_error(&e, Phase::Exchange, what))
             }
             Ok(Ok(())) => Ok(()),
         }

@@ -6,12 +6,12 @@
 //!
 //! Every failure carries a [`Cause`] from a fixed vocabulary, so metric labels
 //! stay bounded and an operator can tell "refused" from "connect timeout" from
-//! "the server answered, but not well" (seed 003).
+//! "the server answered, but not well".
 
 pub mod amqp;
 pub mod http;
+pub mod io;
 pub mod mysql;
-pub mod net;
 pub mod redis;
 pub mod tcp;
 pub mod tls;

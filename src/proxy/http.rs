@@ -67,8 +67,8 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{debug, warn};
 
 use super::{DrainSignal, ListenerCtx, PROBLEM_JSON};
-use crate::check::net;
 use crate::metrics::{Outcome, RouteMetrics};
+use crate::net;
 use crate::state::Admission;
 
 /// `502` body (RFC 9457, same shape as the short-circuit bodies).
@@ -339,11 +339,11 @@ impl Worker {
         let deadline = Instant::now() + budget;
         let upstream = &self.ctx.config.upstream;
         let addrs = net::resolve(upstream, deadline).await.map_err(|e| {
-            debug!(upstream = %upstream.host, error = %e.message, "upstream resolve failed");
+            debug!(upstream = %upstream.host, error = %e, "upstream resolve failed");
             Fail::Connect
         })?;
         let (stream, _) = net::connect_addrs(&addrs, deadline).await.map_err(|e| {
-            debug!(error = %e.message, "upstream connect failed");
+            debug!(error = %e, "upstream connect failed");
             Fail::Connect
         })?;
         let (tx, conn) = self.client.handshake(TokioIo::new(stream)).await.map_err(|e| {

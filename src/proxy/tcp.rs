@@ -40,9 +40,9 @@ use tokio::time::{Instant, MissedTickBehavior, sleep, sleep_until};
 use tracing::{debug, warn};
 
 use super::{DrainSignal, ListenerCtx};
-use crate::check::net;
 use crate::config::{TcpOnOutage, TcpReject};
 use crate::metrics::{AtomicHistogram, ListenerLabels, TcpBytesLabels, TcpOutcomeLabels};
+use crate::net;
 use crate::state::{Admission, Reject};
 
 /// Size of each relay buffer (two per connection). 16 KiB, like HAProxy's
@@ -312,7 +312,7 @@ async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, slo
         Ok((stream, _)) => stream,
         Err(e) => {
             worker.upstream_error.inc();
-            debug!(listener = %worker.ctx.config.name, %peer, cause = e.cause.as_str(), error = %e.message, "tcp upstream connect failed");
+            debug!(listener = %worker.ctx.config.name, %peer, cause = e.kind().as_str(), error = %e, "tcp upstream connect failed");
             end_client(&client, tcp.reject);
             return;
         }
