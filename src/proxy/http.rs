@@ -62,10 +62,10 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
-use tokio::time::{Instant, sleep_until};
-use tracing::{debug, warn};
+use tokio::time::{Instant, sleep_until, timeout_at};
+use tracing::debug;
 
+use super::accept::{self, Permit, Permits, Serve};
 use super::{DrainSignal, ListenerCtx, PROBLEM_JSON};
 use crate::metrics::{Outcome, RouteMetrics};
 use crate::net;
@@ -106,70 +106,36 @@ static PROBLEM_VALUE: HeaderValue = HeaderValue::from_static(PROBLEM_JSON);
 /// Runs inside a `tokio::task::LocalSet` on the worker's current-thread
 /// runtime. `max_connections` counts the whole listener, across workers (as
 /// for TCP listeners): a connection accepted at the limit waits, unread as
-/// in the kernel backlog, until a slot frees up. Returns once the drain
+/// in the kernel backlog, until a permit frees up ([`super::accept`]). Returns once the drain
 /// signal fired and every connection ended (or the drain deadline passed).
 pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: DrainSignal) {
     let w = Rc::new(Worker::new(ctx));
     let sweeper = tokio::task::spawn_local(sweep_pool(w.clone()));
-    let mut held: Option<(TcpStream, SocketAddr)> = None;
-    let deadline = loop {
-        if let Some(deadline) = *drain.borrow_and_update() {
-            break deadline;
-        }
-        if let Some((stream, peer)) = held.take() {
-            match Live::reserve(&w) {
-                Some(live) => {
-                    tokio::task::spawn_local(connection(w.clone(), live, stream, peer, drain.clone()));
-                }
-                None => {
-                    held = Some((stream, peer));
-                    // Our own connections wake us at once; another worker's
-                    // are noticed on the next retry.
-                    tokio::select! {
-                        _ = w.slot_free.notified() => {}
-                        _ = tokio::time::sleep(SLOT_RETRY) => {}
-                        r = drain.changed() => if r.is_err() { break Instant::now() },
-                    }
-                }
-            }
-            continue;
-        }
-        tokio::select! {
-            biased;
-            r = drain.changed() => if r.is_err() {
-                // The server is gone without a drain: stop at once.
-                break Instant::now();
-            },
-            r = listener.accept() => match r {
-                Ok(accepted) => held = Some(accepted),
-                Err(e) => accept_failed(e).await,
-            },
-        }
-    };
+    let accepting = Accepting { w: w.clone(), drain: drain.clone() };
+    let deadline = accept::run(&listener, &w.ctx.config.name, &w.permits, &mut drain, &accepting).await;
     // Closing the socket makes new connects fail at once (this worker's part
     // of the SO_REUSEPORT group leaves it); each connection saw the drain
-    // signal itself and shut down gracefully.
+    // signal itself and shuts down gracefully.
     drop(listener);
-    while w.live.get() > 0 {
-        tokio::select! {
-            _ = w.all_done.notified() => {}
-            _ = sleep_until(deadline) => break,
-        }
-    }
+    let _ = timeout_at(deadline, w.permits.all_returned()).await;
     sweeper.abort();
     w.pool.borrow_mut().clear();
 }
 
-/// Accept errors are per-connection (the peer left) or resource exhaustion
-/// (EMFILE): back off briefly rather than spin.
-async fn accept_failed(e: io::Error) {
-    match e.raw_os_error() {
-        // EMFILE, ENFILE, ENOBUFS, ENOMEM
-        Some(24 | 23 | 105 | 12) => {
-            warn!(error = %e, "accept failed: out of resources; backing off");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        _ => debug!(error = %e, "accept failed"),
+/// What the accept loop does with a connection: every one is admitted (the
+/// route decides per request); it is served until it closes or the drain.
+struct Accepting {
+    w: Rc<Worker>,
+    drain: DrainSignal,
+}
+
+impl Serve for Accepting {
+    fn admit(&self, _: &TcpStream, _: SocketAddr) -> bool {
+        true
+    }
+
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, permit: Permit) {
+        tokio::task::spawn_local(connection(self.w.clone(), permit, stream, peer, self.drain.clone()));
     }
 }
 
@@ -184,12 +150,9 @@ struct Worker {
     /// most recently used connection is the least likely to have been
     /// closed by the app).
     pool: RefCell<VecDeque<Pooled>>,
-    /// Open client connections of this worker (including upgraded tunnels).
-    live: Cell<usize>,
-    /// Signalled when one of this worker's connections ends (a slot is free).
-    slot_free: Notify,
-    /// Signalled when `live` reaches zero.
-    all_done: Notify,
+    /// This worker's share of the listener's connection permits (held by
+    /// every open client connection, upgraded tunnels included).
+    permits: Rc<Permits>,
     retry_after: HeaderValue,
     header_read_timeout: Option<Duration>,
     client_idle_timeout: Option<Duration>,
@@ -245,9 +208,7 @@ impl Worker {
             http,
             client,
             pool: RefCell::new(VecDeque::new()),
-            live: Cell::new(0),
-            slot_free: Notify::new(),
-            all_done: Notify::new(),
+            permits: Permits::new(&ctx),
             retry_after,
             header_read_timeout,
             client_idle_timeout,
@@ -257,35 +218,6 @@ impl Worker {
             tunnel_idle_timeout: limit(ctx.config.idle_timeout),
             tick,
             ctx,
-        }
-    }
-}
-
-/// One of the listener's `max_connections` slots, counted for the drain
-/// too; lives in [`Conn`], so an upgraded tunnel keeps counting after hyper
-/// let go.
-struct Live(Rc<Worker>);
-
-impl Live {
-    /// Takes a slot of the listener, or `None` at the limit.
-    fn reserve(w: &Rc<Worker>) -> Option<Live> {
-        if !w.ctx.take_slot() {
-            return None;
-        }
-        w.live.set(w.live.get() + 1);
-        Some(Live(w.clone()))
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        let w = &self.0;
-        let n = w.live.get() - 1;
-        w.live.set(n);
-        w.ctx.active_connections.dec();
-        w.slot_free.notify_one();
-        if n == 0 {
-            w.all_done.notify_one();
         }
     }
 }
@@ -539,10 +471,6 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-/// How often a worker holding a connection at `max_connections` re-checks
-/// for a slot freed by another worker.
-const SLOT_RETRY: Duration = Duration::from_millis(50);
-
 /// One client connection, shared by its requests (and an upgraded tunnel).
 struct Conn {
     worker: Rc<Worker>,
@@ -555,7 +483,9 @@ struct Conn {
     upstream_due: Cell<Option<Instant>>,
     /// Set by the connection timer once `upstream_due` passed.
     upstream_expired: Cell<bool>,
-    _live: Live,
+    /// Returned when the last reference goes (an upgraded tunnel keeps it
+    /// after hyper let go).
+    _permit: Permit,
 }
 
 impl Conn {
@@ -588,8 +518,7 @@ impl Drop for UpstreamWait<'_> {
 /// [`PARK_AFTER`], hyper is shut down without touching the socket (the
 /// client sees nothing) and the bare socket waits for the next request,
 /// which gets a fresh hyper connection.
-async fn connection(w: Rc<Worker>, live: Live, stream: TcpStream, peer: SocketAddr, mut drain: DrainSignal) {
-    let _ = stream.set_nodelay(true);
+async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: SocketAddr, mut drain: DrainSignal) {
     let state = Arc::new(IoState::new(Instant::now()));
     let ip = match peer.ip() {
         IpAddr::V6(v6) => v6.to_canonical(),
@@ -602,7 +531,7 @@ async fn connection(w: Rc<Worker>, live: Live, stream: TcpStream, peer: SocketAd
         peer,
         upstream_due: Cell::new(None),
         upstream_expired: Cell::new(false),
-        _live: live,
+        _permit: permit,
     });
     let this = conn.clone();
     let svc = service_fn(move |req| {
@@ -833,7 +762,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
                     parts.headers.insert(header::CONNECTION, UPGRADE_VALUE.clone());
                     parts.headers.insert(header::UPGRADE, v);
                 }
-                // The tunnel holds the connection (and its `Live` count).
+                // The tunnel holds the connection (and its permit).
                 tokio::task::spawn_local(tunnel(client_side, app_side, busy.0.clone(), w.tunnel_idle_timeout));
                 drop(tx);
                 metrics.record(outcome, start.elapsed());
