@@ -40,15 +40,75 @@ pub(super) struct IoState {
     pub(super) parking: AtomicBool,
 }
 
-/// What the connection timer decided.
-pub(super) enum Tick {
+/// The connection timer's limits, fixed per listener.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TimerConfig {
+    /// A request head must arrive in full within this (none: no limit).
+    pub(super) header_read_timeout: Option<Duration>,
+    /// An idle keep-alive connection is closed after this (none: never).
+    pub(super) client_idle_timeout: Option<Duration>,
+    /// The longest the timer sleeps: the shortest of the two client
+    /// timeouts, [`PARK_AFTER`] and the upstream response timeout, which
+    /// bounds how late each is enforced. A parked connection's timer sleeps
+    /// until its idle deadline instead.
+    pub(super) tick: Duration,
+}
+
+/// What the connection timer does when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TimerAction {
+    /// Nothing is due: sleep until then.
     Rearm(Instant),
+    /// The request waiting on the app is past its deadline: mark it expired
+    /// (it is answered `504`), and sleep until then.
+    UpstreamTimeout(Instant),
     /// Idle for `client_idle_timeout`: close gracefully.
     Idle,
     /// A request head took longer than `header_read_timeout`: drop it.
     SlowHead,
     /// Idle for [`PARK_AFTER`]: release hyper's per-connection state.
     Park,
+}
+
+/// The timer's decision at `now`, from what the connection noted (`state`)
+/// and the deadline of the request waiting on the app (`upstream_due`).
+///
+/// A request in progress is only held to its upstream deadline. Between
+/// requests, a head that started arriving is held to `header_read_timeout`;
+/// otherwise the connection is closed at `client_idle_timeout` and parked
+/// after [`PARK_AFTER`] (closing wins when both are due).
+pub(super) fn decide(state: &IoState, upstream_due: Option<Instant>, now: Instant, cfg: &TimerConfig) -> TimerAction {
+    let next = now + cfg.tick;
+    let rearm = if state.busy.load(Relaxed) > 0 {
+        next
+    } else if let Some(head) = state.head_started() {
+        match cfg.header_read_timeout {
+            Some(t) if now >= head + t => return TimerAction::SlowHead,
+            Some(t) => (head + t).min(next),
+            None => next,
+        }
+    } else {
+        let idle_since = state.idle_since();
+        if cfg.client_idle_timeout.is_some_and(|t| now >= idle_since + t) {
+            return TimerAction::Idle;
+        }
+        if now >= idle_since + PARK_AFTER {
+            return TimerAction::Park;
+        }
+        // Wake at least every `tick`: a head that starts arriving meanwhile
+        // is then held to `header_read_timeout` (within one tick).
+        next
+    };
+    match upstream_due {
+        Some(due) if now >= due => TimerAction::UpstreamTimeout(rearm),
+        Some(due) => TimerAction::Rearm(rearm.min(due)),
+        None => TimerAction::Rearm(rearm),
+    }
+}
+
+/// When a parked connection reaches `client_idle_timeout` (none: never).
+pub(super) fn parked_until(state: &IoState, cfg: &TimerConfig) -> Option<Instant> {
+    cfg.client_idle_timeout.map(|t| state.idle_since() + t)
 }
 
 /// A keep-alive connection idle this long is parked: hyper's connection
@@ -101,33 +161,15 @@ impl IoState {
         }
     }
 
-    pub(super) fn tick(&self, now: Instant, w: &Worker) -> Tick {
-        if self.busy.load(Relaxed) > 0 {
-            return Tick::Rearm(now + w.tick);
-        }
+    /// When the current request head started arriving, if one is.
+    fn head_started(&self) -> Option<Instant> {
         let head = self.head_started.load(Relaxed);
-        if head != 0 {
-            if let Some(t) = w.header_read_timeout {
-                let due = self.at(head - 1) + t;
-                return if now >= due { Tick::SlowHead } else { Tick::Rearm(due.min(now + w.tick)) };
-            }
-            return Tick::Rearm(now + w.tick);
-        }
-        let idle_since = self.at(self.idle_since.load(Relaxed));
-        if w.client_idle_timeout.is_some_and(|t| now >= idle_since + t) {
-            return Tick::Idle;
-        }
-        if now >= idle_since + PARK_AFTER {
-            return Tick::Park;
-        }
-        // Wake at least every `tick`: a head that starts arriving meanwhile
-        // is then held to `header_read_timeout` (within one tick).
-        Tick::Rearm(now + w.tick)
+        (head != 0).then(|| self.at(head - 1))
     }
 
-    /// When a parked connection reaches `client_idle_timeout`.
-    pub(super) fn idle_deadline(&self, w: &Worker) -> Option<Instant> {
-        w.client_idle_timeout.map(|t| self.at(self.idle_since.load(Relaxed)) + t)
+    /// When the connection last became idle.
+    fn idle_since(&self) -> Instant {
+        self.at(self.idle_since.load(Relaxed))
     }
 }
 
@@ -202,19 +244,6 @@ pub(super) struct Conn {
     pub(super) _permit: Permit,
 }
 
-impl Conn {
-    /// Called when the connection timer fires: marks an overdue upstream
-    /// wait expired, and returns when the timer must fire next for it.
-    pub(super) fn check_upstream(&self, now: Instant) -> Option<Instant> {
-        let due = self.upstream_due.get()?;
-        if now >= due {
-            self.upstream_expired.set(true);
-            return None;
-        }
-        Some(due)
-    }
-}
-
 /// Clears the connection's upstream deadline when the wait ends (or the
 /// request is dropped).
 pub(super) struct UpstreamWait<'a>(pub(super) &'a Conn);
@@ -239,5 +268,91 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.state.end_request();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn cfg(header: Option<u64>, idle: Option<u64>) -> TimerConfig {
+        TimerConfig {
+            header_read_timeout: header.map(|ms| MS * ms as u32),
+            client_idle_timeout: idle.map(|ms| MS * ms as u32),
+            tick: MS * 50,
+        }
+    }
+
+    /// A connection that went idle at `t0` after one request.
+    fn idle_at(t0: Instant) -> IoState {
+        let s = IoState::new(t0);
+        s.begin_request();
+        s.busy.store(0, Relaxed);
+        s.idle_since.store(s.nanos(t0), Relaxed);
+        s
+    }
+
+    #[test]
+    fn a_new_connection_is_held_to_the_header_read_timeout() {
+        let t0 = Instant::now();
+        let s = IoState::new(t0);
+        let c = cfg(Some(300), Some(60_000));
+        assert_eq!(decide(&s, None, t0 + MS * 10, &c), TimerAction::Rearm(t0 + MS * 60));
+        assert_eq!(decide(&s, None, t0 + MS * 280, &c), TimerAction::Rearm(t0 + MS * 300), "wakes at the deadline");
+        assert_eq!(decide(&s, None, t0 + MS * 300, &c), TimerAction::SlowHead);
+    }
+
+    #[test]
+    fn a_head_without_header_read_timeout_is_never_cut() {
+        let t0 = Instant::now();
+        let s = IoState::new(t0);
+        assert_eq!(decide(&s, None, t0 + MS * 10_000, &cfg(None, Some(100))), TimerAction::Rearm(t0 + MS * 10_050));
+    }
+
+    #[test]
+    fn an_idle_connection_is_parked_after_park_after_and_closed_at_the_idle_timeout() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        let c = cfg(Some(1000), Some(3000));
+        assert_eq!(decide(&s, None, t0 + PARK_AFTER - MS, &c), TimerAction::Rearm(t0 + PARK_AFTER + MS * 49));
+        assert_eq!(decide(&s, None, t0 + PARK_AFTER, &c), TimerAction::Park);
+        assert_eq!(decide(&s, None, t0 + MS * 3000, &c), TimerAction::Idle, "closing wins over parking");
+        assert_eq!(parked_until(&s, &c), Some(t0 + MS * 3000));
+        assert_eq!(decide(&s, None, t0 + MS * 3000, &cfg(Some(1000), None)), TimerAction::Park, "no idle limit");
+        assert_eq!(parked_until(&s, &cfg(Some(1000), None)), None);
+    }
+
+    #[test]
+    fn a_request_in_progress_is_neither_idle_nor_slow() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        s.begin_request();
+        let c = cfg(Some(100), Some(100));
+        assert_eq!(decide(&s, None, t0 + MS * 5000, &c), TimerAction::Rearm(t0 + MS * 5050));
+    }
+
+    #[test]
+    fn the_upstream_deadline_wakes_the_timer_and_expires_the_wait() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        s.begin_request();
+        let c = cfg(None, None);
+        let due = t0 + MS * 1020;
+        assert_eq!(decide(&s, Some(due), t0 + MS * 1000, &c), TimerAction::Rearm(due), "wakes at the deadline");
+        assert_eq!(decide(&s, Some(due), t0 + MS * 900, &c), TimerAction::Rearm(t0 + MS * 950), "or within a tick");
+        assert_eq!(decide(&s, Some(due), due, &c), TimerAction::UpstreamTimeout(due + MS * 50));
+    }
+
+    #[test]
+    fn bytes_after_a_request_start_a_new_head() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        s.on_read();
+        let c = cfg(Some(300), Some(60_000));
+        let started = s.head_started().expect("a head started");
+        assert!(started >= t0);
+        assert_eq!(decide(&s, None, started + MS * 300, &c), TimerAction::SlowHead, "held to the header timeout");
     }
 }

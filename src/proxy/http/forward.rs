@@ -393,7 +393,7 @@ pub(super) async fn settle_body(mut body: Incoming, expects: bool, w: &Worker) -
         }
         true
     };
-    let bound = w.header_read_timeout.unwrap_or(Duration::from_secs(10));
+    let bound = w.timer.header_read_timeout.unwrap_or(Duration::from_secs(10));
     tokio::time::timeout(bound, drain).await.unwrap_or(false)
 }
 

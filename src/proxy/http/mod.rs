@@ -65,6 +65,7 @@ use bytes::Bytes;
 use hyper::header::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
@@ -72,7 +73,7 @@ use tracing::debug;
 use super::accept::{self, Permit, Permits, Serve};
 use super::{DrainSignal, ListenerCtx};
 use crate::metrics::Outcome;
-use conn::{ClientIo, Conn, IoState, Tick};
+use conn::{ClientIo, Conn, IoState, TimerAction, TimerConfig, decide, parked_until};
 use forward::handle;
 use pool::{Pooled, sweep_pool};
 
@@ -143,17 +144,15 @@ struct Worker {
     /// every open client connection, upgraded tunnels included).
     permits: Rc<Permits>,
     retry_after: HeaderValue,
-    header_read_timeout: Option<Duration>,
-    client_idle_timeout: Option<Duration>,
+    /// The client connection timer's limits.
+    timer: TimerConfig,
+    /// The listener's parked-connections gauge.
+    parked: Gauge,
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     upstream_idle_timeout: Option<Duration>,
     /// An upgraded tunnel with no traffic for this long is closed.
     tunnel_idle_timeout: Option<Duration>,
-    /// The longest the connection timer sleeps: the shortest of the two
-    /// client timeouts and [`PARK_AFTER`], which bounds how late each is
-    /// enforced. A parked connection's timer sleeps until its idle deadline.
-    tick: Duration,
 }
 
 /// A zero duration means "no limit". Huge values are capped at a year so
@@ -199,13 +198,12 @@ impl Worker {
             pool: RefCell::new(VecDeque::new()),
             permits: Permits::new(&ctx),
             retry_after,
-            header_read_timeout,
-            client_idle_timeout,
+            timer: TimerConfig { header_read_timeout, client_idle_timeout, tick },
+            parked: ctx.registry.parked_connections(&ctx.config.name),
             connect_timeout: limit(c.upstream_connect_timeout),
             response_timeout: limit(c.upstream_response_timeout),
             upstream_idle_timeout: limit(c.upstream_idle_timeout),
             tunnel_idle_timeout: limit(ctx.config.idle_timeout),
-            tick,
             ctx,
         }
     }
@@ -237,9 +235,9 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(conn, req).await) }
     });
-    let timer = tokio::time::sleep(w.tick);
+    let timer = tokio::time::sleep(w.timer.tick);
     tokio::pin!(timer);
-    if let Tick::Rearm(t) = state.tick(Instant::now(), &w) {
+    if let TimerAction::Rearm(t) = decide(&state, None, Instant::now(), &w.timer) {
         timer.as_mut().reset(t);
     }
     let mut drain_seen = drain.borrow_and_update().is_some();
@@ -257,18 +255,19 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
             tokio::select! {
                 biased;
                 r = &mut *http => break r,
-                _ = timer.as_mut(), if timer_on => match state.tick(Instant::now(), &w) {
-                    Tick::Rearm(t) => {
-                        // An expired upstream wait is answered when hyper
-                        // polls the request, next in this loop.
-                        let due = this.check_upstream(Instant::now());
-                        timer.as_mut().reset(due.map_or(t, |d| d.min(t)));
+                _ = timer.as_mut(), if timer_on => match decide(&state, this.upstream_due.get(), Instant::now(), &w.timer) {
+                    TimerAction::Rearm(t) => timer.as_mut().reset(t),
+                    TimerAction::UpstreamTimeout(t) => {
+                        // Answered `504` when hyper polls the request, next
+                        // in this loop.
+                        this.upstream_expired.set(true);
+                        timer.as_mut().reset(t);
                     }
-                    Tick::Idle => {
+                    TimerAction::Idle => {
                         timer_on = false;
                         Pin::new(&mut *http).graceful_shutdown();
                     }
-                    Tick::Park => {
+                    TimerAction::Park => {
                         // Once draining, an idle connection closes instead.
                         debug!(closing = drain_seen, "parking idle connection");
                         timer_on = false;
@@ -276,7 +275,7 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
                         state.parking.store(parking, Relaxed);
                         Pin::new(&mut *http).graceful_shutdown();
                     }
-                    Tick::SlowHead => {
+                    TimerAction::SlowHead => {
                         debug!("request head not received within header_read_timeout; closing");
                         return;
                     }
@@ -316,7 +315,8 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
         drop(read_buf);
         if io.prefix.is_empty() {
             // Parked: only the socket is held until the client speaks again.
-            match state.idle_deadline(&w) {
+            let _parked = Parked::new(&w.parked);
+            match parked_until(&state, &w.timer) {
                 Some(t) => timer.as_mut().reset(t),
                 None => timer.as_mut().reset(Instant::now() + Duration::from_secs(365 * 24 * 3600)),
             }
@@ -331,6 +331,22 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
                 }
             }
         }
-        timer.as_mut().reset(Instant::now() + w.tick);
+        timer.as_mut().reset(Instant::now() + w.timer.tick);
+    }
+}
+
+/// Counts a connection in the parked-connections gauge while it lives.
+struct Parked<'a>(&'a Gauge);
+
+impl<'a> Parked<'a> {
+    fn new(gauge: &'a Gauge) -> Parked<'a> {
+        gauge.inc();
+        Parked(gauge)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
