@@ -39,6 +39,12 @@
 //! connection's lifetime. A keep-alive connection idle for [`PARK_AFTER`] is
 //! therefore parked: hyper is shut down without touching the socket, only
 //! the socket is watched, and the next request gets a fresh hyper connection.
+//!
+//! # Layout
+//! This file: [`serve`] and the per-connection driver. `conn`: what a
+//! connection notes and its timer's pure decision. `forward`: one request,
+//! from admission to the app's response. `pool`: idle upstream connections.
+//! `headers` and `body`: header rules and the streamed bodies.
 
 mod body;
 mod conn;
