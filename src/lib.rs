@@ -3,6 +3,7 @@
 //! # Layout
 //! * [`config`]: the YAML schema, validated once into typed structs.
 //! * [`check`]: one module per protocol behind the [`check::Check`] trait.
+//! * [`net`]: outbound connects (every resolved address tried) for checks and proxy.
 //! * [`monitor`]: the loop that runs a check on its interval with jitter,
 //!   timeout and rise/fall hysteresis, and publishes the verdict.
 //! * [`state`]: the shared health state: one writer per dependency,
@@ -20,6 +21,7 @@ pub mod check;
 pub mod config;
 pub mod metrics;
 pub mod monitor;
+pub mod net;
 pub mod oneshot;
 pub mod proxy;
 pub mod routes;

@@ -18,7 +18,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::check::Cause;
-use crate::config::Config;
+use crate::config::{Config, ListenerProtocol};
 use crate::state::ServiceState;
 
 /// Labels of per-dependency metrics.
@@ -234,6 +234,8 @@ pub struct Metrics {
     pub request_duration: AtomicHistogramFamily<RequestLabels>,
     /// `healthgate_active_connections`.
     pub active_connections: Family<ListenerLabels, Gauge>,
+    /// `healthgate_parked_connections`.
+    pub parked_connections: Family<ListenerLabels, Gauge>,
     /// `healthgate_tcp_connections_total`.
     pub tcp_connections: Family<TcpOutcomeLabels, Counter>,
     /// `healthgate_tcp_bytes_total`.
@@ -257,6 +259,7 @@ impl Metrics {
         let request_duration: AtomicHistogramFamily<RequestLabels> =
             Family::new_with_constructor(|| AtomicHistogram::new(&REQUEST_BUCKETS));
         let active_connections = Family::<ListenerLabels, Gauge>::default();
+        let parked_connections = Family::<ListenerLabels, Gauge>::default();
         let tcp_connections = Family::<TcpOutcomeLabels, Counter>::default();
         let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
         let tcp_connection_duration: AtomicHistogramFamily<ListenerLabels> =
@@ -280,6 +283,11 @@ impl Metrics {
             request_duration.clone(),
         );
         registry.register("active_connections", "Open client connections", active_connections.clone());
+        registry.register(
+            "parked_connections",
+            "Idle HTTP keep-alive client connections parked (hyper's per-connection state released)",
+            parked_connections.clone(),
+        );
         registry.register("tcp_connections", "TCP listener connections by outcome", tcp_connections.clone());
         registry.register("tcp_bytes", "Bytes relayed by TCP listeners", tcp_bytes.clone());
         registry.register(
@@ -303,6 +311,9 @@ impl Metrics {
         }
         for l in &config.listeners {
             let _ = active_connections.get_or_create(&ListenerLabels { listener: l.name.clone() });
+            if l.protocol == ListenerProtocol::Http {
+                let _ = parked_connections.get_or_create(&ListenerLabels { listener: l.name.clone() });
+            }
         }
 
         Arc::new(Metrics {
@@ -316,6 +327,7 @@ impl Metrics {
             requests,
             request_duration,
             active_connections,
+            parked_connections,
             tcp_connections,
             tcp_bytes,
             tcp_connection_duration,
@@ -348,6 +360,11 @@ impl Metrics {
     /// The open-connections gauge of a listener.
     pub fn active_connections(&self, listener: &str) -> Gauge {
         self.active_connections.get_or_create_owned(&ListenerLabels { listener: listener.into() })
+    }
+
+    /// The parked-connections gauge of an HTTP listener.
+    pub fn parked_connections(&self, listener: &str) -> Gauge {
+        self.parked_connections.get_or_create_owned(&ListenerLabels { listener: listener.into() })
     }
 
     /// Renders the metrics in the Prometheus text format 0.0.4 (what

@@ -257,6 +257,29 @@ fn wait_dep(hg: &Healthgate, state: &str, within: Duration, max_latency: &mut Du
     }
 }
 
+/// Polls `/status` until the dependency ran `rounds` more checks than it
+/// had in `from` (or 15 s passed), tracking the largest latency seen;
+/// returns its status then.
+fn wait_rounds(
+    hg: &Healthgate,
+    from: &serde_json::Value,
+    rounds: u64,
+    max_latency: &mut Duration,
+) -> serde_json::Value {
+    let target = from["checks_total"].as_u64().expect("checks_total") + rounds;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let dep = dep_status(hg);
+        if let Some(l) = dep["last_latency_seconds"].as_f64() {
+            *max_latency = (*max_latency).max(Duration::from_secs_f64(l));
+        }
+        if dep["checks_total"].as_u64().is_some_and(|n| n >= target) || std::time::Instant::now() >= deadline {
+            return dep;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
 /// `(checks at most 1 s, all checks)` from the check duration histogram
 /// (its buckets near the timeout are 0.5 s and 1 s).
 fn duration_histogram(hg: &Healthgate) -> (u64, u64) {
@@ -379,12 +402,12 @@ fn run_cell(kind: Kind, case: Case, target: &str, mut injector: Injector<'_>) ->
         problems: vec![],
     };
     let hg = Healthgate::start_with_env(&dependency(kind, target, &pw_file), &[("RUST_LOG", RUST_LOG)]);
-    if wait_dep(&hg, "up", Duration::from_secs(30), &mut out.max_latency).is_none() {
+    let Some(up) = wait_dep(&hg, "up", Duration::from_secs(30), &mut out.max_latency) else {
         out.problems.push(format!("never came up: {}", dep_status(&hg)));
         return out;
-    }
+    };
     // A few passing rounds first, so the persistent connections are in use.
-    std::thread::sleep(INTERVAL * 2);
+    wait_rounds(&hg, &up, 2, &mut out.max_latency);
 
     let t0 = injector.inject(case);
     let Some(down) = wait_dep(&hg, "down", Duration::from_secs(15), &mut out.max_latency) else {
@@ -396,8 +419,7 @@ fn run_cell(kind: Kind, case: Case, target: &str, mut injector: Injector<'_>) ->
     out.detect = Some(elapsed_since(t0, since(&down)));
     // Keep the fault a few more rounds: a late success must not flap it up
     // (a flap up and down again would move `since`).
-    std::thread::sleep(INTERVAL * 2);
-    let still = dep_status(&hg);
+    let still = wait_rounds(&hg, &down, 2, &mut out.max_latency);
     if still["state"] != "down" || still["since"] != down["since"] {
         out.problems.push(format!("came back up while the fault was on: {still}"));
     }
@@ -444,11 +466,11 @@ fn run_dns_cell(kind: Kind) -> Outcome {
         Some(down) => {
             out.cause = down["last_cause"].as_str().unwrap_or("?").to_string();
             out.detect = Some(elapsed_since(t0, since(&down)));
+            // A few more rounds, to see that no lookup overruns the timeout.
+            wait_rounds(&hg, &down, 3, &mut out.max_latency);
         }
         None => out.problems.push(format!("not down within 15 s: {}", dep_status(&hg))),
     }
-    // A few more rounds, to see that no lookup overruns the timeout.
-    std::thread::sleep(INTERVAL * 3);
     wait_dep(&hg, "down", Duration::ZERO, &mut out.max_latency);
     judge(&hg, &mut out);
     out

@@ -416,6 +416,15 @@ fn a_body_slower_than_the_upstream_response_timeout_gets_504_and_a_close() {
     still_serving_recording(&hg);
 }
 
+/// Parked idle connections of every HTTP listener, from `/metrics`.
+fn parked(hg: &Healthgate) -> i64 {
+    let (_, text) = hg.admin_get("/metrics");
+    text.lines()
+        .filter(|l| l.starts_with("healthgate_parked_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        .sum()
+}
+
 fn still_serving_recording(hg: &Healthgate) {
     assert_eq!(hg.admin_get("/livez").0, 200);
     assert_eq!(support::healthgate::http_get(hg.listeners[0], "/after"), (200, "app:/after".to_string()));
@@ -514,8 +523,8 @@ fn ten_thousand_idle_keep_alive_connections_keep_memory_bounded_and_service_up()
     });
     eventually_blocking("healthgate holds every connection", WITHIN, || (fds(pid) >= fds0 + n).then_some(()));
     // Idle connections are parked after 100 ms (hyper's buffers released):
-    // measure once all of them have been idle that long, with a margin.
-    std::thread::sleep(Duration::from_millis(500));
+    // measure once all of them are.
+    eventually_blocking("every idle connection parked", WITHIN, || (parked(&hg) >= n as i64).then_some(()));
     let (rss1, fds1) = (rss_kib(pid), fds(pid));
     let per_conn = (rss1.saturating_sub(rss0) * 1024) / n as u64;
     println!("{n} idle connections: RSS {rss0} -> {rss1} KiB ({per_conn} B each), fds {fds0} -> {fds1}");

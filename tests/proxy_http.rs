@@ -120,11 +120,22 @@ impl Proxy {
     }
 
     fn gauge_active(&self) -> i64 {
+        self.gauge("healthgate_active_connections")
+    }
+
+    fn gauge_parked(&self) -> i64 {
+        self.gauge("healthgate_parked_connections")
+    }
+
+    fn gauge(&self, name: &str) -> i64 {
         let text = self.metrics.render_prometheus();
-        text.lines()
-            .find_map(|l| l.strip_prefix("healthgate_active_connections{listener=\"web\"} "))
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(-1)
+        let prefix = format!("{name}{{listener=\"web\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map(|v| v.trim().parse().unwrap()).unwrap_or(-1)
+    }
+
+    /// Waits until `n` idle keep-alive connections are parked.
+    async fn until_parked(&self, n: i64) {
+        eventually("connections parked", STEP, || async { (self.gauge_parked() == n).then_some(()) }).await;
     }
 }
 
@@ -953,12 +964,6 @@ async fn idle_client_connection_is_closed_after_the_idle_timeout() {
     eventually("gauge back to 0", STEP, || async { (p.gauge_active() == 0).then_some(()) }).await;
 }
 
-/// Waits until a keep-alive connection has been idle long enough to be
-/// parked (a precondition on elapsed time, not a synchronisation).
-async fn until_parked() {
-    tokio::time::sleep(healthgate::proxy::http::PARK_AFTER * 2 + Duration::from_millis(200)).await;
-}
-
 /// A parked idle connection (hyper state released) serves the next request
 /// on the same TCP connection, including a pipelined pair.
 #[tokio::test]
@@ -967,9 +972,10 @@ async fn parked_idle_connection_serves_the_next_requests() {
     let p = Proxy::in_service(&yaml(app.addr, "", &[]));
     let mut c = p.client().await;
     assert_eq!(c.get("/1").await.text(), "app:/1");
-    until_parked().await;
+    p.until_parked(1).await;
     assert_eq!(c.get("/2").await.text(), "app:/2");
-    until_parked().await;
+    assert_eq!(p.gauge_parked(), 0, "a request wakes the parked connection");
+    p.until_parked(1).await;
     c.send(b"GET /3 HTTP/1.1\r\nHost: h\r\n\r\nGET /4 HTTP/1.1\r\nHost: h\r\n\r\n").await;
     assert_eq!(c.response().await.text(), "app:/3");
     assert_eq!(c.response().await.text(), "app:/4");
@@ -991,7 +997,7 @@ async fn parked_connection_closes_on_idle_timeout_and_on_drain() {
     let mut p = Proxy::in_service(&yaml(app.addr, "", &[]));
     let mut c = p.client().await;
     assert_eq!(c.get("/").await.status, 200);
-    until_parked().await;
+    p.until_parked(1).await;
     p.drain.send_replace(Some(Instant::now() + Duration::from_secs(10)));
     assert!(c.closed().await);
     t("serve returns", p.done.take().unwrap()).await.unwrap();

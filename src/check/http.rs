@@ -8,7 +8,7 @@ use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, timeout_at};
 
-use super::net::{self, Phase};
+use super::io::{Phase, io_error};
 use super::tls::{self, TlsSettings};
 use super::{Cause, Check, CheckError};
 use crate::config::{HostPort, KindCtx, RawDependency};
@@ -153,7 +153,7 @@ fn classify_hyper(e: &hyper::Error) -> CheckError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return net::io_error(io, Phase::Exchange, "HTTP request");
+            return io_error(io, Phase::Exchange, "HTTP request");
         }
         source = s.source();
     }

@@ -11,8 +11,8 @@
 
 pub mod amqp;
 pub mod http;
+pub mod io;
 pub mod mysql;
-pub mod net;
 pub mod postgres;
 pub mod redis;
 pub mod tcp;

@@ -35,10 +35,11 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::debug;
 
-use super::net::{self, Phase};
+use super::io::{Phase, classify_io};
 use super::tls::TlsSettings;
 use super::{ABANDON_AFTER, Cause, Check, CheckError, Details, most_telling};
 use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, SecretSource, secret_source};
+use crate::net;
 
 /// Keys a `mysql` dependency accepts besides the common ones.
 pub(crate) const KEYS: &[&str] = &[
@@ -201,7 +202,7 @@ pub fn classify(e: &mysql_async::Error, phase: Phase, addr: &str) -> CheckError 
                 // The TCP connection was made, so this is a reset, not the
                 // refusal an unknown error in the connect phase defaults to.
                 std::io::ErrorKind::Other => Cause::Reset,
-                _ => net::classify_io(io, phase),
+                _ => classify_io(io, phase),
             };
             CheckError::new(cause, format!("{addr}: {io}"))
         }

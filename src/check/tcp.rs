@@ -4,7 +4,7 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::net::exchange;
+use super::io::exchange;
 use super::tls::{self, TlsSettings};
 use super::{Cause, Check, CheckError};
 use crate::config::{HostPort, KindCtx, RawDependency};

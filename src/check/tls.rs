@@ -23,9 +23,10 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
-use super::net::{self, Phase};
+use super::io::{Phase, io_error};
 use super::{Cause, CheckError};
 use crate::config::{HostPort, KindCtx, RawDependency};
+use crate::net;
 
 /// The TLS keys every TLS-capable dependency type accepts.
 pub(crate) const KEYS: &[&str] = &["tls", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name"];
@@ -187,7 +188,7 @@ pub async fn handshake(tls: &TlsSettings, host: &str, tcp: TcpStream, deadline: 
         Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
         // A TLS failure (certificate, alert, not TLS at all) is `tls`; the
         // connection dying under the handshake keeps its transport cause.
-        Ok(Err(e)) => Err(net::io_error(&e, Phase::Exchange, "TLS handshake")),
+        Ok(Err(e)) => Err(io_error(&e, Phase::Exchange, "TLS handshake")),
         Err(_) => {
             Err(CheckError::new(Cause::ReadTimeout, "TLS handshake: no reply in time (does this port speak TLS?)"))
         }

@@ -2,10 +2,14 @@
 //!
 //! Each worker thread runs its own current-thread runtime and its own
 //! `SO_REUSEPORT` socket per listener (see `crate::server`), and calls
-//! [`http::serve`] or [`tcp::serve`] with a shared [`ListenerCtx`]. Anything
-//! per-connection or per-worker (the upstream connection pool) lives inside
-//! `serve`, so workers share nothing mutable but atomics.
+//! [`http::serve`] or [`tcp::serve`] with a shared [`ListenerCtx`]. Both run
+//! the same accept loop ([`accept`]: connection permits, holding a
+//! connection at `max_connections`, drain) and only say how to serve an
+//! accepted connection. Anything per-connection or per-worker (the upstream
+//! connection pool) lives inside `serve`, so workers share nothing mutable
+//! but atomics.
 
+pub mod accept;
 pub mod http;
 pub mod tcp;
 
@@ -89,20 +93,6 @@ impl ListenerCtx {
             health,
             registry,
         })
-    }
-
-    /// Takes one of the listener's `max_connections` slots, shared by all
-    /// its workers; `false` at the limit. The `active_connections` gauge is
-    /// the counter itself: `inc` returns the previous value atomically, so
-    /// two workers cannot both take the last slot. Give it back with
-    /// `active_connections.dec()`.
-    pub fn take_slot(&self) -> bool {
-        let max = i64::try_from(self.config.max_connections).unwrap_or(i64::MAX);
-        if self.active_connections.inc() >= max {
-            self.active_connections.dec();
-            return false;
-        }
-        true
     }
 
     /// The route a request takes: first match wins, else the default. Allocation-free.

@@ -2,15 +2,17 @@
 //! bytes between the client and the app.
 //!
 //! One [`serve`] runs per worker and listener, on the worker's current-thread
-//! runtime. Its connections are local tasks in a `JoinSet`, so the drain can
-//! wait for them and abort the stragglers at its deadline. Per connection:
+//! runtime, around the shared accept loop ([`super::accept`]). Its
+//! connections are local tasks; the drain waits for their permits to come
+//! back and drops the stragglers' sockets at its deadline. Per connection:
 //!
 //! 1. **Admission** at accept: one atomic load ([`Health::admission`](crate::state::Health::admission)). Out
 //!    of service (or degraded with `admit_degraded: false`) → the connection
 //!    is ended at once, per `reject` (`close`: FIN, `reset`: RST), never left
 //!    hanging.
 //! 2. **Limit**: at `max_connections` (per listener, across workers) the
-//!    worker stops accepting, so further clients wait in the kernel backlog.
+//!    connection waits unread, and the worker stops accepting, until a
+//!    permit frees up; admission is then decided again.
 //! 3. **Connect** to the upstream, resolved at every connect, every address
 //!    tried, bounded by `connect_timeout`; on failure the client is ended the
 //!    same way as a rejected one and the outcome is `upstream_error`.
@@ -25,7 +27,7 @@
 //! touches no shared cache line.
 
 use std::cell::{Cell, RefCell};
-use std::io::{self, Read};
+use std::io::Read;
 use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -34,15 +36,15 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
-use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior, sleep, sleep_until};
-use tracing::{debug, warn};
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior, sleep, timeout_at};
+use tracing::debug;
 
+use super::accept::{self, Permit, Permits, Serve};
 use super::{DrainSignal, ListenerCtx};
-use crate::check::net;
 use crate::config::{TcpOnOutage, TcpReject};
 use crate::metrics::{AtomicHistogram, ListenerLabels, TcpBytesLabels, TcpOutcomeLabels};
+use crate::net;
 use crate::state::{Admission, Reject};
 
 /// Size of each relay buffer (two per connection). 16 KiB, like HAProxy's
@@ -53,16 +55,10 @@ const BUFFER_SIZE: usize = 16 * 1024;
 const POOL_MAX: usize = 256;
 /// How often a connection adds its byte counts to the shared counters.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
-/// How often a worker at `max_connections` re-checks for a slot freed by
-/// another worker (its own connections wake it at once).
-const SLOT_RETRY: Duration = Duration::from_millis(50);
 /// How often `on_outage: close_existing` re-checks admission, besides
 /// reacting at once to service-state changes: a dependency this listener
 /// needs can go down while the service state stays the same.
 const OUTAGE_POLL: Duration = Duration::from_secs(1);
-/// Pause after a failed `accept` (e.g. out of file descriptors), so the loop
-/// does not spin while the condition lasts.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Most bytes a rejected connection's already-received data is drained of
 /// before closing (so the close is a FIN, not an RST for unread data).
 const REJECT_DRAIN_MAX: usize = 64 * 1024;
@@ -74,70 +70,44 @@ const REJECT_DRAIN_MAX: usize = 64 * 1024;
 /// (or the drain deadline passed, after which the rest are closed).
 pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: DrainSignal) {
     let worker = Rc::new(Worker::new(ctx));
-    let mut conns: JoinSet<()> = JoinSet::new();
     let close_existing = worker.ctx.config.tcp.on_outage == TcpOnOutage::CloseExisting;
-    let mut service = worker.ctx.health.subscribe_service();
-    let mut service_open = true;
-    let mut outage_poll = tokio::time::interval(OUTAGE_POLL);
-    outage_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // A connection accepted while the listener is at `max_connections`: it
-    // waits here (unread, like in the backlog) until a slot frees up.
-    let mut held: Option<(TcpStream, SocketAddr)> = None;
-
-    let deadline = loop {
-        tokio::select! {
-            biased;
-            d = drain.wait_for(Option::is_some) => {
-                // A dropped sender means nobody can ever drain us: stop now.
-                break d.ok().and_then(|d| *d).unwrap_or_else(Instant::now);
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            changed = service.changed(), if close_existing && service_open => {
-                service_open = changed.is_ok();
-                worker.close_if_out_of_service(&conns);
-            }
-            _ = outage_poll.tick(), if close_existing && !conns.is_empty() => {
-                worker.close_if_out_of_service(&conns);
-            }
-            _ = worker.wait_for_slot(), if held.is_some() => {
-                if let Some((stream, peer)) = held.take() {
-                    // Re-check admission: the state may have changed while waiting.
-                    held = worker.admit(stream, peer, &mut conns);
-                }
-            }
-            accepted = listener.accept(), if held.is_none() => match accepted {
-                Ok((stream, peer)) => {
-                    // Relay writes as they come: Nagle would hold back the
-                    // small writes of request/response protocols.
-                    let _ = stream.set_nodelay(true);
-                    held = worker.admit(stream, peer, &mut conns);
-                }
-                Err(e) => {
-                    // ECONNABORTED and friends concern one client; anything
-                    // else (EMFILE, ENOBUFS) lasts, so back off.
-                    if !matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) {
-                        warn!(listener = %worker.ctx.config.name, error = %e, "tcp accept failed");
-                        sleep(ACCEPT_BACKOFF).await;
-                    }
-                }
-            },
-        }
-    };
+    let outages = close_existing.then(|| tokio::task::spawn_local(watch_outages(worker.clone())));
+    let name = worker.ctx.config.name.clone();
+    let deadline = accept::run(&listener, &name, &worker.permits, &mut drain, &worker).await;
+    // Outages no longer close connections once the drain began.
+    if let Some(task) = outages {
+        task.abort();
+    }
 
     // Stop accepting: closing the socket makes the kernel refuse new clients
     // (the other workers' sockets close on the same signal).
     drop(listener);
-    drop(held);
-    debug!(listener = %worker.ctx.config.name, connections = conns.len(), "tcp drain: waiting for connections");
-    let finished = tokio::select! {
-        _ = async { while conns.join_next().await.is_some() {} } => true,
-        _ = sleep_until(deadline) => false,
-    };
-    if !finished {
-        debug!(listener = %worker.ctx.config.name, connections = conns.len(), "tcp drain: deadline; closing connections");
-        conns.abort_all();
-        // Aborted tasks drop their sockets (and record their metrics) when reaped.
-        while conns.join_next().await.is_some() {}
+    debug!(listener = %name, connections = worker.permits.held(), "tcp drain: waiting for connections");
+    if timeout_at(deadline, worker.permits.all_returned()).await.is_err() {
+        debug!(listener = %name, connections = worker.permits.held(), "tcp drain: deadline; closing connections");
+        // Each connection's task drops its sockets (recording its metrics)
+        // as soon as it sees the signal.
+        worker.stop.send_replace(true);
+        worker.permits.all_returned().await;
+    }
+}
+
+/// `on_outage: close_existing`: closes the worker's connections when the
+/// service state changes, and every [`OUTAGE_POLL`] (a dependency this
+/// listener needs can go down while the service state stays the same).
+async fn watch_outages(worker: Rc<Worker>) {
+    let mut service = worker.ctx.health.subscribe_service();
+    let mut service_open = true;
+    let mut outage_poll = tokio::time::interval(OUTAGE_POLL);
+    outage_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = service.changed(), if service_open => {
+                service_open = changed.is_ok();
+                worker.close_if_out_of_service();
+            }
+            _ = outage_poll.tick() => worker.close_if_out_of_service(),
+        }
     }
 }
 
@@ -155,10 +125,12 @@ struct Worker {
     duration: AtomicHistogram,
     /// Idle relay buffers, reused to avoid allocating (and zeroing) per connection.
     buffers: RefCell<Vec<Box<[u8]>>>,
-    /// Woken when one of this worker's connections frees its slot.
-    released: Notify,
+    /// This worker's share of the listener's connection permits.
+    permits: Rc<Permits>,
     /// Bumped to close every existing connection (`on_outage: close_existing`).
     cut: watch::Sender<u64>,
+    /// Set at the drain deadline: every connection is dropped at once.
+    stop: watch::Sender<bool>,
 }
 
 impl Worker {
@@ -178,57 +150,23 @@ impl Worker {
             bytes_out: bytes("out"),
             duration: m.tcp_connection_duration.get_or_create_owned(&ListenerLabels { listener: name.clone() }),
             buffers: RefCell::new(Vec::new()),
-            released: Notify::new(),
+            permits: Permits::new(&ctx),
             cut: watch::Sender::new(0),
+            stop: watch::Sender::new(false),
             ctx,
-        }
-    }
-
-    /// Decides what happens to a freshly accepted (or held) connection:
-    /// rejected, spawned, or handed back to be held until a slot frees up.
-    fn admit(
-        self: &Rc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        conns: &mut JoinSet<()>,
-    ) -> Option<(TcpStream, SocketAddr)> {
-        let tcp = &self.ctx.config.tcp;
-        match self.ctx.health.admission(self.ctx.default_route.needs) {
-            Admission::Admit => {}
-            Admission::Reject(Reject::Degraded, _) if tcp.admit_degraded => {}
-            Admission::Reject(reason, missing) => {
-                self.rejected.inc();
-                debug!(listener = %self.ctx.config.name, %peer, ?reason, missing, "tcp connection rejected");
-                end_client(&stream, tcp.reject);
-                return None;
-            }
-        }
-        let Some(slot) = Slot::reserve(self) else {
-            return Some((stream, peer));
-        };
-        conns.spawn_local(connection(self.clone(), stream, peer, slot));
-        None
-    }
-
-    /// Resolves when a slot may have been freed (by this worker at once, by
-    /// another one within [`SLOT_RETRY`]).
-    async fn wait_for_slot(&self) {
-        tokio::select! {
-            _ = self.released.notified() => {}
-            _ = sleep(SLOT_RETRY) => {}
         }
     }
 
     /// `on_outage: close_existing`: closes this worker's connections while
     /// the listener's needed dependencies put it out of service.
-    fn close_if_out_of_service(&self, conns: &JoinSet<()>) {
-        if conns.is_empty() {
+    fn close_if_out_of_service(&self) {
+        if self.permits.held() == 0 {
             return;
         }
         if let Admission::Reject(Reject::OutOfService, missing) =
             self.ctx.health.admission(self.ctx.default_route.needs)
         {
-            debug!(listener = %self.ctx.config.name, connections = conns.len(), missing, "tcp outage: closing existing connections");
+            debug!(listener = %self.ctx.config.name, connections = self.permits.held(), missing, "tcp outage: closing existing connections");
             self.cut.send_modify(|epoch| *epoch += 1);
         }
     }
@@ -251,23 +189,37 @@ impl Worker {
     }
 }
 
-// === impl Slot ===
+// === impl Serve ===
 
-/// One of the listener's `max_connections` slots ([`ListenerCtx::take_slot`]).
-struct Slot {
-    worker: Rc<Worker>,
-}
-
-impl Slot {
-    fn reserve(worker: &Rc<Worker>) -> Option<Slot> {
-        worker.ctx.take_slot().then(|| Slot { worker: worker.clone() })
+impl Serve for Rc<Worker> {
+    /// Admission at accept: out of service (or degraded with
+    /// `admit_degraded: false`) ends the connection at once, per `reject`.
+    fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
+        let tcp = &self.ctx.config.tcp;
+        match self.ctx.health.admission(self.ctx.default_route.needs) {
+            Admission::Admit => true,
+            Admission::Reject(Reject::Degraded, _) if tcp.admit_degraded => true,
+            Admission::Reject(reason, missing) => {
+                self.rejected.inc();
+                debug!(listener = %self.ctx.config.name, %peer, ?reason, missing, "tcp connection rejected");
+                end_client(stream, tcp.reject);
+                false
+            }
+        }
     }
-}
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.worker.ctx.active_connections.dec();
-        self.worker.released.notify_one();
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, permit: Permit) {
+        let mut stop = self.stop.subscribe();
+        let conn = connection(self.clone(), stream, peer, permit);
+        tokio::task::spawn_local(async move {
+            // Dropping the connection's future at the drain deadline closes
+            // its sockets; its `Record` still counts it.
+            tokio::select! {
+                biased;
+                _ = conn => {}
+                _ = stop.wait_for(|stop| *stop) => {}
+            }
+        });
     }
 }
 
@@ -294,8 +246,8 @@ enum End {
 }
 
 /// One admitted client connection: connect upstream, relay, record.
-async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, slot: Slot) {
-    let _slot = slot;
+async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, permit: Permit) {
+    let _permit = permit;
     let tcp = &worker.ctx.config.tcp;
     // Subscribed before connecting, so an outage during the connect counts.
     let mut cut = worker.cut.subscribe();
@@ -312,7 +264,7 @@ async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, slo
         Ok((stream, _)) => stream,
         Err(e) => {
             worker.upstream_error.inc();
-            debug!(listener = %worker.ctx.config.name, %peer, cause = e.cause.as_str(), error = %e.message, "tcp upstream connect failed");
+            debug!(listener = %worker.ctx.config.name, %peer, cause = e.kind().as_str(), error = %e, "tcp upstream connect failed");
             end_client(&client, tcp.reject);
             return;
         }
@@ -520,19 +472,6 @@ mod tests {
         );
         let c = Config::from_yaml(&yaml, Path::new("t")).unwrap();
         ListenerCtx::new(&c, 0, Health::new(&c), Metrics::new(&c))
-    }
-
-    #[test]
-    fn the_connection_limit_is_shared_by_every_worker_of_a_listener() {
-        let ctx = ctx(2);
-        let (a, b) = (Rc::new(Worker::new(ctx.clone())), Rc::new(Worker::new(ctx.clone())));
-        let first = Slot::reserve(&a).expect("slot 1");
-        let _second = Slot::reserve(&b).expect("slot 2");
-        assert!(Slot::reserve(&a).is_none() && Slot::reserve(&b).is_none());
-        assert_eq!(ctx.active_connections.get(), 2, "a refused reservation leaves the gauge as it was");
-        drop(first);
-        assert_eq!(ctx.active_connections.get(), 1);
-        assert!(Slot::reserve(&b).is_some());
     }
 
     #[test]

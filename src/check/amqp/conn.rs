@@ -11,7 +11,7 @@ use tracing::debug;
 
 use super::AmqpNode;
 use super::wire::{self, Body, Frame, Incoming, Method, Value, WireError};
-use crate::check::net::{self, Phase};
+use crate::check::io::{Phase, io_error};
 use crate::check::tls::{self, Stream, TlsSettings};
 use crate::check::{ABANDON_AFTER, Cause, CheckError};
 use crate::config::SecretSource;
@@ -407,7 +407,7 @@ impl Conn {
             Err(_) => Err(CheckError::new(Cause::ReadTimeout, format!("no {what} in time"))),
             Ok(Err(e)) => {
                 self.dead = true;
-                Err(net::io_error(&e, Phase::Exchange, &format!("waiting for {what}")))
+                Err(io_error(&e, Phase::Exchange, &format!("waiting for {what}")))
             }
             Ok(Ok(0)) => {
                 self.dead = true;
@@ -481,7 +481,7 @@ impl Conn {
             }
             Ok(Err(e)) => {
                 self.dead = true;
-                Err(net::io_error(&e, Phase::Exchange, what))
+                Err(io_error(&e, Phase::Exchange, what))
             }
             Ok(Ok(())) => Ok(()),
         }

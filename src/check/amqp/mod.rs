@@ -11,7 +11,7 @@
 //!
 //! The protocol subset is spoken here directly rather than through lapin, so
 //! that every step has a deadline and a precise cause, the socket comes from
-//! [`net::connect`] (every resolved address tried), and no background I/O loop
+//! [`crate::net::connect`] (every resolved address tried), and no background I/O loop
 //! outlives a cancelled check. See docs/amqp.md for the full rationale.
 //!
 //! Cancellation: the per-node work runs in a spawned task that owns the

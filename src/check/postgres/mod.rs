@@ -31,10 +31,10 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::debug;
 
-use super::net;
 use super::tls::TlsSettings;
 use super::{Cause, Check, CheckError, Details};
 use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, SecretSource, secret_source};
+use crate::net;
 use wire::{Conn, Login, WireError};
 
 /// Keys a `postgres` dependency accepts besides the common ones.

@@ -20,9 +20,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::super::net::exchange;
 use super::super::tls::{self, Stream, TlsSettings};
 use super::super::{Cause, CheckError};
+use crate::check::io::exchange;
 
 /// Largest backend message accepted (a check's replies are tiny; a `query`
 /// returning a big row is read and discarded up to this size per message).

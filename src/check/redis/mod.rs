@@ -20,10 +20,11 @@ use tokio::time::{Instant, timeout_at};
 use tracing::{debug, info};
 
 use self::resp::{MAX_REPLY, Reply, RespError, encode, parse, truncate};
-use super::net::{exchange, remaining};
+use super::io::exchange;
 use super::tls::{self, Stream, TlsSettings};
 use super::{Cause, Check, CheckError, Details, most_telling};
 use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, Secret, SecretSource, secret_source};
+use crate::net::remaining;
 
 /// Keys a `redis` dependency accepts besides the common ones.
 pub(crate) const KEYS: &[&str] =

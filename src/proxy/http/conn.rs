@@ -1,0 +1,358 @@
+//! A client connection's shared state: what its timer notes and decides
+//! (idle close, slow head, parking, the upstream response deadline), the
+//! socket wrapper that notes when a request head starts, and the
+//! per-request guards.
+
+use std::cell::Cell;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::header::HeaderValue;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::Worker;
+use crate::proxy::accept::Permit;
+
+// === client connections ===
+
+/// State shared between a client connection's socket wrapper, its timer
+/// and its requests. Atomics only because hyper's upgrade support requires
+/// a `Send` socket type; every access is from one thread, so plain relaxed
+/// loads and stores (no read-modify-write) suffice and cost nothing.
+pub(super) struct IoState {
+    pub(super) epoch: Instant,
+    /// Requests whose response is not finished.
+    pub(super) busy: AtomicU32,
+    /// When the current request head started arriving (ns since `epoch` + 1; 0 = none).
+    pub(super) head_started: AtomicU64,
+    /// When the connection last became idle (ns since `epoch`).
+    pub(super) idle_since: AtomicU64,
+    /// Set while hyper is being shut down to park the connection: the
+    /// socket's shutdown is then skipped, so the client sees nothing.
+    pub(super) parking: AtomicBool,
+}
+
+/// The connection timer's limits, fixed per listener.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TimerConfig {
+    /// A request head must arrive in full within this (none: no limit).
+    pub(super) header_read_timeout: Option<Duration>,
+    /// An idle keep-alive connection is closed after this (none: never).
+    pub(super) client_idle_timeout: Option<Duration>,
+    /// The longest the timer sleeps: the shortest of the two client
+    /// timeouts, [`PARK_AFTER`] and the upstream response timeout, which
+    /// bounds how late each is enforced. A parked connection's timer sleeps
+    /// until its idle deadline instead.
+    pub(super) tick: Duration,
+}
+
+/// What the connection timer does when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TimerAction {
+    /// Nothing is due: sleep until then.
+    Rearm(Instant),
+    /// The request waiting on the app is past its deadline: mark it expired
+    /// (it is answered `504`), and sleep until then.
+    UpstreamTimeout(Instant),
+    /// Idle for `client_idle_timeout`: close gracefully.
+    Idle,
+    /// A request head took longer than `header_read_timeout`: drop it.
+    SlowHead,
+    /// Idle for [`PARK_AFTER`]: release hyper's per-connection state.
+    Park,
+}
+
+/// The timer's decision at `now`, from what the connection noted (`state`)
+/// and the deadline of the request waiting on the app (`upstream_due`).
+///
+/// A request in progress is only held to its upstream deadline. Between
+/// requests, a head that started arriving is held to `header_read_timeout`;
+/// otherwise the connection is closed at `client_idle_timeout` and parked
+/// after [`PARK_AFTER`] (closing wins when both are due).
+pub(super) fn decide(state: &IoState, upstream_due: Option<Instant>, now: Instant, cfg: &TimerConfig) -> TimerAction {
+    let next = now + cfg.tick;
+    let rearm = if state.busy.load(Relaxed) > 0 {
+        next
+    } else if let Some(head) = state.head_started() {
+        match cfg.header_read_timeout {
+            Some(t) if now >= head + t => return TimerAction::SlowHead,
+            Some(t) => (head + t).min(next),
+            None => next,
+        }
+    } else {
+        let idle_since = state.idle_since();
+        if cfg.client_idle_timeout.is_some_and(|t| now >= idle_since + t) {
+            return TimerAction::Idle;
+        }
+        if now >= idle_since + PARK_AFTER {
+            return TimerAction::Park;
+        }
+        // Wake at least every `tick`: a head that starts arriving meanwhile
+        // is then held to `header_read_timeout` (within one tick).
+        next
+    };
+    match upstream_due {
+        Some(due) if now >= due => TimerAction::UpstreamTimeout(rearm),
+        Some(due) => TimerAction::Rearm(rearm.min(due)),
+        None => TimerAction::Rearm(rearm),
+    }
+}
+
+/// When a parked connection reaches `client_idle_timeout` (none: never).
+pub(super) fn parked_until(state: &IoState, cfg: &TimerConfig) -> Option<Instant> {
+    cfg.client_idle_timeout.map(|t| state.idle_since() + t)
+}
+
+/// A keep-alive connection idle this long is parked: hyper's connection
+/// state (an 8 KiB read buffer that hyper never shrinks, the request-future
+/// slot, a cached header map) is dropped and the bare socket is watched for
+/// readability; the next request gets a fresh hyper connection. Parking
+/// costs a few microseconds, so it is kept for connections idle long enough
+/// to matter for memory (thousands of idle keep-alive clients), never for
+/// one between two requests of a busy client.
+pub const PARK_AFTER: Duration = Duration::from_millis(100);
+
+impl IoState {
+    pub(super) fn new(epoch: Instant) -> IoState {
+        // A new connection is waiting for its first request head.
+        IoState {
+            epoch,
+            busy: AtomicU32::new(0),
+            head_started: AtomicU64::new(1),
+            idle_since: AtomicU64::new(0),
+            parking: AtomicBool::new(false),
+        }
+    }
+
+    pub(super) fn nanos(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    pub(super) fn at(&self, nanos: u64) -> Instant {
+        self.epoch + Duration::from_nanos(nanos)
+    }
+
+    pub(super) fn begin_request(&self) {
+        self.busy.store(self.busy.load(Relaxed) + 1, Relaxed);
+        self.head_started.store(0, Relaxed);
+    }
+
+    pub(super) fn end_request(&self) {
+        let n = self.busy.load(Relaxed) - 1;
+        self.busy.store(n, Relaxed);
+        if n == 0 {
+            self.idle_since.store(self.nanos(Instant::now()), Relaxed);
+        }
+    }
+
+    /// Bytes arrived: if no request is in progress, a head is starting.
+    #[inline]
+    pub(super) fn on_read(&self) {
+        if self.busy.load(Relaxed) == 0 && self.head_started.load(Relaxed) == 0 {
+            self.head_started.store(self.nanos(Instant::now()) + 1, Relaxed);
+        }
+    }
+
+    /// When the current request head started arriving, if one is.
+    fn head_started(&self) -> Option<Instant> {
+        let head = self.head_started.load(Relaxed);
+        (head != 0).then(|| self.at(head - 1))
+    }
+
+    /// When the connection last became idle.
+    fn idle_since(&self) -> Instant {
+        self.at(self.idle_since.load(Relaxed))
+    }
+}
+
+/// The client socket: notes when a request head starts arriving.
+pub(super) struct ClientIo {
+    pub(super) stream: TcpStream,
+    pub(super) state: Arc<IoState>,
+    /// Bytes hyper had read but not parsed when the connection was parked
+    /// (normally none); served before the socket.
+    pub(super) prefix: Bytes,
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            this.state.on_read();
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.state.on_read();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.state.parking.load(Relaxed) {
+            // hyper is being retired, not the connection.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_shutdown(cx)
+    }
+}
+
+/// One client connection, shared by its requests (and an upgraded tunnel).
+pub(super) struct Conn {
+    pub(super) worker: Rc<Worker>,
+    pub(super) state: Arc<IoState>,
+    /// The client's address as an `X-Forwarded-For` element, built once.
+    pub(super) peer: HeaderValue,
+    /// When the request waiting on the app (hyper serves one request at a
+    /// time per connection) times out with `504`; checked by the connection
+    /// timer, so no timer is armed per request.
+    pub(super) upstream_due: Cell<Option<Instant>>,
+    /// Set by the connection timer once `upstream_due` passed.
+    pub(super) upstream_expired: Cell<bool>,
+    /// Returned when the last reference goes (an upgraded tunnel keeps it
+    /// after hyper let go).
+    pub(super) _permit: Permit,
+}
+
+/// Clears the connection's upstream deadline when the wait ends (or the
+/// request is dropped).
+pub(super) struct UpstreamWait<'a>(pub(super) &'a Conn);
+
+impl Drop for UpstreamWait<'_> {
+    fn drop(&mut self) {
+        self.0.upstream_due.set(None);
+        self.0.upstream_expired.set(false);
+    }
+}
+
+/// Marks a request in progress until its response body is done.
+pub(super) struct Busy(pub(super) Rc<Conn>);
+
+impl Busy {
+    pub(super) fn begin(conn: Rc<Conn>) -> Busy {
+        conn.state.begin_request();
+        Busy(conn)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.state.end_request();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn cfg(header: Option<u64>, idle: Option<u64>) -> TimerConfig {
+        TimerConfig {
+            header_read_timeout: header.map(|ms| MS * ms as u32),
+            client_idle_timeout: idle.map(|ms| MS * ms as u32),
+            tick: MS * 50,
+        }
+    }
+
+    /// A connection that went idle at `t0` after one request.
+    fn idle_at(t0: Instant) -> IoState {
+        let s = IoState::new(t0);
+        s.begin_request();
+        s.busy.store(0, Relaxed);
+        s.idle_since.store(s.nanos(t0), Relaxed);
+        s
+    }
+
+    #[test]
+    fn a_new_connection_is_held_to_the_header_read_timeout() {
+        let t0 = Instant::now();
+        let s = IoState::new(t0);
+        let c = cfg(Some(300), Some(60_000));
+        assert_eq!(decide(&s, None, t0 + MS * 10, &c), TimerAction::Rearm(t0 + MS * 60));
+        assert_eq!(decide(&s, None, t0 + MS * 280, &c), TimerAction::Rearm(t0 + MS * 300), "wakes at the deadline");
+        assert_eq!(decide(&s, None, t0 + MS * 300, &c), TimerAction::SlowHead);
+    }
+
+    #[test]
+    fn a_head_without_header_read_timeout_is_never_cut() {
+        let t0 = Instant::now();
+        let s = IoState::new(t0);
+        assert_eq!(decide(&s, None, t0 + MS * 10_000, &cfg(None, Some(100))), TimerAction::Rearm(t0 + MS * 10_050));
+    }
+
+    #[test]
+    fn an_idle_connection_is_parked_after_park_after_and_closed_at_the_idle_timeout() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        let c = cfg(Some(1000), Some(3000));
+        assert_eq!(decide(&s, None, t0 + PARK_AFTER - MS, &c), TimerAction::Rearm(t0 + PARK_AFTER + MS * 49));
+        assert_eq!(decide(&s, None, t0 + PARK_AFTER, &c), TimerAction::Park);
+        assert_eq!(decide(&s, None, t0 + MS * 3000, &c), TimerAction::Idle, "closing wins over parking");
+        assert_eq!(parked_until(&s, &c), Some(t0 + MS * 3000));
+        assert_eq!(decide(&s, None, t0 + MS * 3000, &cfg(Some(1000), None)), TimerAction::Park, "no idle limit");
+        assert_eq!(parked_until(&s, &cfg(Some(1000), None)), None);
+    }
+
+    #[test]
+    fn a_request_in_progress_is_neither_idle_nor_slow() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        s.begin_request();
+        let c = cfg(Some(100), Some(100));
+        assert_eq!(decide(&s, None, t0 + MS * 5000, &c), TimerAction::Rearm(t0 + MS * 5050));
+    }
+
+    #[test]
+    fn the_upstream_deadline_wakes_the_timer_and_expires_the_wait() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        s.begin_request();
+        let c = cfg(None, None);
+        let due = t0 + MS * 1020;
+        assert_eq!(decide(&s, Some(due), t0 + MS * 1000, &c), TimerAction::Rearm(due), "wakes at the deadline");
+        assert_eq!(decide(&s, Some(due), t0 + MS * 900, &c), TimerAction::Rearm(t0 + MS * 950), "or within a tick");
+        assert_eq!(decide(&s, Some(due), due, &c), TimerAction::UpstreamTimeout(due + MS * 50));
+    }
+
+    #[test]
+    fn bytes_after_a_request_start_a_new_head() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        s.on_read();
+        let c = cfg(Some(300), Some(60_000));
+        let started = s.head_started().expect("a head started");
+        assert!(started >= t0);
+        assert_eq!(decide(&s, None, started + MS * 300, &c), TimerAction::SlowHead, "held to the header timeout");
+    }
+}

@@ -1,0 +1,436 @@
+//! One request: validation, routing and admission, the short-circuit
+//! answers, forwarding to the app (with the safe-retry rules) and the
+//! upgraded tunnel after a `101`.
+
+use std::cell::Cell;
+use std::error::Error as StdError;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderMap};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, sleep_until};
+use tracing::debug;
+
+use super::BAD_GATEWAY_BODY;
+use super::BAD_REQUEST_BODY;
+use super::GATEWAY_TIMEOUT_BODY;
+use super::TOO_LARGE_BODY;
+use super::Worker;
+use super::body::BodyTooLarge;
+use super::body::ClientBodyError;
+use super::body::Kind;
+use super::body::ReqBody;
+use super::body::ResBody;
+use super::conn::Busy;
+use super::conn::{Conn, UpstreamWait};
+use super::headers::CLOSE_VALUE;
+use super::headers::PROBLEM_VALUE;
+use super::headers::UPGRADE_VALUE;
+use super::headers::host_is_valid;
+use super::headers::prepare_request;
+use super::headers::prepare_response;
+use super::headers::upgrade_requested;
+use crate::metrics::{Outcome, RouteMetrics};
+use crate::state::Admission;
+
+/// Largest request body a short-circuited request is read to its end for, so
+/// the keep-alive connection stays usable; bigger bodies close it instead.
+pub(super) const SHORT_CIRCUIT_DRAIN_MAX: u64 = 64 * 1024;
+
+/// Why forwarding failed.
+#[derive(Debug)]
+pub(super) enum Fail {
+    /// No connection to the app (refused, unreachable, DNS, timeout): 502.
+    Connect,
+    /// No response head within `upstream_response_timeout`: 504.
+    Timeout,
+    /// The app's connection failed mid-exchange: 502.
+    Upstream,
+    /// The request body went over `max_body_bytes`: 413.
+    TooLarge,
+    /// The client's request body failed (client gone or malformed chunking): 400.
+    ClientBody,
+}
+
+/// Handles one request; every response is built here, and the request's
+/// outcome recorded exactly once, when the response head is handed to hyper.
+pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody> {
+    let start = Instant::now();
+    let busy = Busy::begin(conn);
+    let w = busy.0.worker.clone();
+    let ctx = &w.ctx;
+
+    let uri = req.uri();
+    let path = uri.path();
+    if uri.scheme().is_some()
+        || uri.authority().is_some()
+        || req.method() == Method::CONNECT
+        || !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS))
+        || !host_is_valid(req.headers(), req.version())
+    {
+        return reply(
+            &ctx.default_route.metrics,
+            busy,
+            start,
+            Outcome::BadRequest,
+            StatusCode::BAD_REQUEST,
+            BAD_REQUEST_BODY,
+            true,
+        );
+    }
+    // The route decides what the request needs, its short-circuit bodies and
+    // its metric label (`bypass` prefixes are routes needing nothing).
+    let route = ctx.route(req.method(), path, req.headers());
+    let metrics = &route.metrics;
+    let max_body = ctx.config.http.max_body_bytes;
+    if max_body > 0 && req.body().size_hint().exact().is_some_and(|n| n > max_body) {
+        return reply(metrics, busy, start, Outcome::BadRequest, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_BODY, true);
+    }
+
+    let outcome = if route.bypass {
+        Outcome::Bypassed
+    } else {
+        match ctx.health.admission(route.needs) {
+            Admission::Admit => Outcome::Proxied,
+            Admission::Reject(class, missing) => {
+                let (status, body) = route.responses.body(class, missing, &ctx.health);
+                let (parts, req_body) = req.into_parts();
+                let expects = parts.headers.contains_key(header::EXPECT);
+                let keep_alive = req_body.is_end_stream() || Box::pin(settle_body(req_body, expects, &w)).await;
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                // The request's header map is reused for the response: it
+                // is dropped anyway, and this saves allocating a new one.
+                let mut headers = parts.headers;
+                headers.clear();
+                let mut res = problem_with(headers, status, body, busy, !keep_alive);
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    res.headers_mut().insert(header::RETRY_AFTER, w.retry_after.clone());
+                }
+                metrics.record(Outcome::ShortCircuited, start.elapsed());
+                return res;
+            }
+        }
+    };
+
+    // Upgrade (WebSocket): forward `Connection: upgrade` + `Upgrade` and
+    // take over both connections after a 101.
+    let upgrade = upgrade_requested(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let upgrade_value = upgrade.as_ref().and_then(|_| parts.headers.get(header::UPGRADE).cloned());
+    prepare_request(&mut parts.headers, &busy.0, upgrade_value);
+    parts.version = Version::HTTP_11;
+    let body = ReqBody { inner: Some(body), left: if max_body > 0 { max_body } else { u64::MAX } };
+    let req = Request::from_parts(parts, body);
+
+    match send(&busy.0, req, start).await {
+        Ok((mut res, tx)) => {
+            if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let Some(client_side) = upgrade else {
+                    // A 101 nobody asked for cannot be relayed.
+                    return reply(
+                        metrics,
+                        busy,
+                        start,
+                        Outcome::UpstreamError,
+                        StatusCode::BAD_GATEWAY,
+                        BAD_GATEWAY_BODY,
+                        true,
+                    );
+                };
+                let app_side = hyper::upgrade::on(&mut res);
+                let upgrade_value = res.headers().get(header::UPGRADE).cloned();
+                let (mut parts, _) = res.into_parts();
+                prepare_response(&mut parts.headers, &w);
+                if let Some(v) = upgrade_value {
+                    parts.headers.insert(header::CONNECTION, UPGRADE_VALUE.clone());
+                    parts.headers.insert(header::UPGRADE, v);
+                }
+                // The tunnel holds the connection (and its permit).
+                tokio::task::spawn_local(tunnel(client_side, app_side, busy.0.clone(), w.tunnel_idle_timeout));
+                drop(tx);
+                metrics.record(outcome, start.elapsed());
+                return Response::from_parts(parts, ResBody::full(Bytes::new(), busy));
+            }
+            let (mut parts, body) = res.into_parts();
+            prepare_response(&mut parts.headers, &w);
+            metrics.record(outcome, start.elapsed());
+            Response::from_parts(parts, ResBody { kind: Kind::Upstream { body, tx: Some(tx), ended: false }, busy })
+        }
+        Err(Fail::Timeout) => reply(
+            metrics,
+            busy,
+            start,
+            Outcome::UpstreamError,
+            StatusCode::GATEWAY_TIMEOUT,
+            GATEWAY_TIMEOUT_BODY,
+            false,
+        ),
+        Err(Fail::Connect | Fail::Upstream) => {
+            reply(metrics, busy, start, Outcome::UpstreamError, StatusCode::BAD_GATEWAY, BAD_GATEWAY_BODY, false)
+        }
+        Err(Fail::TooLarge) => {
+            reply(metrics, busy, start, Outcome::BadRequest, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_BODY, true)
+        }
+        Err(Fail::ClientBody) => {
+            reply(metrics, busy, start, Outcome::BadRequest, StatusCode::BAD_REQUEST, BAD_REQUEST_BODY, true)
+        }
+    }
+}
+
+/// Sends a request to the app: on a pooled connection if one is ready, else
+/// on a new one. A request is resent on another connection only when that
+/// is safe:
+/// * hyper hands the request back, which it does only if not a byte of it
+///   was written (the pooled connection closed first): any method, as the
+///   app cannot have seen it;
+/// * the pooled connection had been idle for [`REPLAY_AFTER_IDLE`] and
+///   failed before any response byte (the app's keep-alive timeout closing
+///   it as we reused it), and the request is idempotent and bodyless, so a
+///   copy of its head can be replayed. The copy is made only then, never for
+///   a connection reused at once (the loaded hot path).
+///
+/// A fresh connection is never retried, nor is a failure after the response
+/// began: the app may have acted on the request.
+///
+/// `upstream_response_timeout` counts from `start` (the request's arrival)
+/// on a pooled connection, from the connect otherwise.
+pub(super) async fn send(
+    conn: &Conn,
+    mut req: Request<ReqBody>,
+    start: Instant,
+) -> Result<(Response<Incoming>, SendRequest<ReqBody>), Fail> {
+    let w = &*conn.worker;
+    let _wait = UpstreamWait(conn);
+    loop {
+        let (mut tx, replay) = match w.checkout() {
+            Some((tx, idle)) => {
+                let replay = (idle >= REPLAY_AFTER_IDLE && req.method().is_idempotent() && req.body().is_end_stream())
+                    .then(|| copy_head(&req));
+                (tx, Some(replay))
+            }
+            // Boxed: connecting is rare on a warm pool, and inline it would
+            // grow every request's future (moved by hyper) by ~500 bytes.
+            None => {
+                let tx = Box::pin(w.connect()).await?;
+                conn.upstream_due.set(w.response_timeout.map(|t| Instant::now() + t));
+                (tx, None)
+            }
+        };
+        if conn.upstream_due.get().is_none() {
+            conn.upstream_due.set(w.response_timeout.map(|t| start + t));
+        }
+        let mut response = std::pin::pin!(tx.try_send_request(req));
+        let result = std::future::poll_fn(|cx| {
+            if conn.upstream_expired.get() {
+                return Poll::Ready(Err(Fail::Timeout));
+            }
+            response.as_mut().poll(cx).map(Ok)
+        })
+        .await?;
+        match result {
+            Ok(res) => return Ok((res, tx)),
+            Err(mut e) => match (e.take_message(), replay) {
+                (Some(back), Some(_)) => {
+                    debug!(error = %e.error(), "pooled upstream connection closed before use; retrying");
+                    req = back;
+                }
+                (None, Some(Some(copy))) if closed_before_response(e.error()) => {
+                    debug!(error = %e.error(), "idle pooled upstream connection closed under the request; replaying");
+                    req = copy;
+                }
+                _ => return Err(classify(e.into_error())),
+            },
+        }
+    }
+}
+
+/// A pooled connection idle at least this long may have been closed by the
+/// app's keep-alive timeout just as it was reused (no common server closes
+/// idle connections faster).
+pub const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
+
+/// A bodyless copy of a request head, for a replay.
+pub(super) fn copy_head(req: &Request<ReqBody>) -> Request<ReqBody> {
+    let mut r = Request::new(ReqBody { inner: None, left: u64::MAX });
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
+/// The connection ended (FIN or reset) before any response byte.
+pub(super) fn closed_before_response(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return matches!(io.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe);
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Tells a body-limit or client-body failure from an upstream failure.
+pub(super) fn classify(e: hyper::Error) -> Fail {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<BodyTooLarge>() {
+            return Fail::TooLarge;
+        }
+        if s.is::<ClientBodyError>() {
+            return Fail::ClientBody;
+        }
+        source = s.source();
+    }
+    debug!(error = %e, "upstream exchange failed");
+    Fail::Upstream
+}
+
+/// Relays an upgraded connection both ways until either side closes, or
+/// until nothing moved either way for the listener's `idle_timeout`: a peer
+/// that vanished without a FIN must not hold the tunnel (and the drain) forever.
+pub(super) async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    app: hyper::upgrade::OnUpgrade,
+    conn: Rc<Conn>,
+    idle: Option<Duration>,
+) {
+    let (client, app) = match (client.await, app.await) {
+        (Ok(c), Ok(a)) => (c, a),
+        (Err(e), _) | (_, Err(e)) => {
+            debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let last = Rc::new(Cell::new(Instant::now()));
+    let mut client = Active { io: TokioIo::new(client), last: last.clone() };
+    let mut app = Active { io: TokioIo::new(app), last: last.clone() };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut app);
+    tokio::pin!(copy);
+    let result = loop {
+        let Some(idle) = idle else { break copy.await };
+        tokio::select! {
+            r = &mut copy => break r,
+            _ = sleep_until(last.get() + idle) => {
+                // Traffic since the timer was armed moved the deadline: sleep again.
+                if last.get() + idle <= Instant::now() {
+                    debug!(?idle, "upgraded connection idle; closing");
+                    break Ok((0, 0));
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "upgraded connection ended with an error");
+    }
+    drop(conn);
+}
+
+/// An upgraded stream that notes when bytes last arrived, for the tunnel's idle timeout.
+pub(super) struct Active<T> {
+    pub(super) io: T,
+    pub(super) last: Rc<Cell<Instant>>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.set(Instant::now());
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Reads a short-circuited request's small body to its end so the
+/// connection can stay alive; returns `false` when the connection must close
+/// instead (a large or unsized body, a slow or failing client). Bodyless
+/// requests, the common case, return at once.
+///
+/// A client waiting for `100 Continue` (`expects`) has not sent its body:
+/// it is not asked for just to be discarded.
+pub(super) async fn settle_body(mut body: Incoming, expects: bool, w: &Worker) -> bool {
+    if body.is_end_stream() {
+        return true;
+    }
+    if expects || body.size_hint().exact().is_none_or(|n| n > SHORT_CIRCUIT_DRAIN_MAX) {
+        return false;
+    }
+    let drain = async {
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            if frame.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    let bound = w.timer.header_read_timeout.unwrap_or(Duration::from_secs(10));
+    tokio::time::timeout(bound, drain).await.unwrap_or(false)
+}
+
+/// A response of ours (problem+json) with a static body.
+pub(super) fn reply(
+    metrics: &RouteMetrics,
+    busy: Busy,
+    start: Instant,
+    outcome: Outcome,
+    status: StatusCode,
+    body: &'static str,
+    close: bool,
+) -> Response<ResBody> {
+    metrics.record(outcome, start.elapsed());
+    problem(status, Bytes::from_static(body.as_bytes()), busy, close)
+}
+
+pub(super) fn problem(status: StatusCode, body: Bytes, busy: Busy, close: bool) -> Response<ResBody> {
+    problem_with(HeaderMap::new(), status, body, busy, close)
+}
+
+/// A problem+json response using `headers` (empty) as its header map.
+pub(super) fn problem_with(
+    headers: HeaderMap,
+    status: StatusCode,
+    body: Bytes,
+    busy: Busy,
+    close: bool,
+) -> Response<ResBody> {
+    let mut res = Response::new(ResBody::full(body, busy));
+    *res.status_mut() = status;
+    *res.headers_mut() = headers;
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, PROBLEM_VALUE.clone());
+    if close {
+        // The request body was not read: the connection cannot carry another request.
+        h.insert(header::CONNECTION, CLOSE_VALUE.clone());
+    }
+    res
+}
