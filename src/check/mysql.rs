@@ -155,6 +155,25 @@ fn value_is_on(v: &Value) -> Option<bool> {
     }
 }
 
+/// Why a Galera node is not ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GaleraError {
+    /// The wsrep status variables are absent.
+    #[error("wsrep status variables are missing: not a Galera node, or wsrep is off")]
+    NotGalera,
+    /// The node is not in the Primary component.
+    #[error("wsrep_cluster_status is {0}, not Primary")]
+    NotPrimary(String),
+    /// The node is not Synced (or Donor, when allowed).
+    #[error("wsrep_local_state is {state} ({name}), not Synced")]
+    NotSynced {
+        /// The state number as the server reported it.
+        state: String,
+        /// Its name.
+        name: &'static str,
+    },
+}
+
 /// Judges a Galera node from `wsrep_local_state` and `wsrep_cluster_status`
 /// like Percona's clustercheck: ready when the cluster component is Primary
 /// and the node is Synced (4), or Donor/Desynced (2) if `allow_donor`.
@@ -162,12 +181,12 @@ pub fn galera_verdict(
     local_state: Option<&str>,
     cluster_status: Option<&str>,
     allow_donor: bool,
-) -> Result<(), String> {
+) -> Result<(), GaleraError> {
     let (Some(state), Some(status)) = (local_state, cluster_status) else {
-        return Err("wsrep status variables are missing: not a Galera node, or wsrep is off".into());
+        return Err(GaleraError::NotGalera);
     };
     if !status.eq_ignore_ascii_case("Primary") {
-        return Err(format!("wsrep_cluster_status is {status}, not Primary"));
+        return Err(GaleraError::NotPrimary(status.to_string()));
     }
     let name = match state.trim() {
         "1" => "Joining",
@@ -179,7 +198,7 @@ pub fn galera_verdict(
     match state.trim() {
         "4" => Ok(()),
         "2" if allow_donor => Ok(()),
-        s => Err(format!("wsrep_local_state is {s} ({name}), not Synced")),
+        s => Err(GaleraError::NotSynced { state: s.to_string(), name }),
     }
 }
 
@@ -826,9 +845,9 @@ mod tests {
         assert!(galera_verdict(Some("2"), Some("Primary"), true).is_ok());
         assert!(galera_verdict(Some("1"), Some("Primary"), true).is_err());
         assert!(galera_verdict(Some("3"), Some("Primary"), true).is_err());
-        let e = galera_verdict(Some("4"), Some("non-Primary"), false).unwrap_err();
+        let e = galera_verdict(Some("4"), Some("non-Primary"), false).unwrap_err().to_string();
         assert!(e.contains("non-Primary"), "{e}");
-        assert!(galera_verdict(None, None, false).unwrap_err().contains("not a Galera node"));
+        assert!(galera_verdict(None, None, false).unwrap_err().to_string().contains("not a Galera node"));
     }
 
     #[test]
