@@ -10,64 +10,16 @@
 //! lowest index whose method/host/header conditions pass wins.
 //!
 //! `bypass` prefixes become routes that need nothing, placed before the
-//! configured routes.
+//! configured routes. The route types and the rule that a shadowed route is
+//! a config error live in `crate::config::route`.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use hyper::{HeaderMap, Method};
 
-use crate::config::Pos;
-
-/// A header condition of a route.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeaderMatch {
-    /// Header name (lower case).
-    pub name: String,
-    /// Required value; `None` = the header must be present.
-    pub value: Option<String>,
-}
-
-/// What a route matches on. Every given condition must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RouteMatch {
-    /// Path prefix on segment boundaries (`/` matches everything).
-    pub path_prefix: Option<String>,
-    /// Exact path.
-    pub path: Option<String>,
-    /// Methods (upper case); empty = any.
-    pub methods: Vec<String>,
-    /// Header conditions.
-    pub headers: Vec<HeaderMatch>,
-    /// `Host` (without port, lower case).
-    pub host: Option<String>,
-}
-
-/// A validated route as configured.
-#[derive(Debug, Clone)]
-pub struct RouteConfig {
-    /// Name (the `route` metric label).
-    pub name: String,
-    /// Conditions.
-    pub matcher: RouteMatch,
-    /// Dependencies needed (indices).
-    pub needs: Vec<usize>,
-    /// Whether this is a `bypass` shorthand (outcome `bypassed`).
-    pub bypass: bool,
-    /// Override of the 503 body.
-    pub out_of_service_body: Option<String>,
-    /// Override of the 500 body.
-    pub degraded_body: Option<String>,
-    /// Override of `short_circuit.expose_dependencies`.
-    pub expose_dependencies: Option<bool>,
-    /// Where it was written (for shadowing errors).
-    pub pos: Pos,
-}
-
-/// The path segments of a path, ignoring empty ones (`//a/` → `["a"]`).
-fn segments(path: &str) -> impl Iterator<Item = &str> {
-    path.split('/').filter(|s| !s.is_empty())
-}
+use crate::config::route::segments;
+pub use crate::config::route::{HeaderMatch, RouteConfig, RouteMatch};
 
 /// FNV-1a: the route table's keys are fixed at config load and short (path
 /// segments), so a keyed hash's protection against crafted collisions buys
@@ -201,42 +153,6 @@ impl RouteTable {
     }
 }
 
-/// Whether a path prefix `outer` covers every path that `inner` (a prefix or
-/// exact path) covers, on segment boundaries.
-fn prefix_covers(outer: &str, inner: &str) -> bool {
-    let mut o = segments(outer);
-    let mut i = segments(inner);
-    loop {
-        match (o.next(), i.next()) {
-            (None, _) => return true,
-            (Some(_), None) => return false,
-            (Some(a), Some(b)) if a != b => return false,
-            _ => {}
-        }
-    }
-}
-
-/// Whether every request matching `later` also matches `earlier`, making
-/// `later` unreachable (first match wins).
-pub fn shadows(earlier: &RouteMatch, later: &RouteMatch) -> bool {
-    let path = match (&earlier.path, &earlier.path_prefix, &later.path, &later.path_prefix) {
-        (Some(e), _, Some(l), _) => e == l,
-        (Some(_), _, None, _) => false,
-        (None, Some(e), Some(l), _) => prefix_covers(e, l),
-        (None, Some(e), None, Some(l)) => prefix_covers(e, l),
-        (None, Some(_), None, None) => false,
-        (None, None, _, _) => true,
-    };
-    let methods = earlier.methods.is_empty()
-        || (!later.methods.is_empty() && later.methods.iter().all(|m| earlier.methods.contains(m)));
-    let host = earlier.host.is_none() || earlier.host == later.host;
-    let headers = earlier
-        .headers
-        .iter()
-        .all(|e| later.headers.iter().any(|l| l.name == e.name && (e.value.is_none() || e.value == l.value)));
-    path && methods && host && headers
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,7 +166,6 @@ mod tests {
             out_of_service_body: None,
             degraded_body: None,
             expose_dependencies: None,
-            pos: Pos::default(),
         }
     }
 
@@ -341,27 +256,5 @@ mod tests {
         let t = RouteTable::new(routes);
         assert_eq!(pick(&t, "GET", "/svc137/v1/items/9", &[]).as_deref(), Some("r137"));
         assert_eq!(pick(&t, "GET", "/svc137/v2", &[]), None);
-    }
-
-    #[test]
-    fn shadowing_is_detected() {
-        assert!(shadows(&prefix("/api"), &prefix("/api/reports")));
-        assert!(!shadows(&prefix("/api/reports"), &prefix("/api")));
-        assert!(!shadows(&prefix("/cart"), &prefix("/cartography")));
-        assert!(shadows(&prefix("/"), &RouteMatch { path: Some("/x".into()), ..Default::default() }));
-        // A method-restricted earlier route leaves other methods reachable.
-        assert!(!shadows(&RouteMatch { methods: vec!["GET".into()], ..prefix("/api") }, &prefix("/api/x")));
-        assert!(shadows(
-            &RouteMatch { methods: vec!["GET".into(), "POST".into()], ..prefix("/api") },
-            &RouteMatch { methods: vec!["GET".into()], ..prefix("/api/x") }
-        ));
-        // A header-restricted earlier route leaves requests without the header reachable.
-        let canary = RouteMatch { headers: vec![HeaderMatch { name: "x-canary".into(), value: None }], ..prefix("/") };
-        assert!(!shadows(&canary, &prefix("/a")));
-        let canary_a = RouteMatch {
-            headers: vec![HeaderMatch { name: "x-canary".into(), value: Some("1".into()) }],
-            ..prefix("/a")
-        };
-        assert!(shadows(&canary, &canary_a));
     }
 }

@@ -3,92 +3,18 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper::Request;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, timeout_at};
 
 use super::io::{Phase, io_error};
-use super::tls::{self, TlsSettings};
+use super::tls;
 use super::{Cause, Check, CheckError};
-use crate::config::{HostPort, KindCtx, RawDependency};
-
-/// Keys an `http` dependency accepts besides the common ones.
-pub(crate) const KEYS: &[&str] = &["url", "expect_status", "expect_body", "host_header"];
+pub use crate::config::HttpSettings;
 
 /// Largest response body read when `expect_body` is set.
 const MAX_BODY: usize = 256 * 1024;
-
-/// Settings of an `http` dependency.
-#[derive(Debug, Clone)]
-pub struct HttpSettings {
-    /// Where to connect.
-    pub address: HostPort,
-    /// Path and query to GET.
-    pub path_and_query: String,
-    /// `Host` header value.
-    pub host_header: String,
-    /// Statuses that count as healthy (default: any 2xx).
-    pub expect_status: Vec<u16>,
-    /// A substring the body must contain.
-    pub expect_body: Option<String>,
-    /// TLS (`https://`), verified.
-    pub tls: Option<TlsSettings>,
-}
-
-impl HttpSettings {
-    pub(crate) fn from_raw(d: &RawDependency, mut ctx: KindCtx<'_>) -> Option<Self> {
-        let url = ctx.required(&d.url, "url")?;
-        let uri: Uri = match url.value.parse() {
-            Ok(u) => u,
-            Err(e) => {
-                ctx.error(url, "url", format!("invalid URL: {e}"));
-                return None;
-            }
-        };
-        let https = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => {
-                ctx.error(url, "url", "must be an absolute http:// or https:// URL");
-                return None;
-            }
-        };
-        let Some(authority) = uri.authority() else {
-            ctx.error(url, "url", "must include a host");
-            return None;
-        };
-        let address = HostPort {
-            host: authority.host().trim_start_matches('[').trim_end_matches(']').to_string(),
-            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
-        };
-        let tls = TlsSettings::from_raw(d, &mut ctx, https).ok()?;
-        let mut expect_status = Vec::new();
-        if let Some(s) = &d.expect_status {
-            for code in &s.value {
-                if !(100..=599).contains(code) {
-                    ctx.error(s, "expect_status", format!("{code} is not an HTTP status"));
-                }
-            }
-            if s.value.is_empty() {
-                ctx.error(s, "expect_status", "must list at least one status");
-            }
-            expect_status = s.value.clone();
-        }
-        Some(HttpSettings {
-            address,
-            path_and_query: uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
-            host_header: d
-                .host_header
-                .as_ref()
-                .map(|h| h.value.clone())
-                .unwrap_or_else(|| authority.as_str().to_string()),
-            expect_status,
-            expect_body: d.expect_body.as_ref().map(|b| b.value.clone()),
-            tls,
-        })
-    }
-}
 
 /// The `http` check.
 pub struct HttpCheck {
@@ -189,6 +115,7 @@ impl Check for HttpCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HostPort;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;

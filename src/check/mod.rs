@@ -8,6 +8,13 @@
 //! stay bounded and an operator can tell "refused" from "connect timeout" from
 //! "the server answered, but not well". When several attempts fail (nodes of
 //! a cluster, addresses of a name), [`most_telling`] picks the one to report.
+//!
+//! A check module receives finished, typed settings from `crate::config`
+//! (where each type's keys, defaults and parsing live) and never sees YAML.
+//! Adding a dependency type takes one settings file in
+//! `crate::config::dependency`, one check module here, and one line in each
+//! of the two enums: `DependencyKind` and [`AnyCheck`] (the `checks!` list
+//! below).
 
 pub mod amqp;
 pub mod http;
@@ -266,47 +273,52 @@ pub trait Check: Send {
     }
 }
 
-/// Any configured check (enum dispatch keeps the monitor generic-free and allocation-free).
-pub enum AnyCheck {
-    /// `type: tcp`.
-    Tcp(tcp::TcpCheck),
-    /// `type: http`.
-    Http(http::HttpCheck),
-    /// `type: mysql`.
-    Mysql(mysql::MysqlCheck),
-    /// `type: postgres`.
-    Postgres(postgres::PostgresCheck),
-    /// `type: redis`.
-    Redis(redis::RedisCheck),
-    /// `type: amqp`.
-    Amqp(amqp::AmqpCheck),
-}
-
-impl AnyCheck {
-    /// Builds the check for a dependency.
-    pub fn new(dep: &DependencyConfig) -> AnyCheck {
-        match &dep.kind {
-            DependencyKind::Tcp(s) => AnyCheck::Tcp(tcp::TcpCheck::new(s.clone())),
-            DependencyKind::Http(s) => AnyCheck::Http(http::HttpCheck::new(s.clone())),
-            DependencyKind::Mysql(s) => AnyCheck::Mysql(mysql::MysqlCheck::new(s.clone(), dep)),
-            DependencyKind::Postgres(s) => AnyCheck::Postgres(postgres::PostgresCheck::new(s.clone(), dep)),
-            DependencyKind::Redis(s) => AnyCheck::Redis(redis::RedisCheck::new(s.clone(), dep)),
-            DependencyKind::Amqp(s) => AnyCheck::Amqp(amqp::AmqpCheck::new(s.clone(), dep)),
+/// Declares [`AnyCheck`], its constructor and its dispatch from one line per
+/// type: `Variant(CheckType) = |settings, dependency| constructor`. The
+/// variant names are those of `DependencyKind`.
+macro_rules! checks {
+    ($($(#[$doc:meta])* $variant:ident($check:ty) = |$s:ident, $dep:ident| $new:expr,)*) => {
+        /// Any configured check (enum dispatch keeps the monitor generic-free and allocation-free).
+        pub enum AnyCheck {
+            $($(#[$doc])* $variant($check),)*
         }
-    }
-}
 
-macro_rules! dispatch {
-    ($self:ident, $c:ident => $e:expr) => {
-        match $self {
-            AnyCheck::Tcp($c) => $e,
-            AnyCheck::Http($c) => $e,
-            AnyCheck::Mysql($c) => $e,
-            AnyCheck::Postgres($c) => $e,
-            AnyCheck::Redis($c) => $e,
-            AnyCheck::Amqp($c) => $e,
+        impl AnyCheck {
+            /// Builds the check for a dependency.
+            pub fn new(dep: &DependencyConfig) -> AnyCheck {
+                match &dep.kind {
+                    $(DependencyKind::$variant($s) => {
+                        let $dep = dep;
+                        let _ = $dep;
+                        AnyCheck::$variant($new)
+                    })*
+                }
+            }
+        }
+
+        macro_rules! dispatch {
+            ($self_:ident, $c:ident => $e:expr) => {
+                match $self_ {
+                    $(AnyCheck::$variant($c) => $e,)*
+                }
+            };
         }
     };
+}
+
+checks! {
+    /// `type: tcp`.
+    Tcp(tcp::TcpCheck) = |s, _dep| tcp::TcpCheck::new(s.clone()),
+    /// `type: http`.
+    Http(http::HttpCheck) = |s, _dep| http::HttpCheck::new(s.clone()),
+    /// `type: mysql`.
+    Mysql(mysql::MysqlCheck) = |s, dep| mysql::MysqlCheck::new(s.clone(), dep),
+    /// `type: postgres`.
+    Postgres(postgres::PostgresCheck) = |s, dep| postgres::PostgresCheck::new(s.clone(), dep),
+    /// `type: redis`.
+    Redis(redis::RedisCheck) = |s, dep| redis::RedisCheck::new(s.clone(), dep),
+    /// `type: amqp`.
+    Amqp(amqp::AmqpCheck) = |s, dep| amqp::AmqpCheck::new(s.clone(), dep),
 }
 
 impl Check for AnyCheck {

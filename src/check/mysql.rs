@@ -38,98 +38,12 @@ use tracing::debug;
 use super::io::{Phase, classify_io};
 use super::tls::TlsSettings;
 use super::{ABANDON_AFTER, Cause, Check, CheckError, Details, most_telling};
-use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, SecretSource, secret_source};
+use crate::config::DependencyConfig;
+pub use crate::config::{GaleraMode, MysqlSettings};
 use crate::net;
-
-/// Keys a `mysql` dependency accepts besides the common ones.
-pub(crate) const KEYS: &[&str] = &[
-    "address",
-    "user",
-    "password_env",
-    "password_file",
-    "database",
-    "query",
-    "require_writable",
-    "galera",
-    "galera_allow_donor",
-];
-
-/// The MySQL default port.
-const DEFAULT_PORT: u16 = 3306;
 
 /// Bound on the background `COM_QUIT` of a connection being retired.
 const QUIT_BOUND: Duration = Duration::from_secs(5);
-
-/// Settings of a `mysql` dependency.
-#[derive(Debug, Clone)]
-pub struct MysqlSettings {
-    /// Server address (`host:port`, default port 3306).
-    pub address: HostPort,
-    /// User name to authenticate as.
-    pub user: String,
-    /// Where the password comes from (none: empty password).
-    pub password: Option<SecretSource>,
-    /// Default database to select at connect.
-    pub database: Option<String>,
-    /// A statement run instead of `COM_PING` (its rows are discarded).
-    pub query: Option<String>,
-    /// Fail with `not_ready` while `@@read_only` (or MySQL's `@@super_read_only`) is on.
-    pub require_writable: bool,
-    /// Galera readiness mode, when enabled.
-    pub galera: Option<GaleraMode>,
-    /// TLS (`tls: true`): the client asks the server to switch to TLS and
-    /// verifies its certificate before sending credentials.
-    pub tls: Option<TlsSettings>,
-}
-
-/// How a Galera node's state is judged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GaleraMode {
-    /// Accept `wsrep_local_state` 2 (Donor/Desynced) as well as 4 (Synced).
-    pub allow_donor: bool,
-}
-
-impl MysqlSettings {
-    pub(crate) fn from_raw(d: &RawDependency, mut ctx: KindCtx<'_>) -> Option<Self> {
-        let address = ctx.required(&d.address, "address").and_then(|a| ctx.host_port(a, "address", Some(DEFAULT_PORT)));
-        let user = ctx.required(&d.user, "user").map(|u| u.value.clone());
-        if let Some(u) = &d.user
-            && u.value.is_empty()
-        {
-            ctx.error(u, "user", "must not be empty");
-        }
-        let key = ctx.key("password_env");
-        let password = secret_source(&d.password_env, &d.password_file, &key, ctx.problems);
-        let non_empty = |v: &Option<serde_saphyr::Spanned<String>>, k: &str, ctx: &mut KindCtx<'_>| match v {
-            Some(s) if s.value.trim().is_empty() => {
-                ctx.error(s, k, "must not be empty");
-                None
-            }
-            Some(s) => Some(s.value.clone()),
-            None => None,
-        };
-        let database = non_empty(&d.database, "database", &mut ctx);
-        let query = non_empty(&d.query, "query", &mut ctx);
-        let tls = TlsSettings::from_raw(d, &mut ctx, false);
-        let galera = d.galera.as_ref().is_some_and(|g| g.value);
-        let allow_donor = d.galera_allow_donor.as_ref().is_some_and(|g| g.value);
-        if let Some(a) = &d.galera_allow_donor
-            && !galera
-        {
-            ctx.error(a, "galera_allow_donor", "only has an effect with `galera: true`");
-        }
-        Some(MysqlSettings {
-            address: address?,
-            user: user?,
-            password,
-            database,
-            query,
-            require_writable: d.require_writable.as_ref().is_some_and(|r| r.value),
-            galera: galera.then_some(GaleraMode { allow_donor }),
-            tls: tls.ok()?,
-        })
-    }
-}
 
 /// mysql_async's TLS options for our settings. The connection goes to a
 /// resolved IP, so the name to verify is set explicitly: the configured host
@@ -242,6 +156,25 @@ fn value_is_on(v: &Value) -> Option<bool> {
     }
 }
 
+/// Why a Galera node is not ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GaleraError {
+    /// The wsrep status variables are absent.
+    #[error("wsrep status variables are missing: not a Galera node, or wsrep is off")]
+    NotGalera,
+    /// The node is not in the Primary component.
+    #[error("wsrep_cluster_status is {0}, not Primary")]
+    NotPrimary(String),
+    /// The node is not Synced (or Donor, when allowed).
+    #[error("wsrep_local_state is {state} ({name}), not Synced")]
+    NotSynced {
+        /// The state number as the server reported it.
+        state: String,
+        /// Its name.
+        name: &'static str,
+    },
+}
+
 /// Judges a Galera node from `wsrep_local_state` and `wsrep_cluster_status`
 /// like Percona's clustercheck: ready when the cluster component is Primary
 /// and the node is Synced (4), or Donor/Desynced (2) if `allow_donor`.
@@ -249,12 +182,12 @@ pub fn galera_verdict(
     local_state: Option<&str>,
     cluster_status: Option<&str>,
     allow_donor: bool,
-) -> Result<(), String> {
+) -> Result<(), GaleraError> {
     let (Some(state), Some(status)) = (local_state, cluster_status) else {
-        return Err("wsrep status variables are missing: not a Galera node, or wsrep is off".into());
+        return Err(GaleraError::NotGalera);
     };
     if !status.eq_ignore_ascii_case("Primary") {
-        return Err(format!("wsrep_cluster_status is {status}, not Primary"));
+        return Err(GaleraError::NotPrimary(status.to_string()));
     }
     let name = match state.trim() {
         "1" => "Joining",
@@ -266,7 +199,7 @@ pub fn galera_verdict(
     match state.trim() {
         "4" => Ok(()),
         "2" if allow_donor => Ok(()),
-        s => Err(format!("wsrep_local_state is {s} ({name}), not Synced")),
+        s => Err(GaleraError::NotSynced { state: s.to_string(), name }),
     }
 }
 
@@ -491,7 +424,7 @@ impl MysqlCheck {
             None => None,
             Some(src) => match src.read() {
                 Ok(p) => Some(p.expose().to_string()),
-                Err(e) => return Err(CheckError::new(Cause::Config, e)),
+                Err(e) => return Err(CheckError::new(Cause::Config, e.to_string())),
             },
         };
         let addrs = net::resolve(&self.settings.address, deadline).await?;
@@ -807,80 +740,16 @@ mod tests {
         Config::from_yaml(&format!("{LISTENER}dependencies:\n  - name: db\n{dep}"), Path::new("t.yaml"))
     }
 
-    fn settings(dep: &str) -> MysqlSettings {
-        match load(dep).unwrap().dependencies.remove(0).kind {
-            DependencyKind::Mysql(s) => s,
-            other => panic!("not mysql: {other:?}"),
-        }
-    }
-
-    fn problems(dep: &str) -> Vec<(String, String)> {
-        match load(dep) {
-            Err(ConfigError::Invalid { problems, .. }) => problems.into_iter().map(|p| (p.key, p.message)).collect(),
-            Ok(_) => panic!("config unexpectedly valid"),
-            Err(e) => panic!("{e}"),
-        }
-    }
-
-    #[test]
-    fn minimal_config_uses_default_port_and_ping() {
-        let s = settings("    type: mysql\n    address: db\n    user: hg\n");
-        assert_eq!(s.address, HostPort { host: "db".into(), port: 3306 });
-        assert_eq!(s.user, "hg");
-        assert!(s.password.is_none() && s.query.is_none() && s.galera.is_none() && !s.require_writable);
-    }
-
-    #[test]
-    fn full_config_is_accepted() {
-        let s = settings(
-            "    type: mariadb\n    address: \"[::1]:3307\"\n    user: hg\n    password_file: /run/secrets/pw\n    database: app\n    query: SELECT 1\n    require_writable: true\n    galera: true\n    galera_allow_donor: true\n    tls: false\n",
-        );
-        assert_eq!(s.address.port, 3307);
-        assert_eq!(s.password, Some(SecretSource::File("/run/secrets/pw".into())));
-        assert_eq!(s.database.as_deref(), Some("app"));
-        assert_eq!(s.galera, Some(GaleraMode { allow_donor: true }));
-    }
-
-    #[test]
-    fn missing_user_and_address_are_reported() {
-        let p = problems("    type: mysql\n");
-        let keys: Vec<_> = p.iter().map(|(k, _)| k.as_str()).collect();
-        assert!(keys.contains(&"dependencies[0].address") && keys.contains(&"dependencies[0].user"), "{p:?}");
-    }
-
     #[test]
     fn tls_true_verifies_against_the_configured_host() {
-        let s = settings("    type: mysql\n    address: db.internal\n    user: hg\n    tls: true\n");
+        let d = load("    type: mysql\n    address: db.internal\n    user: hg\n    tls: true\n")
+            .unwrap()
+            .dependencies
+            .remove(0);
+        let DependencyKind::Mysql(s) = d.kind else { panic!("not mysql: {d:?}") };
         let o = ssl_opts(s.tls.as_ref().unwrap(), &s.address.host);
         assert_eq!(o.tls_hostname_override(), Some("db.internal"));
         assert!(!o.accept_invalid_certs() && !o.skip_domain_validation());
-    }
-
-    #[test]
-    fn tls_key_without_tls_is_reported_at_its_key() {
-        let p = problems("    type: mysql\n    address: db\n    user: hg\n    tls_server_name: db.internal\n");
-        assert_eq!(p.len(), 1, "{p:?}");
-        assert_eq!(p[0].0, "dependencies[0].tls_server_name");
-    }
-
-    #[test]
-    fn both_password_sources_are_an_error() {
-        let p =
-            problems("    type: mysql\n    address: db\n    user: hg\n    password_env: A\n    password_file: /x\n");
-        assert_eq!(p.len(), 1, "{p:?}");
-    }
-
-    #[test]
-    fn allow_donor_without_galera_is_an_error() {
-        let p = problems("    type: mysql\n    address: db\n    user: hg\n    galera_allow_donor: true\n");
-        assert_eq!(p[0].0, "dependencies[0].galera_allow_donor", "{p:?}");
-    }
-
-    #[test]
-    fn empty_query_and_keys_of_other_types_are_errors() {
-        let p = problems("    type: mysql\n    address: db\n    user: hg\n    query: \"\"\n    db: 2\n");
-        let keys: Vec<_> = p.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, vec!["dependencies[0].query", "dependencies[0].db"], "{p:?}");
     }
 
     fn check_of(dep: &str) -> MysqlCheck {
@@ -977,9 +846,9 @@ mod tests {
         assert!(galera_verdict(Some("2"), Some("Primary"), true).is_ok());
         assert!(galera_verdict(Some("1"), Some("Primary"), true).is_err());
         assert!(galera_verdict(Some("3"), Some("Primary"), true).is_err());
-        let e = galera_verdict(Some("4"), Some("non-Primary"), false).unwrap_err();
+        let e = galera_verdict(Some("4"), Some("non-Primary"), false).unwrap_err().to_string();
         assert!(e.contains("non-Primary"), "{e}");
-        assert!(galera_verdict(None, None, false).unwrap_err().contains("not a Galera node"));
+        assert!(galera_verdict(None, None, false).unwrap_err().to_string().contains("not a Galera node"));
     }
 
     #[test]

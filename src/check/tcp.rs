@@ -5,77 +5,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::io::exchange;
-use super::tls::{self, TlsSettings};
+use super::tls;
 use super::{Cause, Check, CheckError};
-use crate::config::{HostPort, KindCtx, RawDependency};
-
-/// Keys a `tcp` dependency accepts besides the common ones.
-pub(crate) const KEYS: &[&str] = &["address", "send", "expect"];
-
-/// Settings of a `tcp` dependency.
-#[derive(Debug, Clone)]
-pub struct TcpSettings {
-    /// Where to connect.
-    pub address: HostPort,
-    /// Bytes to send after connecting (escapes `\r`, `\n`, `\t`, `\\`, `\xNN` allowed).
-    pub send: Option<Vec<u8>>,
-    /// Bytes the reply must contain.
-    pub expect: Option<Vec<u8>>,
-    /// With TLS, the check is a completed, verified TLS handshake.
-    pub tls: Option<TlsSettings>,
-}
-
-impl TcpSettings {
-    pub(crate) fn from_raw(d: &RawDependency, mut ctx: KindCtx<'_>) -> Option<Self> {
-        let address = ctx.required(&d.address, "address")?;
-        let address = ctx.host_port(address, "address", None);
-        let mut bytes = |v: &Option<serde_saphyr::Spanned<String>>, k: &str| match v {
-            Some(s) => match unescape(&s.value) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    ctx.error(s, k, e);
-                    None
-                }
-            },
-            None => None,
-        };
-        let send = bytes(&d.send, "send");
-        let expect = bytes(&d.expect, "expect");
-        if let Some(e) = &d.expect
-            && e.value.is_empty()
-        {
-            ctx.error(e, "expect", "must not be empty");
-        }
-        let tls = TlsSettings::from_raw(d, &mut ctx, false).ok()?;
-        Some(TcpSettings { address: address?, send, expect, tls })
-    }
-}
-
-/// Decodes the escapes allowed in `send`/`expect`.
-fn unescape(s: &str) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            let mut buf = [0u8; 4];
-            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            continue;
-        }
-        match chars.next() {
-            Some('r') => out.push(b'\r'),
-            Some('n') => out.push(b'\n'),
-            Some('t') => out.push(b'\t'),
-            Some('0') => out.push(0),
-            Some('\\') => out.push(b'\\'),
-            Some('x') => {
-                let hex: String = chars.by_ref().take(2).collect();
-                out.push(u8::from_str_radix(&hex, 16).map_err(|_| format!("invalid escape \\x{hex}"))?);
-            }
-            other => return Err(format!("invalid escape \\{}", other.map(String::from).unwrap_or_default())),
-        }
-    }
-    Ok(out)
-}
+pub use crate::config::TcpSettings;
 
 /// The `tcp` check. Opens a fresh connection each time: a connect is the
 /// thing being checked.
@@ -125,6 +57,8 @@ impl Check for TcpCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HostPort;
+    use crate::config::dependency::tcp::unescape;
     use std::time::Duration;
     use tokio::net::TcpListener;
 
@@ -171,11 +105,5 @@ mod tests {
     async fn closed_port_is_refused() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         assert_eq!(check_for(port, None, None).check(soon()).await.unwrap_err().cause, Cause::Refused);
-    }
-
-    #[test]
-    fn escapes_decode() {
-        assert_eq!(unescape("a\\r\\n\\x41\\\\").unwrap(), b"a\r\nA\\");
-        assert!(unescape("\\q").is_err());
     }
 }

@@ -139,7 +139,7 @@ impl Conn {
             ));
         }
         let password = match &shared.password {
-            Some(src) => src.read().map_err(|e| CheckError::new(Cause::Config, e))?.expose().to_string(),
+            Some(src) => src.read().map_err(|e| CheckError::new(Cause::Config, e.to_string()))?.expose().to_string(),
             None => "guest".to_string(),
         };
         let mut response = Vec::with_capacity(2 + node.user.len() + password.len());

@@ -23,180 +23,9 @@ use self::resp::{MAX_REPLY, Reply, RespError, encode, parse, truncate};
 use super::io::exchange;
 use super::tls::{self, Stream, TlsSettings};
 use super::{Cause, Check, CheckError, Details, most_telling};
-use crate::config::{DependencyConfig, HostPort, KindCtx, RawDependency, Secret, SecretSource, secret_source};
+use crate::config::{DependencyConfig, HostPort, Secret, SecretSource};
+pub use crate::config::{RedisSettings, SentinelSettings, Target};
 use crate::net::remaining;
-
-/// Keys a `redis` dependency accepts besides the common ones.
-pub(crate) const KEYS: &[&str] =
-    &["address", "username", "password_env", "password_file", "db", "require_role", "sentinel"];
-
-/// Port used when an address has none.
-const DEFAULT_PORT: u16 = 6379;
-/// Port used when a sentinel address has none.
-const DEFAULT_SENTINEL_PORT: u16 = 26379;
-
-/// Where the check finds its Redis node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// A fixed `host:port` (every resolved address is tried).
-    Direct(HostPort),
-    /// Ask Redis Sentinels for the current master.
-    Sentinel(SentinelSettings),
-}
-
-/// `sentinel:` settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SentinelSettings {
-    /// Sentinel addresses, asked in turn.
-    pub addresses: Vec<HostPort>,
-    /// The monitored master's name (`sentinel monitor <name> ...`).
-    pub master_name: String,
-    /// The sentinels' own password (`requirepass` in sentinel.conf), if any.
-    pub password: Option<SecretSource>,
-}
-
-/// Settings of a `redis` dependency.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisSettings {
-    /// The node, or the sentinels that name it.
-    pub target: Target,
-    /// ACL user name (Redis 6+); `AUTH <username> <password>`.
-    pub username: Option<String>,
-    /// Where the password comes from; read at every connect.
-    pub password: Option<SecretSource>,
-    /// Logical database selected after connecting (0 is not sent).
-    pub db: u32,
-    /// Healthy only if `ROLE` says master (always true with a sentinel).
-    pub require_master: bool,
-    /// TLS for the node and the sentinels (`rediss://` or `tls: true`).
-    pub tls: Option<TlsSettings>,
-}
-
-impl RedisSettings {
-    pub(crate) fn from_raw(d: &RawDependency, mut ctx: KindCtx<'_>) -> Option<Self> {
-        let mut ok = true;
-        let mut url_db = None;
-        let mut url_tls = false;
-        let target = match (&d.address, &d.sentinel) {
-            (Some(_), Some(s)) => {
-                ctx.error(s, "sentinel", "set either `address` or `sentinel`, not both");
-                return None;
-            }
-            (None, None) => {
-                let (pos, key) = (ctx.pos, ctx.key("address"));
-                ctx.problems.at_pos(pos, key, "missing key `address` (or `sentinel`)");
-                return None;
-            }
-            (Some(a), None) => match parse_address(&a.value) {
-                Ok((hp, db, tls)) => {
-                    url_db = db;
-                    url_tls = tls;
-                    Target::Direct(hp)
-                }
-                Err(e) => {
-                    ctx.error(a, "address", e);
-                    return None;
-                }
-            },
-            (None, Some(s)) => {
-                let s = &s.value;
-                let mut addresses = Vec::new();
-                if s.addresses.is_empty() {
-                    ctx.error(&s.master_name, "sentinel.addresses", "list at least one sentinel address");
-                    ok = false;
-                }
-                for a in &s.addresses {
-                    if a.value.contains("://") {
-                        ctx.error(a, "sentinel.addresses", "write sentinel addresses as host:port");
-                        ok = false;
-                        continue;
-                    }
-                    match ctx.host_port(a, "sentinel.addresses", Some(DEFAULT_SENTINEL_PORT)) {
-                        Some(hp) => addresses.push(hp),
-                        None => ok = false,
-                    }
-                }
-                if s.master_name.value.trim().is_empty() {
-                    ctx.error(&s.master_name, "sentinel.master_name", "must name the monitored master");
-                    ok = false;
-                }
-                let key = ctx.key("sentinel.password_env");
-                let password = secret_source(&s.password_env, &s.password_file, &key, ctx.problems);
-                Target::Sentinel(SentinelSettings {
-                    addresses,
-                    master_name: s.master_name.value.trim().to_string(),
-                    password,
-                })
-            }
-        };
-        let key = ctx.key("password_env");
-        let password = secret_source(&d.password_env, &d.password_file, &key, ctx.problems);
-        let username = d.username.as_ref().map(|u| u.value.clone());
-        if let Some(u) = &d.username {
-            if u.value.is_empty() {
-                ctx.error(u, "username", "must not be empty");
-                ok = false;
-            } else if d.password_env.is_none() && d.password_file.is_none() {
-                ctx.error(u, "username", "an ACL username needs password_env or password_file");
-                ok = false;
-            }
-        }
-        let mut db = url_db.unwrap_or(0);
-        if let Some(v) = &d.db {
-            if url_db.is_some() {
-                ctx.error(v, "db", "the database is already given in the address URL");
-                ok = false;
-            }
-            match u32::try_from(v.value) {
-                Ok(n) if n <= i32::MAX as u32 => db = n,
-                _ => {
-                    ctx.error(v, "db", "must be a database number from 0");
-                    ok = false;
-                }
-            }
-        }
-        let mut require_master = matches!(target, Target::Sentinel(_));
-        if let Some(r) = &d.require_role {
-            match r.value.as_str() {
-                "master" | "primary" => require_master = true,
-                other => {
-                    ctx.error(r, "require_role", format!("unknown role {other:?}; expected master (alias primary)"));
-                    ok = false;
-                }
-            }
-        }
-        let tls = TlsSettings::from_raw(d, &mut ctx, url_tls);
-        ok &= tls.is_ok();
-        ok.then_some(RedisSettings { target, username, password, db, require_master, tls: tls.ok()? })
-    }
-}
-
-/// Parses `host[:port]`, `redis://host[:port][/db]` or `rediss://...`
-/// (TLS: the third value).
-fn parse_address(s: &str) -> Result<(HostPort, Option<u32>, bool), String> {
-    let s = s.trim();
-    let (rest, tls) = match (s.strip_prefix("redis://"), s.strip_prefix("rediss://")) {
-        (Some(rest), _) => (rest, false),
-        (_, Some(rest)) => (rest, true),
-        _ if s.contains("://") => return Err("write host:port or redis[s]://host:port/db".into()),
-        _ => return Ok((HostPort::parse(s, Some(DEFAULT_PORT))?, None, false)),
-    };
-    if rest.contains('@') {
-        return Err("credentials in the URL are not accepted; use username and password_env / password_file".into());
-    }
-    let (authority, path) = match rest.split_once('/') {
-        Some((a, p)) => (a, p),
-        None => (rest, ""),
-    };
-    if authority.contains('?') || path.contains('?') {
-        return Err("URL query parameters are not supported".into());
-    }
-    let db = match path {
-        "" => None,
-        p => Some(p.parse::<u32>().map_err(|_| format!("{p:?} is not a database number"))?),
-    };
-    Ok((HostPort::parse(authority, Some(DEFAULT_PORT))?, db, tls))
-}
 
 /// Classifies an error reply by its code (the first word).
 fn classify_error(e: &str) -> Cause {
@@ -309,7 +138,7 @@ impl Conn {
 fn read_secret(src: &Option<SecretSource>) -> Result<Option<Secret>, CheckError> {
     match src {
         None => Ok(None),
-        Some(s) => s.read().map(Some).map_err(|e| CheckError::new(Cause::Config, e)),
+        Some(s) => s.read().map(Some).map_err(|e| CheckError::new(Cause::Config, e.to_string())),
     }
 }
 
@@ -573,99 +402,11 @@ impl Check for RedisCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
     use std::time::Duration;
     use tokio::net::TcpListener;
 
-    use crate::config::{Config, ConfigError, DependencyKind};
-
-    fn settings(dep_yaml: &str) -> Result<RedisSettings, Vec<String>> {
-        let yaml = format!(
-            "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:3000\n\
-             dependencies:\n  - name: cache\n    type: redis\n{}",
-            dep_yaml.lines().map(|l| format!("    {l}\n")).collect::<String>()
-        );
-        match Config::from_yaml(&yaml, Path::new("t.yaml")) {
-            Ok(c) => match &c.dependencies[0].kind {
-                DependencyKind::Redis(s) => Ok(s.clone()),
-                _ => unreachable!(),
-            },
-            Err(ConfigError::Invalid { problems, .. }) => {
-                Err(problems.into_iter().map(|p| format!("{}: {}", p.key, p.message)).collect())
-            }
-            Err(e) => Err(vec![e.to_string()]),
-        }
-    }
-
     fn hp(host: &str, port: u16) -> HostPort {
         HostPort { host: host.into(), port }
-    }
-
-    #[test]
-    fn address_defaults_port_and_db() {
-        let s = settings("address: cache").unwrap();
-        assert_eq!(s.target, Target::Direct(hp("cache", 6379)));
-        assert_eq!((s.db, s.require_master, s.password.is_none()), (0, false, true));
-    }
-
-    #[test]
-    fn redis_url_gives_host_port_and_db() {
-        let s = settings("address: redis://cache:6380/4").unwrap();
-        assert_eq!(s.target, Target::Direct(hp("cache", 6380)));
-        assert_eq!(s.db, 4);
-    }
-
-    #[test]
-    fn rediss_url_and_tls_true_turn_tls_on() {
-        for y in ["address: cache\ntls: true", "address: rediss://cache:6380", "address: rediss://cache/2"] {
-            assert!(settings(y).unwrap().tls.is_some(), "{y}");
-        }
-        assert!(settings("address: cache\ntls: false").unwrap().tls.is_none());
-        assert!(settings("address: redis://cache").unwrap().tls.is_none());
-    }
-
-    #[test]
-    fn rediss_url_with_tls_false_is_a_contradiction() {
-        let p = settings("address: rediss://cache\ntls: false").unwrap_err();
-        assert!(p.iter().any(|m| m.contains("remove `tls: false`")), "{p:?}");
-    }
-
-    #[test]
-    fn credentials_in_url_are_refused() {
-        let p = settings("address: redis://:pw@cache:6379").unwrap_err();
-        assert!(p.iter().any(|m| m.contains("credentials in the URL")), "{p:?}");
-    }
-
-    #[test]
-    fn address_and_sentinel_are_exclusive_and_one_is_required() {
-        let both = settings("address: a\nsentinel:\n  addresses: [s1]\n  master_name: m").unwrap_err();
-        assert!(both.iter().any(|m| m.contains("not both")), "{both:?}");
-        let none = settings("db: 1").unwrap_err();
-        assert!(none.iter().any(|m| m.contains("missing key `address`")), "{none:?}");
-    }
-
-    #[test]
-    fn sentinel_settings_parse_and_imply_master() {
-        let s = settings(
-            "sentinel:\n  addresses: [\"s1\", \"10.0.0.2:5000\"]\n  master_name: mymaster\n  password_env: SENT_PW",
-        )
-        .unwrap();
-        let Target::Sentinel(sent) = &s.target else { panic!("{s:?}") };
-        assert_eq!(sent.addresses, vec![hp("s1", 26379), hp("10.0.0.2", 5000)]);
-        assert_eq!(sent.master_name, "mymaster");
-        assert_eq!(sent.password, Some(SecretSource::Env("SENT_PW".into())));
-        assert!(s.require_master);
-    }
-
-    #[test]
-    fn role_db_and_username_are_validated() {
-        assert!(settings("address: a\nrequire_role: primary").unwrap().require_master);
-        assert!(settings("address: a\nrequire_role: leader").is_err());
-        assert!(settings("address: a\ndb: -1").is_err());
-        let p = settings("address: a\nusername: app").unwrap_err();
-        assert!(p.iter().any(|m| m.contains("needs password_env")), "{p:?}");
-        let s = settings("address: a\nusername: app\npassword_file: /run/pw\ndb: 2").unwrap();
-        assert_eq!((s.username.as_deref(), s.db), (Some("app"), 2));
     }
 
     #[test]
