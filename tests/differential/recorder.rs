@@ -1,0 +1,331 @@
+//! The recording app of the differential suite: a raw TCP server that
+//! records exactly what each request looked like when it arrived (method,
+//! target, framing headers, body bytes) and answers with the current case's
+//! scripted bytes, including misbehaviour (1xx, bad framing, closing mid-
+//! response). Requests are delimited by parsing their framing; input that
+//! cannot be framed is read until 150 ms of quiet and recorded as it is.
+//!
+//! Requests for `/__probe` (the harness's keep-alive probe) get `200 probe`
+//! and are not recorded.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::corpus::{AppStep, Reply, default_reply};
+use super::wire::{self, Framing, Parse};
+
+/// Quiet time that ends input the app cannot frame.
+const QUIET: Duration = Duration::from_millis(150);
+/// Longest wait for the rest of a request that has started.
+const BODY_WAIT: Duration = Duration::from_secs(3);
+
+/// One request as the app received it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Received {
+    /// Method.
+    pub method: String,
+    /// Request target.
+    pub target: String,
+    /// Protocol version.
+    pub version: String,
+    /// `Host` values.
+    pub host: Vec<String>,
+    /// `Content-Length` values.
+    pub content_length: Vec<String>,
+    /// `Transfer-Encoding` values.
+    pub transfer_encoding: Vec<String>,
+    /// `Expect` values.
+    pub expect: Vec<String>,
+    /// `Upgrade` values.
+    pub upgrade: Vec<String>,
+    /// Body framing, or why it could not be framed.
+    pub framing: String,
+    /// Body bytes (chunked decoded), lossy text.
+    pub body: String,
+    /// Bytes that arrived after a 101, lossy text.
+    pub tunnel: String,
+}
+
+#[derive(Default)]
+struct State {
+    replies: Vec<Reply>,
+    received: Vec<Received>,
+    /// Connections waiting for a next request, by id.
+    idle: HashMap<u64, TcpStream>,
+    next_id: u64,
+}
+
+/// A running recording app.
+pub struct Recorder {
+    /// Its address.
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+impl Recorder {
+    /// Listens on 127.0.0.1:0; a thread per connection.
+    pub fn start() -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let st = st.clone();
+                std::thread::spawn(move || serve(stream, &st));
+            }
+        });
+        Recorder { addr, state }
+    }
+
+    /// Starts a case: its replies, and an empty record.
+    pub fn begin(&self, replies: &[Reply]) {
+        let mut s = self.state.lock().unwrap();
+        s.replies = replies.to_vec();
+        s.received.clear();
+    }
+
+    /// Half-closes every connection waiting for a next request and waits
+    /// (up to 2 s) until the proxy has closed each of them, so the next case
+    /// starts without pooled upstream connections.
+    pub fn close_idle(&self) {
+        for s in self.state.lock().unwrap().idle.values() {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !self.state.lock().unwrap().idle.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// What the app received since [`Recorder::begin`].
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+impl Conn {
+    /// Reads once, waiting up to `wait`; false on timeout or EOF.
+    fn fill(&mut self, wait: Duration) -> bool {
+        if self.eof {
+            return false;
+        }
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let mut chunk = [0u8; 65536];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => {
+                self.eof = true;
+                false
+            }
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+            Err(_) => {
+                self.eof = true;
+                false
+            }
+        }
+    }
+}
+
+fn record_of(head: &wire::Head, framing: String, body: &[u8]) -> Received {
+    let mut words = head.start.split(' ');
+    Received {
+        method: words.next().unwrap_or("").to_string(),
+        target: words.next().unwrap_or("").to_string(),
+        version: words.next().unwrap_or("").to_string(),
+        host: head.all("host"),
+        content_length: head.all("content-length"),
+        transfer_encoding: head.all("transfer-encoding"),
+        expect: head.all("expect"),
+        upgrade: head.all("upgrade"),
+        framing,
+        body: String::from_utf8_lossy(body).into_owned(),
+        tunnel: String::new(),
+    }
+}
+
+/// Reads the body of `head` (whose bytes start at `conn.buf[head.len..]`);
+/// returns its record and consumes the request from the buffer.
+fn read_body(conn: &mut Conn, head: &wire::Head) -> Received {
+    let framing = wire::request_framing(head);
+    let deadline = std::time::Instant::now() + BODY_WAIT;
+    loop {
+        let rest = &conn.buf[head.len..];
+        let done = match &framing {
+            Ok(Framing::None) | Ok(Framing::Close) => Some((record_of(head, "none".into(), b""), 0)),
+            Ok(Framing::Length(n)) if rest.len() as u64 >= *n => {
+                Some((record_of(head, format!("length {n}"), &rest[..*n as usize]), *n as usize))
+            }
+            Ok(Framing::Length(_)) => None,
+            Ok(Framing::Chunked) => match wire::parse_chunked(rest) {
+                Parse::Done((body, _), used) => Some((record_of(head, "chunked".into(), &body), used)),
+                Parse::Partial => None,
+                Parse::Bad(e) => Some((record_of(head, format!("bad: {e}"), rest), rest.len())),
+            },
+            Err(_) => None,
+        };
+        if let Some((rec, used)) = done {
+            conn.buf.drain(..head.len + used);
+            return rec;
+        }
+        let quiet_ends = framing.is_err();
+        let wait = if quiet_ends { QUIET } else { deadline.saturating_duration_since(std::time::Instant::now()) };
+        if !conn.fill(wait.max(Duration::from_millis(1))) && (quiet_ends || conn.eof || std::time::Instant::now() >= deadline) {
+            let rest = conn.buf[head.len..].to_vec();
+            let why = match &framing {
+                Err(e) => format!("unframed ({e})"),
+                Ok(f) => format!("incomplete {}", f.name()),
+            };
+            conn.buf.clear();
+            return record_of(head, why, &rest);
+        }
+    }
+}
+
+fn serve(stream: TcpStream, state: &Mutex<State>) {
+    let _ = stream.set_nodelay(true);
+    let id = {
+        let mut st = state.lock().unwrap();
+        st.next_id += 1;
+        st.next_id
+    };
+    let mut conn = Conn { stream, buf: Vec::new(), eof: false };
+    serve_requests(&mut conn, state, id);
+    state.lock().unwrap().idle.remove(&id);
+}
+
+fn serve_requests(conn: &mut Conn, state: &Mutex<State>, id: u64) {
+    loop {
+        if conn.buf.is_empty() {
+            if let Ok(s) = conn.stream.try_clone() {
+                state.lock().unwrap().idle.insert(id, s);
+            }
+            conn.fill(Duration::from_secs(3600));
+            state.lock().unwrap().idle.remove(&id);
+        }
+        // The next head.
+        let head = loop {
+            match wire::parse_head(&conn.buf) {
+                Parse::Done(h, _) => break h,
+                _ if conn.eof => return,
+                _ => {
+                    let wait = if conn.buf.is_empty() { Duration::from_secs(3600) } else { BODY_WAIT };
+                    if !conn.fill(wait) && !conn.eof && !conn.buf.is_empty() {
+                        let garbled = String::from_utf8_lossy(&conn.buf).into_owned();
+                        let mut st = state.lock().unwrap();
+                        st.received.push(Received { framing: format!("unparsed head: {garbled:?}"), ..blank() });
+                        return;
+                    }
+                }
+            }
+        };
+        if head.start.split(' ').nth(1) == Some("/__probe") {
+            let _ = read_body(conn, &head);
+            if conn.stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nprobe").is_err() {
+                return;
+            }
+            continue;
+        }
+        let (index, reply) = {
+            let mut st = state.lock().unwrap();
+            let index = st.received.len();
+            let reply = st.replies.get(index).cloned().unwrap_or_else(default_reply);
+            st.received.push(record_of(&head, "pending".into(), b""));
+            (index, reply)
+        };
+        let store = |rec: Received| {
+            let mut st = state.lock().unwrap();
+            if let Some(slot) = st.received.get_mut(index) {
+                *slot = rec;
+            }
+        };
+        if !reply.early {
+            store(read_body(conn, &head));
+        } else {
+            store(record_of(&head, "not read".into(), b""));
+        }
+        let mut body_read = !reply.early;
+        if reply.early && matches!(wire::request_framing(&head), Ok(Framing::None)) {
+            store(read_body(conn, &head));
+            body_read = true;
+        }
+        for step in &reply.steps {
+            match step {
+                AppStep::Send(b) => {
+                    if conn.stream.write_all(b).is_err() {
+                        return;
+                    }
+                }
+                AppStep::Pause(ms) => std::thread::sleep(Duration::from_millis(*ms)),
+                AppStep::AwaitBody => {
+                    store(read_body(conn, &head));
+                    body_read = true;
+                }
+                AppStep::Close => {
+                    let _ = conn.stream.shutdown(Shutdown::Both);
+                    return;
+                }
+                AppStep::Tunnel => {
+                    if !body_read {
+                        conn.buf.drain(..head.len.min(conn.buf.len()));
+                    }
+                    tunnel(conn, state, index);
+                    return;
+                }
+            }
+        }
+        if !body_read {
+            // The reply did not read the body: the connection is out of sync.
+            let _ = conn.stream.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+/// Echoes every byte after a 101 and records it on request `index`.
+fn tunnel(conn: &mut Conn, state: &Mutex<State>, index: usize) {
+    loop {
+        if !conn.buf.is_empty() {
+            let data = std::mem::take(&mut conn.buf);
+            if let Some(r) = state.lock().unwrap().received.get_mut(index) {
+                r.tunnel.push_str(&String::from_utf8_lossy(&data));
+            }
+            if conn.stream.write_all(&data).is_err() {
+                return;
+            }
+        }
+        if !conn.fill(Duration::from_secs(10)) && (conn.eof || conn.buf.is_empty()) {
+            return;
+        }
+    }
+}
+
+fn blank() -> Received {
+    Received {
+        method: String::new(),
+        target: String::new(),
+        version: String::new(),
+        host: vec![],
+        content_length: vec![],
+        transfer_encoding: vec![],
+        expect: vec![],
+        upgrade: vec![],
+        framing: String::new(),
+        body: String::new(),
+        tunnel: String::new(),
+    }
+}
