@@ -63,6 +63,8 @@ struct Resp {
     body: String,
     /// `Connection` tokens that matter to the client: close, keep-alive, upgrade.
     connection: Vec<String>,
+    /// `Content-Length` and `Transfer-Encoding` fields as sent (values lowercased).
+    length_fields: Vec<String>,
 }
 
 /// What the client saw on one connection.
@@ -124,14 +126,25 @@ fn responses(buf: &[u8], methods: &[String], eof: bool, app_codes: &BTreeSet<u16
             Parse::Done(r, used) => {
                 at += used;
                 let origin = if app_codes.contains(&r.status) { "app" } else { "proxy" };
-                let connection =
-                    r.head.tokens("connection").into_iter().filter(|t| ["close", "keep-alive", "upgrade"].contains(&t.as_str())).collect();
+                let connection = r
+                    .head
+                    .tokens("connection")
+                    .into_iter()
+                    .filter(|t| ["close", "keep-alive", "upgrade"].contains(&t.as_str()))
+                    .collect();
                 out.push(Resp {
                     status: format!("{} {}", r.version, r.status),
                     origin,
                     framing: r.framing.name(),
                     body: String::from_utf8_lossy(&r.body).into_owned(),
                     connection,
+                    length_fields: r
+                        .head
+                        .headers
+                        .iter()
+                        .filter(|(n, _)| n == "content-length" || n == "transfer-encoding")
+                        .map(|(n, v)| format!("{n}: {}", v.to_ascii_lowercase()))
+                        .collect(),
                 });
                 if r.status == 101 {
                     return (out, finals, format!("after 101: {}", String::from_utf8_lossy(&buf[at..])), true);
@@ -140,11 +153,30 @@ fn responses(buf: &[u8], methods: &[String], eof: bool, app_codes: &BTreeSet<u16
                     finals += 1;
                 }
             }
-            Parse::Partial => return (out, finals, format!("incomplete: {:?}", String::from_utf8_lossy(&buf[at..])), false),
+            Parse::Partial => return (out, finals, incomplete(&buf[at..]), false),
             Parse::Bad(e) => return (out, finals, format!("{e}: {:?}", String::from_utf8_lossy(&buf[at..])), false),
         }
     }
     (out, finals, String::new(), false)
+}
+
+/// Describes a response cut short: its status and framing and the body bytes
+/// that arrived (not the head's bytes, which differ between proxies).
+fn incomplete(rest: &[u8]) -> String {
+    match wire::parse_head(rest) {
+        Parse::Done(h, len) => {
+            let framing =
+                wire::response_framing(h.start.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), "GET", &h)
+                    .map(|f| f.name())
+                    .unwrap_or_else(|e| e.to_string());
+            format!(
+                "incomplete {} ({framing}) after {:?}",
+                h.start.split(' ').take(2).collect::<Vec<_>>().join(" "),
+                String::from_utf8_lossy(&rest[len..])
+            )
+        }
+        _ => format!("incomplete head {:?}", String::from_utf8_lossy(rest)),
+    }
 }
 
 /// Runs `case` against the proxy at `addr` whose app is `app`.
@@ -256,7 +288,13 @@ fn compare(hg: &Run, hap: &Run) -> (BTreeSet<String>, Option<String>) {
             .client
             .responses
             .iter()
-            .map(|x| if x.origin == "app" { format!("{}|{:?}|{:?}", x.framing, x.body, x.connection) } else { "proxy".into() })
+            .map(|x| {
+                if x.origin == "app" {
+                    format!("{}|{:?}|{:?}|{:?}", x.framing, x.body, x.connection, x.length_fields)
+                } else {
+                    "proxy".into()
+                }
+            })
             .collect();
         v.push(r.client.other.clone());
         v
@@ -272,14 +310,17 @@ fn compare(hg: &Run, hap: &Run) -> (BTreeSet<String>, Option<String>) {
     }
     let mut altered = None;
     for (a, b) in hg.app.iter().zip(&hap.app) {
-        let complete = |r: &Received| !r.framing.starts_with("incomplete") && r.framing != "not read" && r.framing != "pending";
+        let complete =
+            |r: &Received| !r.framing.starts_with("incomplete") && r.framing != "not read" && r.framing != "pending";
         if a.method == b.method && a.target == b.target && complete(a) && complete(b) && a.body != b.body {
-            altered = Some(format!("the app received body {:?} through healthgate, {:?} through HAProxy", a.body, b.body));
+            altered =
+                Some(format!("the app received body {:?} through healthgate, {:?} through HAProxy", a.body, b.body));
         }
     }
     for (a, b) in hg.client.responses.iter().zip(&hap.client.responses) {
         if a.origin == "app" && a.status == b.status && a.body != b.body {
-            altered = Some(format!("the client received body {:?} through healthgate, {:?} through HAProxy", a.body, b.body));
+            altered =
+                Some(format!("the client received body {:?} through healthgate, {:?} through HAProxy", a.body, b.body));
         }
     }
     (d, altered)
@@ -402,7 +443,10 @@ fn start_haproxy(app: SocketAddr) -> Haproxy {
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
-                panic!("haproxy did not listen: {}", std::fs::read_to_string(dir.path().join("haproxy.log")).unwrap_or_default());
+                panic!(
+                    "haproxy did not listen: {}",
+                    std::fs::read_to_string(dir.path().join("haproxy.log")).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

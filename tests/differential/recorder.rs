@@ -8,9 +8,9 @@
 //! Requests for `/__probe` (the harness's keep-alive probe) get `200 probe`
 //! and are not recorded.
 
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,9 @@ struct State {
     /// Connections waiting for a next request, by id.
     idle: HashMap<u64, TcpStream>,
     next_id: u64,
+    /// Counts cases; a connection records only into the case it was accepted in,
+    /// so a late request from a previous case's connection cannot pollute this one.
+    generation: u64,
 }
 
 /// A running recording app.
@@ -77,7 +80,8 @@ impl Recorder {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let st = st.clone();
-                std::thread::spawn(move || serve(stream, &st));
+                let generation = st.lock().unwrap().generation;
+                std::thread::spawn(move || serve(stream, &st, generation));
             }
         });
         Recorder { addr, state }
@@ -88,6 +92,7 @@ impl Recorder {
         let mut s = self.state.lock().unwrap();
         s.replies = replies.to_vec();
         s.received.clear();
+        s.generation += 1;
     }
 
     /// Half-closes every connection waiting for a next request and waits
@@ -159,8 +164,10 @@ fn record_of(head: &wire::Head, framing: String, body: &[u8]) -> Received {
 }
 
 /// Reads the body of `head` (whose bytes start at `conn.buf[head.len..]`);
-/// returns its record and consumes the request from the buffer.
-fn read_body(conn: &mut Conn, head: &wire::Head) -> Received {
+/// returns its record and consumes the request from the buffer. While the
+/// body is incomplete, `progress` gets a record of what arrived so far, so a
+/// snapshot taken meanwhile shows it.
+fn read_body(conn: &mut Conn, head: &wire::Head, progress: &dyn Fn(Received)) -> Received {
     let framing = wire::request_framing(head);
     let deadline = std::time::Instant::now() + BODY_WAIT;
     loop {
@@ -182,9 +189,14 @@ fn read_body(conn: &mut Conn, head: &wire::Head) -> Received {
             conn.buf.drain(..head.len + used);
             return rec;
         }
+        if let Ok(f) = &framing {
+            progress(record_of(head, format!("incomplete {}", f.name()), &conn.buf[head.len..]));
+        }
         let quiet_ends = framing.is_err();
         let wait = if quiet_ends { QUIET } else { deadline.saturating_duration_since(std::time::Instant::now()) };
-        if !conn.fill(wait.max(Duration::from_millis(1))) && (quiet_ends || conn.eof || std::time::Instant::now() >= deadline) {
+        if !conn.fill(wait.max(Duration::from_millis(1)))
+            && (quiet_ends || conn.eof || std::time::Instant::now() >= deadline)
+        {
             let rest = conn.buf[head.len..].to_vec();
             let why = match &framing {
                 Err(e) => format!("unframed ({e})"),
@@ -196,7 +208,7 @@ fn read_body(conn: &mut Conn, head: &wire::Head) -> Received {
     }
 }
 
-fn serve(stream: TcpStream, state: &Mutex<State>) {
+fn serve(stream: TcpStream, state: &Mutex<State>, generation: u64) {
     let _ = stream.set_nodelay(true);
     let id = {
         let mut st = state.lock().unwrap();
@@ -204,11 +216,11 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
         st.next_id
     };
     let mut conn = Conn { stream, buf: Vec::new(), eof: false };
-    serve_requests(&mut conn, state, id);
+    serve_requests(&mut conn, state, id, generation);
     state.lock().unwrap().idle.remove(&id);
 }
 
-fn serve_requests(conn: &mut Conn, state: &Mutex<State>, id: u64) {
+fn serve_requests(conn: &mut Conn, state: &Mutex<State>, id: u64, generation: u64) {
     loop {
         if conn.buf.is_empty() {
             if let Ok(s) = conn.stream.try_clone() {
@@ -227,14 +239,16 @@ fn serve_requests(conn: &mut Conn, state: &Mutex<State>, id: u64) {
                     if !conn.fill(wait) && !conn.eof && !conn.buf.is_empty() {
                         let garbled = String::from_utf8_lossy(&conn.buf).into_owned();
                         let mut st = state.lock().unwrap();
-                        st.received.push(Received { framing: format!("unparsed head: {garbled:?}"), ..blank() });
+                        if st.generation == generation {
+                            st.received.push(Received { framing: format!("unparsed head: {garbled:?}"), ..blank() });
+                        }
                         return;
                     }
                 }
             }
         };
         if head.start.split(' ').nth(1) == Some("/__probe") {
-            let _ = read_body(conn, &head);
+            let _ = read_body(conn, &head, &|_| {});
             if conn.stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nprobe").is_err() {
                 return;
             }
@@ -244,23 +258,27 @@ fn serve_requests(conn: &mut Conn, state: &Mutex<State>, id: u64) {
             let mut st = state.lock().unwrap();
             let index = st.received.len();
             let reply = st.replies.get(index).cloned().unwrap_or_else(default_reply);
-            st.received.push(record_of(&head, "pending".into(), b""));
+            if st.generation == generation {
+                st.received.push(record_of(&head, "pending".into(), b""));
+            }
             (index, reply)
         };
         let store = |rec: Received| {
             let mut st = state.lock().unwrap();
-            if let Some(slot) = st.received.get_mut(index) {
+            if st.generation == generation
+                && let Some(slot) = st.received.get_mut(index)
+            {
                 *slot = rec;
             }
         };
         if !reply.early {
-            store(read_body(conn, &head));
+            store(read_body(conn, &head, &store));
         } else {
             store(record_of(&head, "not read".into(), b""));
         }
         let mut body_read = !reply.early;
         if reply.early && matches!(wire::request_framing(&head), Ok(Framing::None)) {
-            store(read_body(conn, &head));
+            store(read_body(conn, &head, &store));
             body_read = true;
         }
         for step in &reply.steps {
@@ -272,7 +290,7 @@ fn serve_requests(conn: &mut Conn, state: &Mutex<State>, id: u64) {
                 }
                 AppStep::Pause(ms) => std::thread::sleep(Duration::from_millis(*ms)),
                 AppStep::AwaitBody => {
-                    store(read_body(conn, &head));
+                    store(read_body(conn, &head, &store));
                     body_read = true;
                 }
                 AppStep::Close => {
@@ -283,7 +301,7 @@ fn serve_requests(conn: &mut Conn, state: &Mutex<State>, id: u64) {
                     if !body_read {
                         conn.buf.drain(..head.len.min(conn.buf.len()));
                     }
-                    tunnel(conn, state, index);
+                    tunnel(conn, state, index, generation);
                     return;
                 }
             }
@@ -297,13 +315,17 @@ fn serve_requests(conn: &mut Conn, state: &Mutex<State>, id: u64) {
 }
 
 /// Echoes every byte after a 101 and records it on request `index`.
-fn tunnel(conn: &mut Conn, state: &Mutex<State>, index: usize) {
+fn tunnel(conn: &mut Conn, state: &Mutex<State>, index: usize, generation: u64) {
     loop {
         if !conn.buf.is_empty() {
             let data = std::mem::take(&mut conn.buf);
-            if let Some(r) = state.lock().unwrap().received.get_mut(index) {
+            let mut st = state.lock().unwrap();
+            if st.generation == generation
+                && let Some(r) = st.received.get_mut(index)
+            {
                 r.tunnel.push_str(&String::from_utf8_lossy(&data));
             }
+            drop(st);
             if conn.stream.write_all(&data).is_err() {
                 return;
             }

@@ -120,7 +120,11 @@ fn content_length(head: &Head) -> Option<Result<u64, &'static str>> {
 pub fn request_framing(head: &Head) -> Result<Framing, &'static str> {
     let te = head.tokens("transfer-encoding");
     if !te.is_empty() {
-        return if te.last().map(String::as_str) == Some("chunked") { Ok(Framing::Chunked) } else { Err("unframed transfer-encoding") };
+        return if te.last().map(String::as_str) == Some("chunked") {
+            Ok(Framing::Chunked)
+        } else {
+            Err("unframed transfer-encoding")
+        };
     }
     match content_length(head) {
         None => Ok(Framing::None),
@@ -324,7 +328,8 @@ mod tests {
 
     #[test]
     fn chunked_request_with_extension_and_trailer_is_decoded() {
-        let raw = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nGET";
+        let raw =
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nGET";
         let Parse::Done(r, used) = parse_request(raw) else { panic!() };
         assert_eq!((r.body.as_slice(), r.framing, &raw[used..]), (&b"abc"[..], Framing::Chunked, &b"GET"[..]));
     }
