@@ -504,8 +504,8 @@ fn every_case_matches_haproxy_or_its_difference_is_explained() {
                     });
                     // Every case starts without pooled upstream connections, on both sides.
                     std::thread::scope(|s2| {
-                        s2.spawn(|| lane.hg_app.close_idle());
-                        lane.hap_app.close_idle();
+                        s2.spawn(|| lane.hg_app.close_all());
+                        lane.hap_app.close_all();
                     });
                     let outcome = judge(case, hg_run, hap_run);
                     outcomes.lock().unwrap().push((i, outcome));

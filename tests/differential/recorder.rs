@@ -55,8 +55,8 @@ pub struct Received {
 struct State {
     replies: Vec<Reply>,
     received: Vec<Received>,
-    /// Connections waiting for a next request, by id.
-    idle: HashMap<u64, TcpStream>,
+    /// Every open connection, by id (registered when accepted).
+    conns: HashMap<u64, TcpStream>,
     next_id: u64,
     /// Counts cases; a connection records only into the case it was accepted in,
     /// so a late request from a previous case's connection cannot pollute this one.
@@ -80,8 +80,16 @@ impl Recorder {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let st = st.clone();
-                let generation = st.lock().unwrap().generation;
-                std::thread::spawn(move || serve(stream, &st, generation));
+                let (id, generation) = {
+                    let mut s = st.lock().unwrap();
+                    s.next_id += 1;
+                    let id = s.next_id;
+                    if let Ok(c) = stream.try_clone() {
+                        s.conns.insert(id, c);
+                    }
+                    (id, s.generation)
+                };
+                std::thread::spawn(move || serve(stream, &st, id, generation));
             }
         });
         Recorder { addr, state }
@@ -95,16 +103,19 @@ impl Recorder {
         s.generation += 1;
     }
 
-    /// Half-closes every connection waiting for a next request and waits
-    /// (up to 2 s) until the proxy has closed each of them, so the next case
-    /// starts without pooled upstream connections.
-    pub fn close_idle(&self) {
-        for s in self.state.lock().unwrap().idle.values() {
+    /// Half-closes every connection and waits (up to 2 s) until the proxy
+    /// has closed each of them, then cuts any left; so the next case starts
+    /// without pooled upstream connections and nothing of this case lingers.
+    pub fn close_all(&self) {
+        for s in self.state.lock().unwrap().conns.values() {
             let _ = s.shutdown(Shutdown::Write);
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while !self.state.lock().unwrap().idle.is_empty() && std::time::Instant::now() < deadline {
+        while !self.state.lock().unwrap().conns.is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
+        }
+        for s in self.state.lock().unwrap().conns.values() {
+            let _ = s.shutdown(Shutdown::Both);
         }
     }
 
@@ -208,27 +219,16 @@ fn read_body(conn: &mut Conn, head: &wire::Head, progress: &dyn Fn(Received)) ->
     }
 }
 
-fn serve(stream: TcpStream, state: &Mutex<State>, generation: u64) {
+fn serve(stream: TcpStream, state: &Mutex<State>, id: u64, generation: u64) {
     let _ = stream.set_nodelay(true);
-    let id = {
-        let mut st = state.lock().unwrap();
-        st.next_id += 1;
-        st.next_id
-    };
     let mut conn = Conn { stream, buf: Vec::new(), eof: false };
-    serve_requests(&mut conn, state, id, generation);
-    state.lock().unwrap().idle.remove(&id);
+    serve_requests(&mut conn, state, generation);
+    let _ = conn.stream.shutdown(Shutdown::Both);
+    state.lock().unwrap().conns.remove(&id);
 }
 
-fn serve_requests(conn: &mut Conn, state: &Mutex<State>, id: u64, generation: u64) {
+fn serve_requests(conn: &mut Conn, state: &Mutex<State>, generation: u64) {
     loop {
-        if conn.buf.is_empty() {
-            if let Ok(s) = conn.stream.try_clone() {
-                state.lock().unwrap().idle.insert(id, s);
-            }
-            conn.fill(Duration::from_secs(3600));
-            state.lock().unwrap().idle.remove(&id);
-        }
         // The next head.
         let head = loop {
             match wire::parse_head(&conn.buf) {
