@@ -16,6 +16,7 @@ have rabbitmq-server || need+=(rabbitmq-server)
 have promtool || need+=(prometheus)
 have curl || need+=(curl)
 have openssl || need+=(openssl)
+have haproxy || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
