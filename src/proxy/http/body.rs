@@ -75,6 +75,9 @@ pub(super) enum Kind {
     /// the body was read to its end.
     Upstream {
         body: Incoming,
+        /// Body bytes read ahead with the head (see `forward::first_bytes`),
+        /// sent first.
+        first: Bytes,
         tx: Option<SendRequest<ReqBody>>,
         ended: bool,
     },
@@ -93,7 +96,10 @@ impl Body for ResBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream { body, ended, .. } => {
+            Kind::Upstream { body, first, ended, .. } => {
+                if !first.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(std::mem::take(first)))));
+                }
                 let r = ready!(Pin::new(body).poll_frame(cx));
                 if r.is_none() {
                     *ended = true;
@@ -106,21 +112,32 @@ impl Body for ResBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            Kind::Upstream { body, ended, .. } => *ended || body.is_end_stream(),
+            Kind::Upstream { body, first, ended, .. } => *ended || (first.is_empty() && body.is_end_stream()),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Upstream { body, first, .. } => {
+                let mut hint = body.size_hint();
+                if !first.is_empty() {
+                    let n = first.len() as u64;
+                    // Upper first: `set_lower` asserts lower <= upper.
+                    if let Some(upper) = hint.upper() {
+                        hint.set_upper(upper + n);
+                    }
+                    hint.set_lower(hint.lower() + n);
+                }
+                hint
+            }
         }
     }
 }
 
 impl Drop for ResBody {
     fn drop(&mut self) {
-        if let Kind::Upstream { body, tx, ended } = &mut self.kind
+        if let Kind::Upstream { body, tx, ended, .. } = &mut self.kind
             && (*ended || body.is_end_stream())
             && let Some(tx) = tx.take()
         {

@@ -23,6 +23,7 @@ use tracing::debug;
 use super::BAD_GATEWAY_BODY;
 use super::BAD_REQUEST_BODY;
 use super::GATEWAY_TIMEOUT_BODY;
+use super::NOT_IMPLEMENTED_BODY;
 use super::TOO_LARGE_BODY;
 use super::Worker;
 use super::body::BodyTooLarge;
@@ -32,12 +33,15 @@ use super::body::ReqBody;
 use super::body::ResBody;
 use super::conn::Busy;
 use super::conn::{Conn, UpstreamWait};
+use super::headers::CHUNKED_VALUE;
 use super::headers::CLOSE_VALUE;
+use super::headers::Codings;
 use super::headers::PROBLEM_VALUE;
 use super::headers::UPGRADE_VALUE;
 use super::headers::host_is_valid;
 use super::headers::prepare_request;
 use super::headers::prepare_response;
+use super::headers::transfer_codings;
 use super::headers::upgrade_requested;
 use crate::metrics::{Outcome, RouteMetrics};
 use crate::state::Admission;
@@ -87,6 +91,33 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
             true,
         );
     }
+    // RFC 9112 §3.2: a target is ASCII (hyper passes other bytes on, which
+    // the gate and the app could each decode their own way).
+    if req.uri().path_and_query().is_some_and(|p| !p.as_str().is_ascii()) {
+        return reply(
+            &ctx.default_route.metrics,
+            busy,
+            start,
+            Outcome::BadRequest,
+            StatusCode::BAD_REQUEST,
+            BAD_REQUEST_BODY,
+            true,
+        );
+    }
+    // An unsized body is chunked (hyper refused one whose last coding is
+    // not): another coding under it would reach the app relabelled, so it is
+    // refused (RFC 9112 §6.1: 501 for a coding not understood; `chunked`
+    // twice is invalid: 400). The body is unread: the connection closes.
+    if req.body().size_hint().exact().is_none() {
+        let (status, body) = match transfer_codings(req.headers()) {
+            Codings::Chunked => (StatusCode::OK, ""),
+            Codings::ChunkedTwice => (StatusCode::BAD_REQUEST, BAD_REQUEST_BODY),
+            Codings::Other => (StatusCode::NOT_IMPLEMENTED, NOT_IMPLEMENTED_BODY),
+        };
+        if status != StatusCode::OK {
+            return reply(&ctx.default_route.metrics, busy, start, Outcome::BadRequest, status, body, true);
+        }
+    }
     // The route decides what the request needs, its short-circuit bodies and
     // its metric label (`bypass` prefixes are routes needing nothing).
     let route = ctx.route(req.method(), path, req.headers());
@@ -126,7 +157,12 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
     let upgrade = upgrade_requested(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let upgrade_value = upgrade.as_ref().and_then(|_| parts.headers.get(header::UPGRADE).cloned());
-    prepare_request(&mut parts.headers, &busy.0, upgrade_value);
+    prepare_request(&mut parts.headers, &busy.0, upgrade_value, parts.version);
+    if body.size_hint().exact().is_none() {
+        // Forwarded chunked whatever the method: hyper would send a GET or
+        // HEAD without its body (RFC 9112 §6: framing is method-independent).
+        parts.headers.insert(header::TRANSFER_ENCODING, CHUNKED_VALUE.clone());
+    }
     parts.version = Version::HTTP_11;
     let body = ReqBody { inner: Some(body), left: if max_body > 0 { max_body } else { u64::MAX } };
     let req = Request::from_parts(parts, body);
@@ -149,7 +185,9 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
                 let app_side = hyper::upgrade::on(&mut res);
                 let upgrade_value = res.headers().get(header::UPGRADE).cloned();
                 let (mut parts, _) = res.into_parts();
-                prepare_response(&mut parts.headers, &w);
+                // A 101 has no body: its codings do not matter.
+                let _ = prepare_response(&mut parts.headers, &w, parts.version);
+                parts.version = Version::HTTP_11;
                 if let Some(v) = upgrade_value {
                     parts.headers.insert(header::CONNECTION, UPGRADE_VALUE.clone());
                     parts.headers.insert(header::UPGRADE, v);
@@ -160,10 +198,45 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
                 metrics.record(outcome, start.elapsed());
                 return Response::from_parts(parts, ResBody::full(Bytes::new(), busy));
             }
-            let (mut parts, body) = res.into_parts();
-            prepare_response(&mut parts.headers, &w);
+            let (mut parts, mut body) = res.into_parts();
+            if let Err(e) = prepare_response(&mut parts.headers, &w, parts.version) {
+                // Dropping the body and `tx` closes that upstream connection.
+                debug!(error = %e, "response not relayed");
+                return reply(
+                    metrics,
+                    busy,
+                    start,
+                    Outcome::UpstreamError,
+                    StatusCode::BAD_GATEWAY,
+                    BAD_GATEWAY_BODY,
+                    false,
+                );
+            }
+            // Sent as HTTP/1.1 whatever the app spoke (RFC 9110 §6.2: an
+            // intermediary sends its own version), so an HTTP/1.0 answer
+            // does not tell the client that the connection closes; hyper
+            // labels it HTTP/1.0 for an HTTP/1.0 client, with
+            // `Connection: keep-alive` when the connection stays open.
+            parts.version = Version::HTTP_11;
+            let Ok(first) = first_bytes(&mut body) else {
+                // Bad framing before the first body byte (an unparsable chunk
+                // size): nothing was relayed yet, so the client gets a 502
+                // rather than a head followed by a cut connection.
+                return reply(
+                    metrics,
+                    busy,
+                    start,
+                    Outcome::UpstreamError,
+                    StatusCode::BAD_GATEWAY,
+                    BAD_GATEWAY_BODY,
+                    false,
+                );
+            };
             metrics.record(outcome, start.elapsed());
-            Response::from_parts(parts, ResBody { kind: Kind::Upstream { body, tx: Some(tx), ended: false }, busy })
+            Response::from_parts(
+                parts,
+                ResBody { kind: Kind::Upstream { body, first, tx: Some(tx), ended: false }, busy },
+            )
         }
         Err(Fail::Timeout) => reply(
             metrics,
@@ -250,6 +323,23 @@ pub(super) async fn send(
                 _ => return Err(classify(e.into_error())),
             },
         }
+    }
+}
+
+/// The response body's first bytes if they already arrived (they usually
+/// come with the head), or an error if the app's framing already failed.
+/// Polled once, without waiting: a body that has not started is relayed as
+/// it comes.
+fn first_bytes(body: &mut Incoming) -> Result<Bytes, hyper::Error> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Pin::new(body).poll_frame(&mut cx) {
+        Poll::Ready(Some(Err(e))) => Err(e),
+        // Trailers are never relayed (the `Trailer` header is hop-by-hop).
+        Poll::Ready(Some(Ok(frame))) => Ok(frame.into_data().unwrap_or_default()),
+        Poll::Ready(None) | Poll::Pending => Ok(Bytes::new()),
     }
 }
 

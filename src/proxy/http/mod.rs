@@ -90,6 +90,9 @@ pub const GATEWAY_TIMEOUT_BODY: &str =
     r#"{"type":"about:blank","title":"Gateway Timeout","status":504,"cause":"GATEWAY TIMEOUT"}"#;
 /// `400` body.
 pub const BAD_REQUEST_BODY: &str = r#"{"type":"about:blank","title":"Bad Request","status":400,"cause":"BAD REQUEST"}"#;
+/// `501` body (a transfer coding healthgate does not implement).
+pub const NOT_IMPLEMENTED_BODY: &str =
+    r#"{"type":"about:blank","title":"Not Implemented","status":501,"cause":"NOT IMPLEMENTED"}"#;
 /// `413` body.
 pub const TOO_LARGE_BODY: &str =
     r#"{"type":"about:blank","title":"Content Too Large","status":413,"cause":"CONTENT TOO LARGE"}"#;
