@@ -11,6 +11,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 
 use super::conn::Busy;
+use super::pool::ReadCount;
 
 /// The request body went over `max_body_bytes` while streaming.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,8 @@ pub(super) enum Kind {
         /// sent first.
         first: Bytes,
         tx: Option<SendRequest<ReqBody>>,
+        /// The connection's read count, pooled with it.
+        read: ReadCount,
         ended: bool,
     },
 }
@@ -137,11 +140,11 @@ impl Body for ResBody {
 
 impl Drop for ResBody {
     fn drop(&mut self) {
-        if let Kind::Upstream { body, tx, ended, .. } = &mut self.kind
+        if let Kind::Upstream { body, tx, read, ended, .. } = &mut self.kind
             && (*ended || body.is_end_stream())
             && let Some(tx) = tx.take()
         {
-            self.busy.0.worker.checkin(tx);
+            self.busy.0.worker.checkin(tx, read.clone());
         }
         // A body dropped early (client gone) drops `tx` with it: hyper then
         // closes that upstream connection, which still has bytes in flight.

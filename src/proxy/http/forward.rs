@@ -7,6 +7,7 @@ use std::error::Error as StdError;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ use super::headers::prepare_request;
 use super::headers::prepare_response;
 use super::headers::transfer_codings;
 use super::headers::upgrade_requested;
+use super::pool::ReadCount;
 use crate::metrics::{Outcome, RouteMetrics};
 use crate::state::Admission;
 
@@ -168,7 +170,7 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
     let req = Request::from_parts(parts, body);
 
     match send(&busy.0, req, start).await {
-        Ok((mut res, tx)) => {
+        Ok((mut res, tx, read)) => {
             if res.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let Some(client_side) = upgrade else {
                     // A 101 nobody asked for cannot be relayed.
@@ -235,7 +237,7 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
             metrics.record(outcome, start.elapsed());
             Response::from_parts(
                 parts,
-                ResBody { kind: Kind::Upstream { body, first, tx: Some(tx), ended: false }, busy },
+                ResBody { kind: Kind::Upstream { body, first, tx: Some(tx), read, ended: false }, busy },
             )
         }
         Err(Fail::Timeout) => reply(
@@ -280,22 +282,22 @@ pub(super) async fn send(
     conn: &Conn,
     mut req: Request<ReqBody>,
     start: Instant,
-) -> Result<(Response<Incoming>, SendRequest<ReqBody>), Fail> {
+) -> Result<(Response<Incoming>, SendRequest<ReqBody>, ReadCount), Fail> {
     let w = &*conn.worker;
     let _wait = UpstreamWait(conn);
     loop {
-        let (mut tx, replay) = match w.checkout() {
-            Some((tx, idle)) => {
+        let (mut tx, read, replay) = match w.checkout() {
+            Some((tx, idle, read)) => {
                 let replay = (idle >= REPLAY_AFTER_IDLE && req.method().is_idempotent() && req.body().is_end_stream())
-                    .then(|| copy_head(&req));
-                (tx, Some(replay))
+                    .then(|| (copy_head(&req), read.load(Relaxed)));
+                (tx, read, Some(replay))
             }
             // Boxed: connecting is rare on a warm pool, and inline it would
             // grow every request's future (moved by hyper) by ~500 bytes.
             None => {
-                let tx = Box::pin(w.connect()).await?;
+                let (tx, read) = Box::pin(w.connect()).await?;
                 conn.upstream_due.set(w.response_timeout.map(|t| Instant::now() + t));
-                (tx, None)
+                (tx, read, None)
             }
         };
         if conn.upstream_due.get().is_none() {
@@ -310,13 +312,17 @@ pub(super) async fn send(
         })
         .await?;
         match result {
-            Ok(res) => return Ok((res, tx)),
+            Ok(res) => return Ok((res, tx, read)),
             Err(mut e) => match (e.take_message(), replay) {
                 (Some(back), Some(_)) => {
                     debug!(error = %e.error(), "pooled upstream connection closed before use; retrying");
                     req = back;
                 }
-                (None, Some(Some(copy))) if closed_before_response(e.error()) => {
+                // Not one byte of an answer arrived (a partial status line
+                // is the app answering: the request is not sent twice).
+                (None, Some(Some((copy, before))))
+                    if read.load(Relaxed) == before && closed_before_response(e.error()) =>
+                {
                     debug!(error = %e.error(), "idle pooled upstream connection closed under the request; replaying");
                     req = copy;
                 }
