@@ -7,18 +7,20 @@ use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::header::HeaderValue;
+use hyper::Request;
+use hyper::header::{self, HeaderValue};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Worker;
+use super::headers::strip_hop_by_hop;
 use crate::proxy::accept::Permit;
 
 // === client connections ===
@@ -38,6 +40,19 @@ pub(super) struct IoState {
     /// Set while hyper is being shut down to park the connection: the
     /// socket's shutdown is then skipped, so the client sees nothing.
     pub(super) parking: AtomicBool,
+    /// Set while `informational` holds bytes to write (checked without the lock).
+    pub(super) informational_pending: AtomicBool,
+    /// The app's 1xx responses to the current request, encoded for the
+    /// client, and the connection task's waker (see [`relay_informational`]).
+    pub(super) informational: Mutex<Informational>,
+}
+
+/// 1xx responses waiting to be written to the client.
+#[derive(Default)]
+pub(super) struct Informational {
+    bytes: Vec<u8>,
+    /// Wakes the connection's task, which writes them.
+    pub(super) waker: Option<Waker>,
 }
 
 /// The connection timer's limits, fixed per listener.
@@ -129,6 +144,8 @@ impl IoState {
             head_started: AtomicU64::new(1),
             idle_since: AtomicU64::new(0),
             parking: AtomicBool::new(false),
+            informational_pending: AtomicBool::new(false),
+            informational: Mutex::default(),
         }
     }
 
@@ -214,8 +231,14 @@ impl AsyncWrite for ClientIo {
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
     }
+    /// Also writes the app's 1xx responses: hyper calls this only with its
+    /// own write buffer empty, so they never land inside another message.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        if this.state.informational_pending.load(Relaxed) {
+            ready!(this.write_informational(cx))?;
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -225,6 +248,78 @@ impl AsyncWrite for ClientIo {
         }
         Pin::new(&mut this.stream).poll_shutdown(cx)
     }
+}
+
+impl ClientIo {
+    /// Writes the pending 1xx responses, then wakes the task: the request
+    /// handler waits for them before handing hyper its final response.
+    fn write_informational(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut info = self.state.informational.lock().unwrap_or_else(PoisonError::into_inner);
+        while !info.bytes.is_empty() {
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &info.bytes))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            info.bytes.drain(..n);
+        }
+        self.state.informational_pending.store(false, Relaxed);
+        cx.waker().wake_by_ref();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Relays the app's 1xx responses to `req` (`103 Early Hints`, `100`,
+/// `102`, any other) to the client, as RFC 9110 §15.2 asks of a proxy.
+/// Called for HTTP/1.1 clients only: an HTTP/1.0 client gets none.
+///
+/// hyper's client reports them through a callback (`on_informational`),
+/// but its server has no way to send one: a service returns one response.
+/// So the callback encodes them into the connection's shared state and
+/// wakes the connection's task; [`ClientIo`]'s `poll_flush`, which hyper
+/// calls only once everything it buffered is written, writes them on the
+/// socket; and the request handler waits until they are written
+/// ([`informational_written`]) before it returns the final response, so
+/// they always come before its head. The callback is boxed per request
+/// (hyper's API), which the ordinary path pays for.
+pub(super) fn relay_informational<B>(req: &mut Request<B>, conn: &Conn) {
+    let state = conn.state.clone();
+    let via = conn.worker.ctx.config.http.via;
+    hyper::ext::on_informational(req, move |res| {
+        let mut h = res.headers().clone();
+        strip_hop_by_hop(&mut h);
+        let mut info = state.informational.lock().unwrap_or_else(PoisonError::into_inner);
+        let b = &mut info.bytes;
+        let status = res.status();
+        b.extend_from_slice(b"HTTP/1.1 ");
+        b.extend_from_slice(status.as_str().as_bytes());
+        b.push(b' ');
+        b.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        b.extend_from_slice(b"\r\n");
+        // A 1xx has no content (RFC 9110 §8.6): no length to relay.
+        for (name, value) in h.iter().filter(|(n, _)| *n != header::CONTENT_LENGTH) {
+            b.extend_from_slice(name.as_str().as_bytes());
+            b.extend_from_slice(b": ");
+            b.extend_from_slice(value.as_bytes());
+            b.extend_from_slice(b"\r\n");
+        }
+        if via {
+            b.extend_from_slice(b"via: 1.1 healthgate\r\n");
+        }
+        b.extend_from_slice(b"\r\n");
+        state.informational_pending.store(true, Relaxed);
+        if let Some(w) = &info.waker {
+            w.wake_by_ref();
+        }
+    });
+}
+
+/// Resolves once the 1xx responses relayed so far are written to the client.
+pub(super) async fn informational_written(state: &IoState) {
+    std::future::poll_fn(|_| {
+        // Woken by `ClientIo::write_informational` (the same task).
+        if state.informational_pending.load(Relaxed) { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await
 }
 
 /// One client connection, shared by its requests (and an upgraded tunnel).

@@ -33,7 +33,7 @@ use super::body::Kind;
 use super::body::ReqBody;
 use super::body::ResBody;
 use super::conn::Busy;
-use super::conn::{Conn, UpstreamWait};
+use super::conn::{Conn, UpstreamWait, informational_written, relay_informational};
 use super::headers::CHUNKED_VALUE;
 use super::headers::CLOSE_VALUE;
 use super::headers::Codings;
@@ -159,7 +159,8 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
     let upgrade = upgrade_requested(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let upgrade_value = upgrade.as_ref().and_then(|_| parts.headers.get(header::UPGRADE).cloned());
-    prepare_request(&mut parts.headers, &busy.0, upgrade_value, parts.version);
+    let version = parts.version;
+    prepare_request(&mut parts.headers, &busy.0, upgrade_value, version);
     if body.size_hint().exact().is_none() {
         // Forwarded chunked whatever the method: hyper would send a GET or
         // HEAD without its body (RFC 9112 §6: framing is method-independent).
@@ -167,9 +168,16 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
     }
     parts.version = Version::HTTP_11;
     let body = ReqBody { inner: Some(body), left: if max_body > 0 { max_body } else { u64::MAX } };
-    let req = Request::from_parts(parts, body);
-
-    match send(&busy.0, req, start).await {
+    let mut req = Request::from_parts(parts, body);
+    if version == Version::HTTP_11 {
+        relay_informational(&mut req, &busy.0);
+    }
+    let sent = send(&busy.0, req, start).await;
+    if busy.0.state.informational_pending.load(Relaxed) {
+        // The app's 1xx responses go out before whatever final answer.
+        informational_written(&busy.0.state).await;
+    }
+    match sent {
         Ok((mut res, tx, read)) => {
             if res.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let Some(client_side) = upgrade else {

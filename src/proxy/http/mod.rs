@@ -226,6 +226,9 @@ impl Worker {
 /// which gets a fresh hyper connection.
 async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: SocketAddr, mut drain: DrainSignal) {
     let state = Arc::new(IoState::new(Instant::now()));
+    // This task writes the app's 1xx responses (`conn::relay_informational`).
+    let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
+    state.informational.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waker = Some(waker);
     let ip = match peer.ip() {
         IpAddr::V6(v6) => v6.to_canonical(),
         ip => ip,
