@@ -281,10 +281,17 @@ impl ClientIo {
 /// ([`informational_written`]) before it returns the final response, so
 /// they always come before its head. The callback is boxed per request
 /// (hyper's API), which the ordinary path pays for.
-pub(super) fn relay_informational<B>(req: &mut Request<B>, conn: &Conn) {
+///
+/// With `hyper_continues` (the client sent `Expect: 100-continue` with a
+/// body, which hyper's server answers itself), an app's `100` is not relayed
+/// a second time.
+pub(super) fn relay_informational<B>(req: &mut Request<B>, conn: &Conn, hyper_continues: bool) {
     let state = conn.state.clone();
     let via = conn.worker.ctx.config.http.via;
     hyper::ext::on_informational(req, move |res| {
+        if hyper_continues && res.status() == hyper::StatusCode::CONTINUE {
+            return;
+        }
         let mut h = res.headers().clone();
         strip_hop_by_hop(&mut h);
         let mut info = state.informational.lock().unwrap_or_else(PoisonError::into_inner);

@@ -170,7 +170,8 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
     let body = ReqBody { inner: Some(body), left: if max_body > 0 { max_body } else { u64::MAX } };
     let mut req = Request::from_parts(parts, body);
     if version == Version::HTTP_11 {
-        relay_informational(&mut req, &busy.0);
+        let hyper_continues = !req.body().is_end_stream() && req.headers().contains_key(header::EXPECT);
+        relay_informational(&mut req, &busy.0, hyper_continues);
     }
     let sent = send(&busy.0, req, start).await;
     if busy.0.state.informational_pending.load(Relaxed) {
