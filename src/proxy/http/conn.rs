@@ -13,8 +13,8 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::Request;
 use hyper::header::{self, HeaderValue};
+use hyper::{Request, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -40,6 +40,14 @@ pub(super) struct IoState {
     /// Set while hyper is being shut down to park the connection: the
     /// socket's shutdown is then skipped, so the client sees nothing.
     pub(super) parking: AtomicBool,
+    /// While the request line of the head being read has not ended: how
+    /// many of its bytes arrived, plus one (0 = the line ended). See
+    /// [`IoState::scan_line`].
+    pub(super) line_open: AtomicU32,
+    /// Where a `#` (a fragment, which no request-target carries) sits in the
+    /// request line of the head being read (0 = none): checked against the
+    /// parsed request by [`IoState::take_fragment`].
+    pub(super) fragment_at: AtomicU32,
     /// Set while `informational` holds bytes to write (checked without the lock).
     pub(super) informational_pending: AtomicBool,
     /// The app's 1xx responses to the current request, encoded for the
@@ -144,6 +152,8 @@ impl IoState {
             head_started: AtomicU64::new(1),
             idle_since: AtomicU64::new(0),
             parking: AtomicBool::new(false),
+            line_open: AtomicU32::new(1),
+            fragment_at: AtomicU32::new(0),
             informational_pending: AtomicBool::new(false),
             informational: Mutex::default(),
         }
@@ -160,6 +170,7 @@ impl IoState {
     pub(super) fn begin_request(&self) {
         self.busy.store(self.busy.load(Relaxed) + 1, Relaxed);
         self.head_started.store(0, Relaxed);
+        self.line_open.store(0, Relaxed);
     }
 
     pub(super) fn end_request(&self) {
@@ -172,10 +183,52 @@ impl IoState {
 
     /// Bytes arrived: if no request is in progress, a head is starting.
     #[inline]
-    pub(super) fn on_read(&self) {
-        if self.busy.load(Relaxed) == 0 && self.head_started.load(Relaxed) == 0 {
-            self.head_started.store(self.nanos(Instant::now()) + 1, Relaxed);
+    pub(super) fn on_read(&self, bytes: &[u8]) {
+        if self.busy.load(Relaxed) != 0 {
+            return;
         }
+        if self.head_started.load(Relaxed) == 0 {
+            self.head_started.store(self.nanos(Instant::now()) + 1, Relaxed);
+            self.line_open.store(1, Relaxed);
+            self.fragment_at.store(0, Relaxed);
+        }
+        if self.line_open.load(Relaxed) != 0 {
+            self.scan_line(bytes);
+        }
+    }
+
+    /// Follows the request line of a head that started arriving while no
+    /// request was in progress (which is where hyper's buffer starts a new
+    /// head): notes a `#` in it and whether it ended. hyper does not expose
+    /// the raw line: its URI parser drops a fragment, and its limit on the
+    /// head's size answers `431` even when the request line alone is over
+    /// it. Costs a scan of the request line per request.
+    fn scan_line(&self, bytes: &[u8]) {
+        let end = bytes.iter().position(|b| *b == b'\n');
+        let line = &bytes[..end.unwrap_or(bytes.len())];
+        let seen = self.line_open.load(Relaxed) - 1;
+        if self.fragment_at.load(Relaxed) == 0
+            && let Some(i) = line.iter().position(|b| *b == b'#')
+        {
+            self.fragment_at.store(seen.saturating_add(i as u32).max(1), Relaxed);
+        }
+        let open = if end.is_some() { 0 } else { seen.saturating_add(bytes.len() as u32).saturating_add(1) };
+        self.line_open.store(open, Relaxed);
+    }
+
+    /// Whether the request line of the request `method`/`uri` (as hyper
+    /// parsed it, fragment dropped) had a fragment: the `#` right after the
+    /// target. Taken once per request.
+    pub(super) fn take_fragment(&self, method: &str, uri: &Uri) -> bool {
+        let at = self.fragment_at.load(Relaxed);
+        if at == 0 {
+            return false;
+        }
+        self.fragment_at.store(0, Relaxed);
+        let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path_and_query().map_or(0, |p| p.as_str().len());
+        at as usize == method.len() + 1 + target
     }
 
     /// When the current request head started arriving, if one is.
@@ -204,32 +257,42 @@ impl AsyncRead for ClientIo {
         let this = self.get_mut();
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            this.state.on_read();
+            let piece = this.prefix.split_to(n);
+            buf.put_slice(&piece);
+            this.state.on_read(&piece);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.state.on_read();
+            this.state.on_read(&buf.filled()[before..]);
         }
         r
     }
 }
 
 impl AsyncWrite for ClientIo {
+    /// hyper refuses a head over `max_header_bytes` with `431`; when the
+    /// request line alone is that long (it never ended), the answer is `414`
+    /// (RFC 9112 §3). Nothing else is written while a request line is open.
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.state.line_open.load(Relaxed) != 0
+            && let Some(rest) = buf.strip_prefix(HYPER_431)
+        {
+            // Written by `poll_flush`, which hyper calls next.
+            let mut info = this.state.informational.lock().unwrap_or_else(PoisonError::into_inner);
+            info.bytes.extend_from_slice(b"HTTP/1.1 414 URI Too Long\r\n");
+            info.bytes.extend_from_slice(rest);
+            this.state.informational_pending.store(true, Relaxed);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        // `writev(false)`: hyper writes one flattened buffer, which
+        // `poll_write` can look at as a whole.
+        false
     }
     /// Also writes the app's 1xx responses: hyper calls this only with its
     /// own write buffer empty, so they never land inside another message.
@@ -249,6 +312,9 @@ impl AsyncWrite for ClientIo {
         Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
+
+/// The status line hyper writes for a head over `max_header_bytes`.
+const HYPER_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\n";
 
 impl ClientIo {
     /// Writes the pending 1xx responses, then wakes the task: the request
@@ -451,7 +517,7 @@ mod tests {
     fn bytes_after_a_request_start_a_new_head() {
         let t0 = Instant::now();
         let s = idle_at(t0);
-        s.on_read();
+        s.on_read(b"GET / HTTP/1.1\r\n");
         let c = cfg(Some(300), Some(60_000));
         let started = s.head_started().expect("a head started");
         assert!(started >= t0);

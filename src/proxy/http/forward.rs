@@ -94,8 +94,11 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
         );
     }
     // RFC 9112 §3.2: a target is ASCII (hyper passes other bytes on, which
-    // the gate and the app could each decode their own way).
-    if req.uri().path_and_query().is_some_and(|p| !p.as_str().is_ascii()) {
+    // the gate and the app could each decode their own way) and has no
+    // fragment (hyper drops it; the client socket noted it). RFC 9112 §3: an
+    // invalid request line is refused, not corrected.
+    let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+    if !target.is_ascii() || busy.0.state.take_fragment(req.method().as_str(), req.uri()) {
         return reply(
             &ctx.default_route.metrics,
             busy,
