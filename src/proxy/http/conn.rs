@@ -44,6 +44,8 @@ pub(super) struct IoState {
     /// many of its bytes arrived, plus one (0 = the line ended). See
     /// [`IoState::scan_line`].
     pub(super) line_open: AtomicU32,
+    /// The length of the last request line followed to its end.
+    pub(super) line_len: AtomicU32,
     /// Where a `#` (a fragment, which no request-target carries) sits in the
     /// request line of the head being read (0 = none): checked against the
     /// parsed request by [`IoState::take_fragment`].
@@ -153,6 +155,7 @@ impl IoState {
             idle_since: AtomicU64::new(0),
             parking: AtomicBool::new(false),
             line_open: AtomicU32::new(1),
+            line_len: AtomicU32::new(0),
             fragment_at: AtomicU32::new(0),
             informational_pending: AtomicBool::new(false),
             informational: Mutex::default(),
@@ -212,8 +215,13 @@ impl IoState {
         {
             self.fragment_at.store(seen.saturating_add(i as u32).max(1), Relaxed);
         }
-        let open = if end.is_some() { 0 } else { seen.saturating_add(bytes.len() as u32).saturating_add(1) };
-        self.line_open.store(open, Relaxed);
+        let len = seen.saturating_add(line.len() as u32);
+        if end.is_some() {
+            self.line_open.store(0, Relaxed);
+            self.line_len.store(len, Relaxed);
+        } else {
+            self.line_open.store(len.saturating_add(1), Relaxed);
+        }
     }
 
     /// Whether the request line of the request `method`/`uri` (as hyper
@@ -250,6 +258,8 @@ pub(super) struct ClientIo {
     /// Bytes hyper had read but not parsed when the connection was parked
     /// (normally none); served before the socket.
     pub(super) prefix: Bytes,
+    /// A request line this long is answered `414` (`max_header_bytes`).
+    pub(super) max_line: usize,
 }
 
 impl AsyncRead for ClientIo {
@@ -273,12 +283,12 @@ impl AsyncRead for ClientIo {
 
 impl AsyncWrite for ClientIo {
     /// hyper refuses a head over `max_header_bytes` with `431`; when the
-    /// request line alone is that long (it never ended), the answer is `414`
-    /// (RFC 9112 §3). Nothing else is written while a request line is open.
+    /// request line alone is that long (or never ended), the answer is `414`
+    /// (RFC 9112 §3).
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.state.line_open.load(Relaxed) != 0
-            && let Some(rest) = buf.strip_prefix(HYPER_431)
+        if let Some(rest) = buf.strip_prefix(HYPER_431)
+            && (this.state.line_open.load(Relaxed) != 0 || this.state.line_len.load(Relaxed) as usize >= this.max_line)
         {
             // Written by `poll_flush`, which hyper calls next.
             let mut info = this.state.informational.lock().unwrap_or_else(PoisonError::into_inner);

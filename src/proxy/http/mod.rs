@@ -253,7 +253,8 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
         timer.as_mut().reset(t);
     }
     let mut drain_seen = drain.borrow_and_update().is_some();
-    let mut io = ClientIo { stream, state: state.clone(), prefix: Bytes::new() };
+    let max_line = w.ctx.config.http.max_header_bytes;
+    let mut io = ClientIo { stream, state: state.clone(), prefix: Bytes::new(), max_line };
     loop {
         // Boxed: while parked, the connection's task then holds a pointer
         // rather than hyper's whole connection struct.
