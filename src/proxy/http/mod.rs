@@ -8,7 +8,9 @@
 //!
 //! # Per request
 //! 1. URI checks: absolute-form, authority-form (`CONNECT`), a path not
-//!    starting with `/`, no `Host` (HTTP/1.1) or more than one → `400`; `Content-Length`
+//!    starting with `/`, no `Host` (HTTP/1.1) or more than one, a non-ASCII
+//!    target or one with a fragment → `400`; a transfer coding other than
+//!    `chunked` → `501` (`chunked` twice: `400`); `Content-Length`
 //!    over `max_body_bytes` → `413`.
 //! 2. Routing and admission: the listener's route table picks the route
 //!    (`bypass` prefixes are routes needing nothing: outcome `bypassed`);
@@ -39,6 +41,17 @@
 //! connection's lifetime. A keep-alive connection idle for [`PARK_AFTER`] is
 //! therefore parked: hyper is shut down without touching the socket, only
 //! the socket is watched, and the next request gets a fresh hyper connection.
+//!
+//! # 1xx responses
+//! hyper's client hands the app's 1xx responses to a per-request callback,
+//! and hyper's server has no way to send one. The callback encodes them into
+//! the connection's state and wakes its task; the client socket wrapper
+//! writes them from `poll_flush` (which hyper calls only with nothing of its
+//! own buffered), and the request waits for that before returning its final
+//! response (`conn::relay_informational`). The same wrapper follows each
+//! request line, which hyper does not expose: for a fragment (dropped by
+//! hyper's URI parser) and a request line over `max_header_bytes` (hyper's
+//! `431` becomes `414`).
 //!
 //! # Layout
 //! This file: [`serve`] and the per-connection driver. `conn`: what a
