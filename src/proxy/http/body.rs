@@ -4,6 +4,8 @@
 
 use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -11,7 +13,6 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 
 use super::conn::Busy;
-use super::pool::ReadCount;
 
 /// The request body went over `max_body_bytes` while streaming.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +82,7 @@ pub(super) enum Kind {
         first: Bytes,
         tx: Option<SendRequest<ReqBody>>,
         /// The connection's read count, pooled with it.
-        read: ReadCount,
+        read: Arc<AtomicU64>,
         ended: bool,
     },
 }

@@ -13,14 +13,13 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::header::{self, HeaderValue};
-use hyper::{Request, Uri};
+use hyper::Uri;
+use hyper::header::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Worker;
-use super::headers::strip_hop_by_hop;
 use crate::proxy::accept::Permit;
 
 // === client connections ===
@@ -53,7 +52,7 @@ pub(super) struct IoState {
     /// Set while `informational` holds bytes to write (checked without the lock).
     pub(super) informational_pending: AtomicBool,
     /// The app's 1xx responses to the current request, encoded for the
-    /// client, and the connection task's waker (see [`relay_informational`]).
+    /// client, and the connection task's waker (see `forward::relay_informational`).
     pub(super) informational: Mutex<Informational>,
 }
 
@@ -239,6 +238,18 @@ impl IoState {
         at as usize == method.len() + 1 + target
     }
 
+    /// Appends bytes for the client (1xx responses) with `write` and wakes
+    /// the connection's task, whose socket wrapper writes them from
+    /// `poll_flush`.
+    pub(super) fn queue_for_client(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        let mut info = self.informational.lock().unwrap_or_else(PoisonError::into_inner);
+        write(&mut info.bytes);
+        self.informational_pending.store(true, Relaxed);
+        if let Some(w) = &info.waker {
+            w.wake_by_ref();
+        }
+    }
+
     /// When the current request head started arriving, if one is.
     fn head_started(&self) -> Option<Instant> {
         let head = self.head_started.load(Relaxed);
@@ -291,10 +302,10 @@ impl AsyncWrite for ClientIo {
             && (this.state.line_open.load(Relaxed) != 0 || this.state.line_len.load(Relaxed) as usize >= this.max_line)
         {
             // Written by `poll_flush`, which hyper calls next.
-            let mut info = this.state.informational.lock().unwrap_or_else(PoisonError::into_inner);
-            info.bytes.extend_from_slice(b"HTTP/1.1 414 URI Too Long\r\n");
-            info.bytes.extend_from_slice(rest);
-            this.state.informational_pending.store(true, Relaxed);
+            this.state.queue_for_client(|b| {
+                b.extend_from_slice(b"HTTP/1.1 414 URI Too Long\r\n");
+                b.extend_from_slice(rest);
+            });
             return Poll::Ready(Ok(buf.len()));
         }
         Pin::new(&mut this.stream).poll_write(cx, buf)
@@ -342,58 +353,6 @@ impl ClientIo {
         cx.waker().wake_by_ref();
         Poll::Ready(Ok(()))
     }
-}
-
-/// Relays the app's 1xx responses to `req` (`103 Early Hints`, `100`,
-/// `102`, any other) to the client, as RFC 9110 §15.2 asks of a proxy.
-/// Called for HTTP/1.1 clients only: an HTTP/1.0 client gets none.
-///
-/// hyper's client reports them through a callback (`on_informational`),
-/// but its server has no way to send one: a service returns one response.
-/// So the callback encodes them into the connection's shared state and
-/// wakes the connection's task; [`ClientIo`]'s `poll_flush`, which hyper
-/// calls only once everything it buffered is written, writes them on the
-/// socket; and the request handler waits until they are written
-/// ([`informational_written`]) before it returns the final response, so
-/// they always come before its head. The callback is boxed per request
-/// (hyper's API), which the ordinary path pays for.
-///
-/// With `hyper_continues` (the client sent `Expect: 100-continue` with a
-/// body, which hyper's server answers itself), an app's `100` is not relayed
-/// a second time.
-pub(super) fn relay_informational<B>(req: &mut Request<B>, conn: &Conn, hyper_continues: bool) {
-    let state = conn.state.clone();
-    let via = conn.worker.ctx.config.http.via;
-    hyper::ext::on_informational(req, move |res| {
-        if hyper_continues && res.status() == hyper::StatusCode::CONTINUE {
-            return;
-        }
-        let mut h = res.headers().clone();
-        strip_hop_by_hop(&mut h);
-        let mut info = state.informational.lock().unwrap_or_else(PoisonError::into_inner);
-        let b = &mut info.bytes;
-        let status = res.status();
-        b.extend_from_slice(b"HTTP/1.1 ");
-        b.extend_from_slice(status.as_str().as_bytes());
-        b.push(b' ');
-        b.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        b.extend_from_slice(b"\r\n");
-        // A 1xx has no content (RFC 9110 §8.6): no length to relay.
-        for (name, value) in h.iter().filter(|(n, _)| *n != header::CONTENT_LENGTH) {
-            b.extend_from_slice(name.as_str().as_bytes());
-            b.extend_from_slice(b": ");
-            b.extend_from_slice(value.as_bytes());
-            b.extend_from_slice(b"\r\n");
-        }
-        if via {
-            b.extend_from_slice(b"via: 1.1 healthgate\r\n");
-        }
-        b.extend_from_slice(b"\r\n");
-        state.informational_pending.store(true, Relaxed);
-        if let Some(w) = &info.waker {
-            w.wake_by_ref();
-        }
-    });
 }
 
 /// Resolves once the 1xx responses relayed so far are written to the client.

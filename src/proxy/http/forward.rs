@@ -7,7 +7,8 @@ use std::error::Error as StdError;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,18 +34,18 @@ use super::body::Kind;
 use super::body::ReqBody;
 use super::body::ResBody;
 use super::conn::Busy;
-use super::conn::{Conn, UpstreamWait, informational_written, relay_informational};
+use super::conn::{Conn, UpstreamWait, informational_written};
 use super::headers::CHUNKED_VALUE;
 use super::headers::CLOSE_VALUE;
 use super::headers::Codings;
 use super::headers::PROBLEM_VALUE;
 use super::headers::UPGRADE_VALUE;
+use super::headers::encode_informational;
 use super::headers::host_is_valid;
 use super::headers::prepare_request;
 use super::headers::prepare_response;
 use super::headers::transfer_codings;
 use super::headers::upgrade_requested;
-use super::pool::ReadCount;
 use crate::metrics::{Outcome, RouteMetrics};
 use crate::state::Admission;
 
@@ -294,7 +295,7 @@ pub(super) async fn send(
     conn: &Conn,
     mut req: Request<ReqBody>,
     start: Instant,
-) -> Result<(Response<Incoming>, SendRequest<ReqBody>, ReadCount), Fail> {
+) -> Result<(Response<Incoming>, SendRequest<ReqBody>, Arc<AtomicU64>), Fail> {
     let w = &*conn.worker;
     let _wait = UpstreamWait(conn);
     loop {
@@ -342,6 +343,35 @@ pub(super) async fn send(
             },
         }
     }
+}
+
+/// Relays the app's 1xx responses to `req` (`103 Early Hints`, `100`,
+/// `102`, any other) to the client, as RFC 9110 §15.2 asks of a proxy.
+/// Called for HTTP/1.1 clients only: an HTTP/1.0 client gets none.
+///
+/// hyper's client reports them through a callback (`on_informational`),
+/// but its server has no way to send one: a service returns one response.
+/// So the callback encodes them into the connection's shared state and
+/// wakes the connection's task (`IoState::queue_for_client`); the client
+/// socket wrapper's `poll_flush`, which hyper calls only once everything it
+/// buffered is written, writes them on the socket; and the request handler
+/// waits until they are written (`conn::informational_written`) before it
+/// returns the final response, so they always come before its head. The
+/// callback is boxed per request (hyper's API), which the ordinary path
+/// pays for.
+///
+/// With `hyper_continues` (the client sent `Expect: 100-continue` with a
+/// body, which hyper's server answers itself), an app's `100` is not relayed
+/// a second time.
+pub(super) fn relay_informational<B>(req: &mut Request<B>, conn: &Conn, hyper_continues: bool) {
+    let state = conn.state.clone();
+    let via = conn.worker.ctx.config.http.via;
+    hyper::ext::on_informational(req, move |res| {
+        if hyper_continues && res.status() == StatusCode::CONTINUE {
+            return;
+        }
+        state.queue_for_client(|b| encode_informational(res.status(), res.headers(), via, b));
+    });
 }
 
 /// The response body's first bytes if they already arrived (they usually

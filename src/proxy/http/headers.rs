@@ -2,8 +2,8 @@
 //! and the forwarding headers added on the way to the app and back.
 
 use bytes::{BufMut, BytesMut};
-use hyper::Version;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{StatusCode, Version};
 
 use super::Worker;
 use super::conn::Conn;
@@ -188,6 +188,29 @@ pub(super) fn prepare_request(h: &mut HeaderMap, conn: &Conn, upgrade: Option<He
 /// The `Via` element for a message received with `version`.
 fn via(version: Version) -> HeaderValue {
     if version == Version::HTTP_10 { VIA_10_VALUE.clone() } else { VIA_VALUE.clone() }
+}
+
+/// Encodes an app's 1xx response for the client: hop-by-hop headers and any
+/// `Content-Length` removed (a 1xx has no content, RFC 9110 §8.6), `Via`
+/// added with `via`.
+pub(super) fn encode_informational(status: StatusCode, headers: &HeaderMap, via: bool, b: &mut Vec<u8>) {
+    let mut h = headers.clone();
+    strip_hop_by_hop(&mut h);
+    b.extend_from_slice(b"HTTP/1.1 ");
+    b.extend_from_slice(status.as_str().as_bytes());
+    b.push(b' ');
+    b.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    b.extend_from_slice(b"\r\n");
+    for (name, value) in h.iter().filter(|(n, _)| *n != header::CONTENT_LENGTH) {
+        b.extend_from_slice(name.as_str().as_bytes());
+        b.extend_from_slice(b": ");
+        b.extend_from_slice(value.as_bytes());
+        b.extend_from_slice(b"\r\n");
+    }
+    if via {
+        b.extend_from_slice(b"via: 1.1 healthgate\r\n");
+    }
+    b.extend_from_slice(b"\r\n");
 }
 
 /// Appends the client's address to `X-Forwarded-For`, merging any existing

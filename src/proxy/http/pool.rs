@@ -25,11 +25,9 @@ use crate::net;
 pub(super) struct Pooled {
     pub(super) tx: SendRequest<ReqBody>,
     pub(super) since: Instant,
-    pub(super) read: ReadCount,
+    /// Bytes read from it so far (see [`UpstreamIo`]).
+    pub(super) read: Arc<AtomicU64>,
 }
-
-/// The bytes read so far from one upstream connection (see [`UpstreamIo`]).
-pub(super) type ReadCount = Arc<AtomicU64>;
 
 /// The app's socket, counting the bytes read from it: hyper reports a
 /// connection closed before a complete response the same way whether or
@@ -38,7 +36,7 @@ pub(super) type ReadCount = Arc<AtomicU64>;
 /// socket; one thread touches it (a relaxed load and store).
 pub(super) struct UpstreamIo {
     stream: TcpStream,
-    read: ReadCount,
+    read: Arc<AtomicU64>,
 }
 
 impl AsyncRead for UpstreamIo {
@@ -79,7 +77,7 @@ impl AsyncWrite for UpstreamIo {
 impl Worker {
     /// An idle pooled connection ready for a request, if any, how long it
     /// was idle, and its read count.
-    pub(super) fn checkout(&self) -> Option<(SendRequest<ReqBody>, Duration, ReadCount)> {
+    pub(super) fn checkout(&self) -> Option<(SendRequest<ReqBody>, Duration, Arc<AtomicU64>)> {
         let mut pool = self.pool.borrow_mut();
         let now = Instant::now();
         while let Some(mut p) = pool.pop_back() {
@@ -99,7 +97,7 @@ impl Worker {
     }
 
     /// Returns a connection whose exchange completed to the pool.
-    pub(super) fn checkin(&self, tx: SendRequest<ReqBody>, read: ReadCount) {
+    pub(super) fn checkin(&self, tx: SendRequest<ReqBody>, read: Arc<AtomicU64>) {
         let max = self.ctx.config.http.upstream_pool_max_idle;
         if max == 0 || tx.is_closed() {
             return;
@@ -113,7 +111,7 @@ impl Worker {
 
     /// Opens a new upstream connection (resolving the host each time, every
     /// address tried, bounded by `upstream_connect_timeout`).
-    pub(super) async fn connect(&self) -> Result<(SendRequest<ReqBody>, ReadCount), Fail> {
+    pub(super) async fn connect(&self) -> Result<(SendRequest<ReqBody>, Arc<AtomicU64>), Fail> {
         let budget = self.connect_timeout.unwrap_or(Duration::from_secs(3600));
         let deadline = Instant::now() + budget;
         let upstream = &self.ctx.config.upstream;
@@ -125,7 +123,7 @@ impl Worker {
             debug!(error = %e, "upstream connect failed");
             Fail::Connect
         })?;
-        let read = ReadCount::default();
+        let read = Arc::<AtomicU64>::default();
         let io = UpstreamIo { stream, read: read.clone() };
         let (tx, conn) = self.client.handshake(TokioIo::new(io)).await.map_err(|e| {
             debug!(error = %e, "upstream handshake failed");
