@@ -89,7 +89,7 @@ impl DependencyType for MysqlSettings {
 #[cfg(test)]
 mod tests {
     use super::super::DependencyKind;
-    use super::super::testing::load;
+    use super::super::testing::{load, problems};
     use super::*;
 
     fn settings(dep: &str) -> MysqlSettings {
@@ -97,10 +97,6 @@ mod tests {
             DependencyKind::Mysql(s) => s,
             other => panic!("not mysql: {other:?}"),
         }
-    }
-
-    fn problems(dep: &str) -> Vec<(String, String)> {
-        load("db", dep).expect_err("config unexpectedly valid")
     }
 
     #[test]
