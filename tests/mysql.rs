@@ -333,6 +333,18 @@ async fn server_at_max_connections_is_too_many_connections_and_recovers() {
     let mut c = check_of(&db, PASSWORD, "");
     let err = probe(&mut c, T).await.unwrap_err();
     assert_eq!(err.cause, Cause::TooManyConnections, "{err}");
+    // One slot freed: the check logs in and takes it, so the server is full
+    // again for everyone else, which the open connection now reports.
+    sessions.pop().unwrap().disconnect().await.unwrap();
+    let start = Instant::now();
+    let err = loop {
+        match probe(&mut c, T).await {
+            Err(e) if e.message.contains("max_connections") => break e,
+            other => assert!(start.elapsed() < STEP, "the check never logged in to the last slot: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(err.cause, Cause::TooManyConnections, "{err}");
     sessions.pop().unwrap().disconnect().await.unwrap();
     let mut recovered = false;
     for _ in 0..40 {
