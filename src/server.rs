@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::admin::{Admin, Heartbeats};
 use crate::check::AnyCheck;
 use crate::config::{Config, ListenerProtocol};
+use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::monitor;
 use crate::proxy::{self, ListenerCtx};
@@ -155,7 +156,9 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     // Admin thread.
     {
         let rt = runtime_current()?;
-        let admin = Admin::new(&config, &bound, health.clone(), metrics.clone(), heartbeats.clone());
+        let max_ttl = config.admin.control.as_ref().map_or(crate::config::admin::DEFAULT_MAX_TTL, |c| c.max_ttl);
+        let control = Control::new(health.clone(), metrics.clone(), max_ttl);
+        let admin = Admin::new(&config, &bound, health.clone(), metrics.clone(), heartbeats.clone(), control);
         spawn_thread("hg-admin".into(), move || {
             rt.block_on(async move {
                 match tokio::net::TcpListener::from_std(admin_listener) {
