@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use crate::config::{AdminConfig, Config};
 use crate::control::{Auth, Control};
 use crate::metrics::Metrics;
-use crate::state::{Admission, Health, History, ServiceState, age};
+use crate::state::{Admission, Health, History, MAINTENANCE_BIT, ServiceState, age};
 
 /// Heartbeats of the process's event loops, for `/livez`.
 pub struct Heartbeats {
@@ -121,8 +121,8 @@ impl Admin {
             .map(|l| {
                 l.routes
                     .iter()
-                    .map(|r| (r.name.clone(), Health::mask(&r.needs)))
-                    .chain(std::iter::once(("default".to_string(), Health::mask(&l.needs))))
+                    .map(|r| (r.name.clone(), if r.bypass { 0 } else { Health::gate_mask(&r.needs) }))
+                    .chain(std::iter::once(("default".to_string(), Health::gate_mask(&l.needs))))
                     .collect()
             })
             .collect();
@@ -151,6 +151,7 @@ impl Admin {
             .map(|(i, d)| {
                 let status = d.status();
                 let checked = status.state;
+                let for_seconds = age(status.since).as_secs_f64();
                 let mut v = serde_json::to_value(status).unwrap_or_default();
                 if let Some(o) = v.as_object_mut() {
                     o.insert("name".into(), json!(d.name));
@@ -160,6 +161,7 @@ impl Admin {
                     o.insert("state".into(), json!(self.health.effective(i)));
                     o.insert("checked_state".into(), json!(checked));
                     o.insert("forced".into(), json!(self.health.force(i)));
+                    o.insert("for_seconds".into(), json!(for_seconds));
                 }
                 v
             })
@@ -195,8 +197,11 @@ impl Admin {
                             Admission::Reject(_, m) => (false, m),
                         };
                         let needs: Vec<&str> = self.health.names(*needs).collect();
-                        let missing: Vec<&str> = self.health.names(missing).collect();
-                        json!({ "name": name, "needs": needs, "admitted": admitted, "missing": missing })
+                        let mut missing_names: Vec<&str> = self.health.names(missing).collect();
+                        if missing & MAINTENANCE_BIT != 0 {
+                            missing_names.push("(maintenance)");
+                        }
+                        json!({ "name": name, "needs": needs, "admitted": admitted, "missing": missing_names })
                     })
                     .collect();
                 let mut l = l.clone();
@@ -340,5 +345,10 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             }
             table.remove(slot.id);
         });
+        // Let the I/O driver run (a yield is deferred until it has) and the
+        // new connection read its request before the next accept: under a
+        // flood of connects, a probe is served rather than shed as the
+        // oldest idle connection a few dozen accepts later.
+        tokio::task::yield_now().await;
     }
 }

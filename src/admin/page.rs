@@ -216,6 +216,7 @@ fn dependencies(h: &mut String, status: &Value, histories: &[History]) {
         let checked = d["checked_state"].as_str().unwrap_or(state);
         let forced = !d["forced"].is_null();
         let latency = d["last_latency_seconds"].as_f64().map_or("—".into(), |s| format!("{:.1} ms", s * 1000.0));
+        let since = v(&d["since"]);
         let _ = write!(
             h,
             "<tr class=\"dep\" data-dep=\"{}\" data-state=\"{}\"><td data-label=\"dependency\"><strong>{}</strong><br><span class=\"mut\">{} · {}</span></td>",
@@ -246,8 +247,8 @@ fn dependencies(h: &mut String, status: &Value, histories: &[History]) {
         };
         let _ = write!(
             h,
-            "<td data-label=\"last cause\" class=\"cause\">{cause}</td><td data-label=\"since\">{}</td><td data-label=\"latency\">{latency}</td><td data-label=\"last checks\">{}</td></tr>",
-            v(&d["since"]),
+            "<td data-label=\"last cause\" class=\"cause\">{cause}</td><td data-label=\"since\"><time datetime=\"{since}\" title=\"{since}\">{} ago</time></td><td data-label=\"latency\">{latency}</td><td data-label=\"last checks\">{}</td></tr>",
+            ago(d["for_seconds"].as_f64().unwrap_or(0.0)),
             histories.get(i).map(sparkline).unwrap_or_default(),
         );
     }
