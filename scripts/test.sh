@@ -16,6 +16,8 @@ have rabbitmq-server || need+=(rabbitmq-server)
 have promtool || need+=(prometheus)
 have curl || need+=(curl)
 have openssl || need+=(openssl)
+# The status page is tested in a real browser (tests/control.rs).
+have chromium || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

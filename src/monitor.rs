@@ -83,6 +83,7 @@ pub async fn monitor(
         status.last_check = Some(SystemTime::now());
         status.last_latency_seconds = Some(latency.as_secs_f64());
         status.last_ok = Some(result.is_ok());
+        status.history.push(result.is_ok(), latency);
         match &result {
             Ok(()) => {
                 status.consecutive_successes += 1;
@@ -179,7 +180,18 @@ fn log_service_transition(health: &Health, state: ServiceState) {
             warn!(state = state.as_str(), dependencies = %down, "DEGRADED: a degraded dependency is down; requests are answered 500")
         }
         ServiceState::InService => info!(state = state.as_str(), "IN SERVICE: every dependency is up"),
-        ServiceState::Draining => info!(state = state.as_str(), "DRAINING: shutdown requested; readiness fails"),
+        ServiceState::Draining if health.is_draining() => {
+            info!(state = state.as_str(), "DRAINING: shutdown requested; readiness fails")
+        }
+        ServiceState::Draining => {
+            warn!(state = state.as_str(), "DRAINING: operator drain; readiness fails, requests are still proxied")
+        }
+        ServiceState::Maintenance => {
+            warn!(
+                state = state.as_str(),
+                "MAINTENANCE: operator maintenance; readiness fails, requests are answered 503"
+            )
+        }
         ServiceState::Starting => info!(state = state.as_str(), "STARTING: waiting for the first check round"),
     }
 }

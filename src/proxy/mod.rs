@@ -68,7 +68,7 @@ impl ListenerCtx {
         let base = Responses::new(&config.short_circuit);
         let default_route = Route {
             name: "default".into(),
-            needs: Health::mask(&l.needs),
+            needs: Health::gate_mask(&l.needs),
             responses: base.clone(),
             metrics: registry.route(&l.name, "default"),
             bypass: false,
@@ -78,7 +78,7 @@ impl ListenerCtx {
             .iter()
             .map(|r| Route {
                 name: r.name.clone(),
-                needs: Health::mask(&r.needs),
+                needs: Health::gate_mask(&r.needs),
                 responses: base.with_overrides(r),
                 metrics: registry.route(&l.name, &r.name),
                 bypass: r.bypass,
@@ -112,6 +112,8 @@ pub struct Responses {
     pub out_of_service: Bytes,
     /// Body of the 500.
     pub degraded: Bytes,
+    /// Body of the 503 during maintenance.
+    pub maintenance: Bytes,
     /// `Retry-After` value (seconds) for the 503.
     pub retry_after: Bytes,
     /// Whether to name missing dependencies in the body.
@@ -127,6 +129,7 @@ impl Responses {
         Responses {
             out_of_service: Bytes::from(c.out_of_service_body.clone()),
             degraded: Bytes::from(c.degraded_body.clone()),
+            maintenance: Bytes::from(c.maintenance_body.clone()),
             retry_after: Bytes::from(c.retry_after.as_secs().max(1).to_string()),
             expose_dependencies: c.expose_dependencies,
         }
@@ -141,6 +144,7 @@ impl Responses {
                 .map(Bytes::from)
                 .unwrap_or_else(|| self.out_of_service.clone()),
             degraded: r.degraded_body.clone().map(Bytes::from).unwrap_or_else(|| self.degraded.clone()),
+            maintenance: self.maintenance.clone(),
             retry_after: self.retry_after.clone(),
             expose_dependencies: r.expose_dependencies.unwrap_or(self.expose_dependencies),
         }
@@ -152,6 +156,8 @@ impl Responses {
         let (status, base) = match reject {
             Reject::OutOfService => (503, &self.out_of_service),
             Reject::Degraded => (500, &self.degraded),
+            // The pod is out by an operator's decision: no dependency to name.
+            Reject::Maintenance => return (503, self.maintenance.clone()),
         };
         if !self.expose_dependencies {
             return (status, base.clone());
