@@ -146,7 +146,7 @@ async fn respond<'w>(
                 let (status, body) = route.responses.body(class, missing, &ctx.health);
                 let (parts, req_body) = req.into_parts();
                 let expects = parts.headers.contains_key(header::EXPECT);
-                let keep_alive = req_body.is_end_stream() || Box::pin(settle_body(req_body, expects, &w)).await;
+                let keep_alive = req_body.is_end_stream() || Box::pin(settle_body(req_body, expects, w)).await;
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
                 // The request's header map is reused for the response: it
                 // is dropped anyway, and this saves allocating a new one.
@@ -190,7 +190,7 @@ async fn respond<'w>(
                 let app_side = hyper::upgrade::on(&mut res);
                 let upgrade_value = res.headers().get(header::UPGRADE).cloned();
                 let (mut parts, _) = res.into_parts();
-                prepare_response(&mut parts.headers, &w);
+                prepare_response(&mut parts.headers, w);
                 if let Some(v) = upgrade_value {
                     parts.headers.insert(header::CONNECTION, UPGRADE_VALUE.clone());
                     parts.headers.insert(header::UPGRADE, v);
@@ -202,7 +202,7 @@ async fn respond<'w>(
                 return Response::from_parts(parts, ResBody::full(Bytes::new(), busy));
             }
             let (mut parts, body) = res.into_parts();
-            prepare_response(&mut parts.headers, &w);
+            prepare_response(&mut parts.headers, w);
             metrics.record(outcome, start.elapsed());
             Response::from_parts(parts, ResBody { kind: Kind::Upstream { body, tx: Some(tx), ended: false }, busy })
         }
