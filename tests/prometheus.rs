@@ -281,7 +281,7 @@ fn dechunk(mut s: &str) -> String {
             break;
         }
         out.push_str(&rest[..size]);
-        s = &rest[size..].trim_start_matches("\r\n");
+        s = rest[size..].trim_start_matches("\r\n");
     }
     out
 }
