@@ -4,7 +4,7 @@
 //! One [`serve`] runs per worker and listener, on the worker's current-thread
 //! runtime, around the shared accept loop ([`super::accept`]). Its
 //! connections are local tasks; the drain waits for their permits to come
-//! back and drops the stragglers' sockets at its deadline. Per connection:
+//! back and cuts the stragglers at its deadline. Per connection:
 //!
 //! 1. **Admission** at accept: one atomic load ([`Health::admission`](crate::state::Health::admission)). Out
 //!    of service (or degraded with `admit_degraded: false`) → the connection

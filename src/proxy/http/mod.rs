@@ -17,6 +17,15 @@
 //!    problem+json ourselves (`short_circuited`), with the route's bodies.
 //! 3. Forwarding over a pooled keep-alive connection to the app; bodies are
 //!    streamed both ways (hyper `Incoming` passed through, never collected).
+//! 4. The outcome is recorded once, when the response head is handed to
+//!    hyper, or as `client_closed` if hyper drops the request first (a drop
+//!    guard on the request future; nothing allocated).
+//!
+//! # Drain
+//! From SIGTERM on, every answer but a `101` carries `Connection: close`,
+//! and an idle connection is closed only after its client left it unused
+//! for `drain.delay` (`conn::DrainIdle`): no request written on an open
+//! connection goes unanswered. Upgraded tunnels are left as they are.
 //!
 //! # Timeouts without a timer per request
 //! hyper's own `header_read_timeout` allocates and arms a timer for every
@@ -112,8 +121,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: Drai
     let accepting = Accepting { w: w.clone(), drain: drain.clone() };
     let deadline = accept::run(&listener, &w.ctx.config.name, &w.permits, &mut drain, &accepting).await;
     // Closing the socket makes new connects fail at once (this worker's part
-    // of the SO_REUSEPORT group leaves it); each connection saw the drain
-    // signal itself and shuts down gracefully.
+    // of the SO_REUSEPORT group leaves it); each connection follows the
+    // drain's rule itself (`DrainIdle`, and `Connection: close` on answers).
     drop(listener);
     let _ = timeout_at(deadline, w.permits.all_returned()).await;
     sweeper.abort();
