@@ -39,6 +39,12 @@ if ! command -v kubectl >/dev/null 2>&1; then
   command -v kubectl >/dev/null 2>&1 || { echo "kubectl still not on PATH after pip install" >&2; exit 1; }
 fi
 
+# The strict OpenMetrics parser of tests/prometheus.rs (prometheus_client's).
+if ! python3 -c "import prometheus_client.openmetrics.parser" >/dev/null 2>&1; then
+  echo "== installing: prometheus-client (PyPI)"
+  python3 -m pip install -q prometheus-client
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -130,12 +130,21 @@ pub enum Outcome {
     UpstreamError,
     /// Rejected as malformed or too large (4xx).
     BadRequest,
+    /// The client went away before the response head (nginx's 499): the
+    /// request may have reached the app and been acted on.
+    ClientClosed,
 }
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 5] =
-        [Outcome::Proxied, Outcome::ShortCircuited, Outcome::Bypassed, Outcome::UpstreamError, Outcome::BadRequest];
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Proxied,
+        Outcome::ShortCircuited,
+        Outcome::Bypassed,
+        Outcome::UpstreamError,
+        Outcome::BadRequest,
+        Outcome::ClientClosed,
+    ];
 
     /// Label value.
     pub fn as_str(self) -> &'static str {
@@ -145,6 +154,7 @@ impl Outcome {
             Outcome::Bypassed => "bypassed",
             Outcome::UpstreamError => "upstream_error",
             Outcome::BadRequest => "bad_request",
+            Outcome::ClientClosed => "client_closed",
         }
     }
 }
@@ -384,7 +394,9 @@ impl Metrics {
         }
     }
 
-    /// Request handles of one listener and route, resolved once.
+    /// Request handles of one HTTP listener and route, resolved once (this
+    /// creates the route's series: TCP listeners, which have no requests,
+    /// never call it).
     pub fn route(&self, listener: &str, route: &str) -> RouteMetrics {
         let get = |o: Outcome| {
             let labels = RequestLabels { listener: listener.into(), outcome: o.as_str().into(), route: route.into() };
@@ -420,10 +432,17 @@ impl Metrics {
 /// Request metrics of one listener and route, indexed by [`Outcome`].
 #[derive(Clone)]
 pub struct RouteMetrics {
-    by_outcome: [(Counter, AtomicHistogram); 5],
+    by_outcome: [(Counter, AtomicHistogram); Outcome::ALL.len()],
 }
 
 impl RouteMetrics {
+    /// Handles registered nowhere: what records them is never exported. For
+    /// listeners without HTTP requests (TCP), whose routes must not add
+    /// always-zero request series to the exposition.
+    pub fn unregistered() -> RouteMetrics {
+        RouteMetrics { by_outcome: Outcome::ALL.map(|_| (Counter::default(), AtomicHistogram::new(&REQUEST_BUCKETS))) }
+    }
+
     /// Records one finished request.
     #[inline]
     pub fn record(&self, outcome: Outcome, elapsed: Duration) {

@@ -236,7 +236,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
 
 impl Running {
     /// The drain sequence after SIGTERM: readiness fails at once; keep
-    /// serving for `drain.delay`; stop accepting; wait for in-flight work up
+    /// serving for `drain.delay` (HTTP answers now close their connections,
+    /// see `proxy::http`); stop accepting; wait for in-flight work up
     /// to `drain.timeout`; close the checks' connections cleanly.
     ///
     /// `interrupted` resolves on a second signal and cuts the drain short.

@@ -13,11 +13,12 @@
 //! lock, and the request path still does one relaxed load.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use crate::check::{Cause, Details};
 use crate::config::{Config, Impact};
@@ -292,6 +293,8 @@ pub struct Health {
     /// Bits of the `degraded` dependencies.
     degraded_mask: u64,
     draining: AtomicBool,
+    /// When draining began (set once, with `draining`).
+    drain_began: OnceLock<Instant>,
     /// Woken on every change of a dependency's verdict or of the lifecycle.
     changed: Notify,
     service: watch::Sender<(ServiceState, SystemTime)>,
@@ -341,6 +344,7 @@ impl Health {
             oos_mask: mask_of(Impact::OutOfService),
             degraded_mask: mask_of(Impact::Degraded),
             draining: AtomicBool::new(false),
+            drain_began: OnceLock::new(),
             changed: Notify::new(),
             service: watch::Sender::new((initial, SystemTime::now())),
             started: SystemTime::now(),
@@ -470,6 +474,7 @@ impl Health {
 
     /// Enters draining (SIGTERM): readiness fails from now on.
     pub fn start_draining(&self) {
+        let _ = self.drain_began.set(Instant::now());
         self.draining.store(true, Ordering::SeqCst);
         self.changed.notify_one();
     }
@@ -477,6 +482,11 @@ impl Health {
     /// Whether SIGTERM was received.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// When draining began (SIGTERM), if it did.
+    pub fn draining_since(&self) -> Option<Instant> {
+        self.drain_began.get().copied()
     }
 
     /// Whether every dependency has had a first verdict (the startup probe).

@@ -14,13 +14,14 @@ pub mod http;
 pub mod tcp;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{Config, ListenerConfig, ShortCircuitConfig};
+use crate::config::{Config, ListenerConfig, ListenerProtocol, ShortCircuitConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::{RouteConfig, RouteTable};
 use crate::state::{Health, Reject};
@@ -45,6 +46,9 @@ pub struct ListenerCtx {
     pub route_data: Vec<Route>,
     /// What a request matching no route gets.
     pub default_route: Route,
+    /// `drain.delay`: during a drain, how long an idle HTTP client
+    /// connection is left for its client's next request before it is closed.
+    pub drain_delay: Duration,
 }
 
 /// Admission data of one route, resolved at startup.
@@ -66,11 +70,17 @@ impl ListenerCtx {
     pub fn new(config: &Config, index: usize, health: Arc<Health>, registry: Arc<Metrics>) -> Arc<ListenerCtx> {
         let l = &config.listeners[index];
         let base = Responses::new(&config.short_circuit);
+        // Only HTTP listeners have requests: a TCP listener exports no
+        // request series (they would stay 0 for every outcome).
+        let metrics = |route: &str| match l.protocol {
+            ListenerProtocol::Http => registry.route(&l.name, route),
+            ListenerProtocol::Tcp => RouteMetrics::unregistered(),
+        };
         let default_route = Route {
             name: "default".into(),
             needs: Health::gate_mask(&l.needs),
             responses: base.clone(),
-            metrics: registry.route(&l.name, "default"),
+            metrics: metrics("default"),
             bypass: false,
         };
         let route_data = l
@@ -80,7 +90,7 @@ impl ListenerCtx {
                 name: r.name.clone(),
                 needs: Health::gate_mask(&r.needs),
                 responses: base.with_overrides(r),
-                metrics: registry.route(&l.name, &r.name),
+                metrics: metrics(&r.name),
                 bypass: r.bypass,
             })
             .collect();
@@ -90,6 +100,7 @@ impl ListenerCtx {
             routes: RouteTable::new(l.routes.clone()),
             route_data,
             default_route,
+            drain_delay: config.drain.delay,
             health,
             registry,
         })
