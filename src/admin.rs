@@ -7,9 +7,17 @@
 //! * `GET /startupz`: 200 once every dependency has had a first verdict.
 //! * `GET /status`: JSON: service state, each dependency, each listener.
 //! * `GET /metrics`: Prometheus text (OpenMetrics when asked for in `Accept`).
+//! * `GET /`: the status page for humans ([`page`]).
+//! * `/control/...`: the authenticated runtime control API ([`api`]); it
+//!   exists only when `admin.control.token_file` is set.
 //!
 //! It runs on its own thread and runtime (see `crate::server`) so that probes
-//! answer even when the data plane is saturated.
+//! answer even when the data plane is saturated, and holds at most
+//! `admin.max_connections` connections ([`conns`]).
+
+pub mod api;
+pub mod conns;
+pub mod page;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,8 +37,9 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::config::{AdminConfig, Config};
+use crate::control::{Auth, Control};
 use crate::metrics::Metrics;
-use crate::state::{Admission, Health, ServiceState, age};
+use crate::state::{Admission, Health, History, MAINTENANCE_BIT, ServiceState, age};
 
 /// Heartbeats of the process's event loops, for `/livez`.
 pub struct Heartbeats {
@@ -74,6 +83,10 @@ pub struct Admin {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     heartbeats: Arc<Heartbeats>,
+    /// The overrides (always present: `/status` and the page show them).
+    control: Arc<Control>,
+    /// The token check; `None` = the control API does not exist.
+    auth: Option<Auth>,
 }
 
 impl Admin {
@@ -84,6 +97,7 @@ impl Admin {
         health: Arc<Health>,
         metrics: Arc<Metrics>,
         heartbeats: Arc<Heartbeats>,
+        control: Arc<Control>,
     ) -> Arc<Admin> {
         let listeners = config
             .listeners
@@ -107,12 +121,13 @@ impl Admin {
             .map(|l| {
                 l.routes
                     .iter()
-                    .map(|r| (r.name.clone(), Health::mask(&r.needs)))
-                    .chain(std::iter::once(("default".to_string(), Health::mask(&l.needs))))
+                    .map(|r| (r.name.clone(), if r.bypass { 0 } else { Health::gate_mask(&r.needs) }))
+                    .chain(std::iter::once(("default".to_string(), Health::gate_mask(&l.needs))))
                     .collect()
             })
             .collect();
-        Arc::new(Admin { config: config.admin.clone(), listeners, routes, health, metrics, heartbeats })
+        let auth = config.admin.control.as_ref().map(|c| Auth::new(c, metrics.clone()));
+        Arc::new(Admin { config: config.admin.clone(), listeners, routes, health, metrics, heartbeats, control, auth })
     }
 
     /// Whether `/readyz` answers 200 in `state`.
@@ -121,7 +136,7 @@ impl Admin {
             ServiceState::InService => true,
             ServiceState::Degraded => self.config.ready_when_degraded,
             ServiceState::OutOfService => self.config.ready_when_out_of_service,
-            ServiceState::Starting | ServiceState::Draining => false,
+            ServiceState::Starting | ServiceState::Draining | ServiceState::Maintenance => false,
         }
     }
 
@@ -132,12 +147,21 @@ impl Admin {
             .health
             .deps()
             .iter()
-            .map(|d| {
-                let mut v = serde_json::to_value(d.status()).unwrap_or_default();
+            .enumerate()
+            .map(|(i, d)| {
+                let status = d.status();
+                let checked = status.state;
+                let for_seconds = age(status.since).as_secs_f64();
+                let mut v = serde_json::to_value(status).unwrap_or_default();
                 if let Some(o) = v.as_object_mut() {
                     o.insert("name".into(), json!(d.name));
                     o.insert("type".into(), json!(d.kind));
                     o.insert("impact".into(), json!(d.impact));
+                    // `state` is what gating uses; `checked_state` what the check says.
+                    o.insert("state".into(), json!(self.health.effective(i)));
+                    o.insert("checked_state".into(), json!(checked));
+                    o.insert("forced".into(), json!(self.health.force(i)));
+                    o.insert("for_seconds".into(), json!(for_seconds));
                 }
                 v
             })
@@ -154,6 +178,8 @@ impl Admin {
             "uptime_seconds": age(self.health.started()).as_secs_f64(),
             "dependencies": deps,
             "listeners": self.listeners_status(),
+            "overrides": self.control.to_json(),
+            "control_enabled": self.auth.is_some(),
         })
     }
 
@@ -171,8 +197,11 @@ impl Admin {
                             Admission::Reject(_, m) => (false, m),
                         };
                         let needs: Vec<&str> = self.health.names(*needs).collect();
-                        let missing: Vec<&str> = self.health.names(missing).collect();
-                        json!({ "name": name, "needs": needs, "admitted": admitted, "missing": missing })
+                        let mut missing_names: Vec<&str> = self.health.names(missing).collect();
+                        if missing & MAINTENANCE_BIT != 0 {
+                            missing_names.push("(maintenance)");
+                        }
+                        json!({ "name": name, "needs": needs, "admitted": admitted, "missing": missing_names })
                     })
                     .collect();
                 let mut l = l.clone();
@@ -182,11 +211,30 @@ impl Admin {
             .collect()
     }
 
-    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    /// The recent check results of each dependency, in config order.
+    fn histories(&self) -> Vec<History> {
+        self.health.deps().iter().map(|d| d.status().history).collect()
+    }
+
+    /// Answers one request; `peer` is only logged (failed authentication).
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        if path == "/control" || path.starts_with("/control/") {
+            return match &self.auth {
+                Some(auth) => api::handle(&self.control, auth, req, peer).await,
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            };
+        }
+        self.handle_read_only(&req)
+    }
+
+    /// The read-only endpoints.
+    fn handle_read_only(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         }
         match req.uri().path() {
+            "/" => page::response(&page::render(&self.status(), &self.histories())),
             "/livez" => {
                 let stalled = self.heartbeats.stalled(self.config.liveness_stall);
                 if stalled.is_empty() {
@@ -244,9 +292,18 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 /// Serves the admin endpoints on `listener` forever.
+///
+/// At most `admin.max_connections` connections are open: at the cap, the
+/// oldest connection not in the middle of a request is closed to admit the
+/// new one, so a new connection (every kubelet probe is one) is always
+/// served while idle or slow clients are shed. Each connection's read buffer
+/// is bounded, and a connection that does not complete a request head within
+/// `header_read_timeout` (an idle keep-alive one included) is closed.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let table = conns::Table::new(admin.config.max_connections);
+    tokio::spawn(admin.control.clone().run_expiry());
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -255,17 +312,43 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 continue;
             }
         };
+        let Some(slot) = table.admit() else {
+            // Every connection is mid-request: refuse this one rather than exceed the cap.
+            drop(stream);
+            continue;
+        };
+        if slot.shed_another {
+            admin.metrics.admin_connections_shed.inc();
+        }
         let admin = admin.clone();
+        let table = table.clone();
         tokio::spawn(async move {
+            let busy = slot.busy.clone();
+            let header_read_timeout = admin.config.header_read_timeout;
             let service = service_fn(move |req| {
-                let resp = admin.handle(&req);
-                async move { Ok::<_, Infallible>(resp) }
+                let admin = admin.clone();
+                let busy = busy.clone();
+                async move {
+                    let _busy = conns::Busy::mark(&busy);
+                    Ok::<_, Infallible>(admin.handle(req, peer).await)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(conns::MAX_BUF)
+                .max_headers(conns::MAX_HEADERS)
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn => {}
+                _ = slot.close.notified() => {}
+            }
+            table.remove(slot.id);
         });
+        // Let the I/O driver run (a yield is deferred until it has) and the
+        // new connection read its request before the next accept: under a
+        // flood of connects, a probe is served rather than shed as the
+        // oldest idle connection a few dozen accepts later.
+        tokio::task::yield_now().await;
     }
 }

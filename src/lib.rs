@@ -10,7 +10,11 @@
 //!   lock-free reads on the request path.
 //! * [`proxy`]: the data plane (HTTP and TCP listeners).
 //! * [`routes`]: which dependencies a request needs (compiled route table).
-//! * [`admin`]: probes, `/status` and `/metrics` on their own thread.
+//! * [`admin`]: probes, `/status`, `/metrics`, the status page and the
+//!   control API on their own thread.
+//! * [`control`]: operator overrides (drain, maintenance, forced verdicts)
+//!   with TTLs and audit events; the control API's token check.
+//! * [`ctl`]: the `healthgate ctl` client of the control API.
 //! * [`metrics`]: the Prometheus registry.
 //! * [`server`]: wires the threads together and runs the drain on SIGTERM.
 #![forbid(unsafe_code)]
@@ -19,6 +23,8 @@
 pub mod admin;
 pub mod check;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod metrics;
 pub mod monitor;
 pub mod net;

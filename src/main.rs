@@ -62,6 +62,129 @@ enum Command {
         #[arg(long)]
         allow_degraded: bool,
     },
+    /// Change a running healthgate through its admin port: drain, maintenance, dependency overrides.
+    Ctl(CtlArgs),
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The admin server, host:port (default: admin.listen of the config, on loopback).
+    #[arg(long, env = "HEALTHGATE_ADMIN", global = true)]
+    admin: Option<String>,
+    /// File holding the control token (default: admin.control.token_file of the
+    /// config; $HEALTHGATE_CONTROL_TOKEN may hold the token itself).
+    #[arg(long, env = "HEALTHGATE_CONTROL_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Config file, read for what --admin and --token-file leave open.
+    #[arg(long, short, env = "HEALTHGATE_CONFIG", default_value = "config.yaml", global = true)]
+    config: PathBuf,
+    /// Who is acting, recorded in the audit log (default: $USER, else "ctl").
+    #[arg(long, env = "HEALTHGATE_CTL_BY", global = true)]
+    by: Option<String>,
+    #[command(subcommand)]
+    action: CtlAction,
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Take the pod out of rotation: readiness fails, requests are still proxied.
+    Drain {
+        /// How long (e.g. 10m); at most admin.control.max_ttl.
+        #[arg(long)]
+        ttl: String,
+        /// Why (recorded in the audit log and shown on /status).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Maintenance: readiness fails and requests are answered 503.
+    Maintenance {
+        /// How long (e.g. 10m); at most admin.control.max_ttl.
+        #[arg(long)]
+        ttl: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// End drain or maintenance now.
+    Resume {
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Force a dependency up or down whatever its check says (the check keeps running).
+    Override {
+        /// The dependency's name.
+        dependency: String,
+        /// The verdict to force.
+        #[arg(value_enum)]
+        verdict: Verdict,
+        /// How long (e.g. 10m); at most admin.control.max_ttl.
+        #[arg(long)]
+        ttl: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Remove a dependency's override: its check decides again.
+    Clear {
+        /// The dependency's name.
+        dependency: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Show the service state, the active overrides and each dependency.
+    Status,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Verdict {
+    Up,
+    Down,
+}
+
+impl CtlAction {
+    fn into_action(self) -> healthgate::ctl::Action {
+        use healthgate::ctl::Action;
+        match self {
+            CtlAction::Drain { ttl, reason } => Action::Drain { ttl, reason },
+            CtlAction::Maintenance { ttl, reason } => Action::Maintenance { ttl, reason },
+            CtlAction::Resume { reason } => Action::Resume { reason },
+            CtlAction::Override { dependency, verdict, ttl, reason } => {
+                Action::Override { dependency, up: matches!(verdict, Verdict::Up), ttl, reason }
+            }
+            CtlAction::Clear { dependency, reason } => Action::Clear { dependency, reason },
+            CtlAction::Status => Action::Status,
+        }
+    }
+}
+
+/// Runs a `ctl` command: 0 done, 1 refused by the server, 2 not reached or not configured.
+fn ctl(args: CtlArgs) -> ExitCode {
+    let action = args.action.into_action();
+    let need_token = !matches!(action, healthgate::ctl::Action::Status);
+    let target = match healthgate::ctl::Target::resolve(args.admin, args.token_file, &args.config, need_token) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let by = args.by.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "ctl".into());
+    match block_on(healthgate::ctl::execute(&target, &action, &by)) {
+        Ok((true, text)) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok((false, text)) => {
+            eprint!("{text}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
 }
 
 /// Exit code for an invalid config or a failed start.
@@ -98,6 +221,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Ctl(args) => Ok(ctl(args)),
         Command::Validate(c) => load(&c).map(|cfg| {
             println!(
                 "{}: ok ({} listeners, {} dependencies)",

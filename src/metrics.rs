@@ -100,6 +100,16 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// Labels of `overrides_active`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `drain`, `maintenance`, `dependency_up` or `dependency_down`.
+    pub kind: String,
+}
+
+/// The kinds of operator override, the label values of `overrides_active`.
+pub const OVERRIDE_KINDS: [&str; 4] = ["drain", "maintenance", "dependency_up", "dependency_down"];
+
 /// Labels of `build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -120,12 +130,21 @@ pub enum Outcome {
     UpstreamError,
     /// Rejected as malformed or too large (4xx).
     BadRequest,
+    /// The client went away before the response head (nginx's 499): the
+    /// request may have reached the app and been acted on.
+    ClientClosed,
 }
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 5] =
-        [Outcome::Proxied, Outcome::ShortCircuited, Outcome::Bypassed, Outcome::UpstreamError, Outcome::BadRequest];
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Proxied,
+        Outcome::ShortCircuited,
+        Outcome::Bypassed,
+        Outcome::UpstreamError,
+        Outcome::BadRequest,
+        Outcome::ClientClosed,
+    ];
 
     /// Label value.
     pub fn as_str(self) -> &'static str {
@@ -135,6 +154,7 @@ impl Outcome {
             Outcome::Bypassed => "bypassed",
             Outcome::UpstreamError => "upstream_error",
             Outcome::BadRequest => "bad_request",
+            Outcome::ClientClosed => "client_closed",
         }
     }
 }
@@ -242,6 +262,12 @@ pub struct Metrics {
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// `healthgate_tcp_connection_duration_seconds`.
     pub tcp_connection_duration: AtomicHistogramFamily<ListenerLabels>,
+    /// `healthgate_overrides_active`.
+    pub overrides_active: Family<KindLabels, Gauge>,
+    /// `healthgate_control_auth_failures_total`.
+    pub control_auth_failures: Counter,
+    /// `healthgate_admin_connections_shed_total`.
+    pub admin_connections_shed: Counter,
 }
 
 impl Metrics {
@@ -265,6 +291,9 @@ impl Metrics {
         let tcp_connection_duration: AtomicHistogramFamily<ListenerLabels> =
             Family::new_with_constructor(|| AtomicHistogram::new(&CONNECTION_BUCKETS));
         let build_info = Family::<BuildLabels, Gauge>::default();
+        let overrides_active = Family::<KindLabels, Gauge>::default();
+        let control_auth_failures = Counter::default();
+        let admin_connections_shed = Counter::default();
 
         registry.register(
             "dependency_up",
@@ -296,6 +325,20 @@ impl Metrics {
             tcp_connection_duration.clone(),
         );
         registry.register("build_info", "Build information", build_info.clone());
+        registry.register("overrides_active", "Active operator overrides by kind", overrides_active.clone());
+        registry.register(
+            "control_auth_failures",
+            "Control API requests refused for a missing or wrong token",
+            control_auth_failures.clone(),
+        );
+        registry.register(
+            "admin_connections_shed",
+            "Admin connections closed to make room at admin.max_connections",
+            admin_connections_shed.clone(),
+        );
+        for kind in OVERRIDE_KINDS {
+            overrides_active.get_or_create(&KindLabels { kind: kind.into() }).set(0);
+        }
 
         build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
         for d in &config.dependencies {
@@ -331,6 +374,9 @@ impl Metrics {
             tcp_connections,
             tcp_bytes,
             tcp_connection_duration,
+            overrides_active,
+            control_auth_failures,
+            admin_connections_shed,
         })
     }
 
@@ -348,7 +394,9 @@ impl Metrics {
         }
     }
 
-    /// Request handles of one listener and route, resolved once.
+    /// Request handles of one HTTP listener and route, resolved once (this
+    /// creates the route's series: TCP listeners, which have no requests,
+    /// never call it).
     pub fn route(&self, listener: &str, route: &str) -> RouteMetrics {
         let get = |o: Outcome| {
             let labels = RequestLabels { listener: listener.into(), outcome: o.as_str().into(), route: route.into() };
@@ -384,10 +432,17 @@ impl Metrics {
 /// Request metrics of one listener and route, indexed by [`Outcome`].
 #[derive(Clone)]
 pub struct RouteMetrics {
-    by_outcome: [(Counter, AtomicHistogram); 5],
+    by_outcome: [(Counter, AtomicHistogram); Outcome::ALL.len()],
 }
 
 impl RouteMetrics {
+    /// Handles registered nowhere: what records them is never exported. For
+    /// listeners without HTTP requests (TCP), whose routes must not add
+    /// always-zero request series to the exposition.
+    pub fn unregistered() -> RouteMetrics {
+        RouteMetrics { by_outcome: Outcome::ALL.map(|_| (Counter::default(), AtomicHistogram::new(&REQUEST_BUCKETS))) }
+    }
+
     /// Records one finished request.
     #[inline]
     pub fn record(&self, outcome: Outcome, elapsed: Duration) {

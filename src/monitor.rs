@@ -2,7 +2,7 @@
 //! jitter), bounds it by its timeout, applies rise/fall hysteresis, and
 //! publishes the verdict. One task per dependency, the only writer of its
 //! state. Also the aggregator, which turns verdicts into the service state
-//! and emits the seed's "OUT OF SERVICE" / "IN SERVICE" events.
+//! and emits the loud "OUT OF SERVICE" / "IN SERVICE" banners an operator greps for.
 //!
 //! Logging: one event per transition, never one per probe.
 
@@ -83,6 +83,7 @@ pub async fn monitor(
         status.last_check = Some(SystemTime::now());
         status.last_latency_seconds = Some(latency.as_secs_f64());
         status.last_ok = Some(result.is_ok());
+        status.history.push(result.is_ok(), latency);
         match &result {
             Ok(()) => {
                 status.consecutive_successes += 1;
@@ -161,7 +162,7 @@ pub async fn aggregate(health: Arc<Health>, metrics: Arc<Metrics>) {
     }
 }
 
-/// The seed's banners, as one structured event each.
+/// The service banners (OUT OF SERVICE, DEGRADED, IN SERVICE, DRAINING), as one structured event each.
 fn log_service_transition(health: &Health, state: ServiceState) {
     let down: Vec<String> = health
         .deps()
@@ -179,7 +180,18 @@ fn log_service_transition(health: &Health, state: ServiceState) {
             warn!(state = state.as_str(), dependencies = %down, "DEGRADED: a degraded dependency is down; requests are answered 500")
         }
         ServiceState::InService => info!(state = state.as_str(), "IN SERVICE: every dependency is up"),
-        ServiceState::Draining => info!(state = state.as_str(), "DRAINING: shutdown requested; readiness fails"),
+        ServiceState::Draining if health.is_draining() => {
+            info!(state = state.as_str(), "DRAINING: shutdown requested; readiness fails")
+        }
+        ServiceState::Draining => {
+            warn!(state = state.as_str(), "DRAINING: operator drain; readiness fails, requests are still proxied")
+        }
+        ServiceState::Maintenance => {
+            warn!(
+                state = state.as_str(),
+                "MAINTENANCE: operator maintenance; readiness fails, requests are answered 503"
+            )
+        }
         ServiceState::Starting => info!(state = state.as_str(), "STARTING: waiting for the first check round"),
     }
 }

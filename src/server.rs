@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::admin::{Admin, Heartbeats};
 use crate::check::AnyCheck;
 use crate::config::{Config, ListenerProtocol};
+use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::monitor;
 use crate::proxy::{self, ListenerCtx};
@@ -84,6 +85,18 @@ fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpLis
     Ok(socket.into())
 }
 
+/// Accept backlog of the admin socket (the kernel caps it at `somaxconn`).
+const ADMIN_BACKLOG: i32 = 4096;
+
+/// Binds the admin socket.
+fn bind_admin(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
 fn spawn_thread(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StartError> {
     std::thread::Builder::new().name(name).spawn(f).map_err(|source| StartError::Runtime { what: "thread", source })
 }
@@ -114,7 +127,10 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         }
         bound.push(addr);
     }
-    let admin_listener = std::net::TcpListener::bind(config.admin.listen).map_err(|source| StartError::Bind {
+    // A long accept backlog: under a connection flood a kubelet probe's SYN
+    // must wait in the queue (the admin server sheds the flood at accept),
+    // not be dropped and retried a second later.
+    let admin_listener = bind_admin(config.admin.listen, ADMIN_BACKLOG).map_err(|source| StartError::Bind {
         what: "admin".into(),
         addr: config.admin.listen,
         source,
@@ -155,7 +171,9 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     // Admin thread.
     {
         let rt = runtime_current()?;
-        let admin = Admin::new(&config, &bound, health.clone(), metrics.clone(), heartbeats.clone());
+        let max_ttl = config.admin.control.as_ref().map_or(crate::config::admin::DEFAULT_MAX_TTL, |c| c.max_ttl);
+        let control = Control::new(health.clone(), metrics.clone(), max_ttl);
+        let admin = Admin::new(&config, &bound, health.clone(), metrics.clone(), heartbeats.clone(), control);
         spawn_thread("hg-admin".into(), move || {
             rt.block_on(async move {
                 match tokio::net::TcpListener::from_std(admin_listener) {
@@ -218,7 +236,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
 
 impl Running {
     /// The drain sequence after SIGTERM: readiness fails at once; keep
-    /// serving for `drain.delay`; stop accepting; wait for in-flight work up
+    /// serving for `drain.delay` (HTTP answers now close their connections,
+    /// see `proxy::http`); stop accepting; wait for in-flight work up
     /// to `drain.timeout`; close the checks' connections cleanly.
     ///
     /// `interrupted` resolves on a second signal and cuts the drain short.

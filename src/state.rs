@@ -6,15 +6,19 @@
 //! * the admin server and the aggregator read each dependency's full
 //!   [`DepStatus`] from its `watch` channel.
 //!
-//! Each dependency has exactly one writer, its monitor task, which owns the
-//! `watch::Sender` and flips only its own bits.
+//! Each dependency has exactly one writer of its checked verdict, its monitor
+//! task. The operator's overrides (a forced verdict, maintenance) are folded
+//! into the same masks when they change, so the request path pays nothing
+//! for them: the masks are recomputed by the (rare) writers under a small
+//! lock, and the request path still does one relaxed load.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use crate::check::{Cause, Details};
 use crate::config::{Config, Impact};
@@ -58,6 +62,62 @@ pub struct DepStatus {
     pub checks_total: u64,
     /// Protocol-specific facts.
     pub details: Details,
+    /// The most recent check results, for the status page's sparkline.
+    #[serde(skip)]
+    pub history: History,
+}
+
+/// How many check results [`History`] keeps.
+pub const HISTORY_LEN: usize = 40;
+
+/// The last [`HISTORY_LEN`] check results (pass/fail and latency) in a fixed
+/// ring: bounded memory, and copying it allocates nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct History {
+    ok: u64,
+    latency_ms: [f32; HISTORY_LEN],
+    len: u8,
+    next: u8,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History { ok: 0, latency_ms: [0.0; HISTORY_LEN], len: 0, next: 0 }
+    }
+}
+
+impl History {
+    /// Records one check result, dropping the oldest when full.
+    pub fn push(&mut self, ok: bool, latency: Duration) {
+        let i = self.next as usize;
+        self.latency_ms[i] = latency.as_secs_f32() * 1000.0;
+        if ok {
+            self.ok |= 1 << i;
+        } else {
+            self.ok &= !(1 << i);
+        }
+        self.next = ((i + 1) % HISTORY_LEN) as u8;
+        self.len = (self.len + 1).min(HISTORY_LEN as u8);
+    }
+
+    /// The results, oldest first: (passed, latency in milliseconds).
+    pub fn iter(&self) -> impl Iterator<Item = (bool, f32)> + '_ {
+        let start = (self.next as usize + HISTORY_LEN - self.len as usize) % HISTORY_LEN;
+        (0..self.len as usize).map(move |k| {
+            let i = (start + k) % HISTORY_LEN;
+            (self.ok & (1 << i) != 0, self.latency_ms[i])
+        })
+    }
+
+    /// How many results it holds.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 impl DepStatus {
@@ -75,6 +135,7 @@ impl DepStatus {
             consecutive_failures: 0,
             checks_total: 0,
             details: Details::default(),
+            history: History::default(),
         }
     }
 }
@@ -91,18 +152,22 @@ pub enum ServiceState {
     Degraded,
     /// An `out_of_service` dependency is down.
     OutOfService,
-    /// SIGTERM received.
+    /// SIGTERM received, or an operator drain: readiness fails, traffic still flows.
     Draining,
+    /// An operator put the pod in maintenance: readiness fails and gated
+    /// requests are answered 503.
+    Maintenance,
 }
 
 impl ServiceState {
     /// Every state, for the `service_state` gauge.
-    pub const ALL: [ServiceState; 5] = [
+    pub const ALL: [ServiceState; 6] = [
         ServiceState::Starting,
         ServiceState::InService,
         ServiceState::Degraded,
         ServiceState::OutOfService,
         ServiceState::Draining,
+        ServiceState::Maintenance,
     ];
 
     /// Label value.
@@ -113,6 +178,7 @@ impl ServiceState {
             ServiceState::Degraded => "degraded",
             ServiceState::OutOfService => "out_of_service",
             ServiceState::Draining => "draining",
+            ServiceState::Maintenance => "maintenance",
         }
     }
 }
@@ -124,6 +190,59 @@ pub enum Reject {
     OutOfService,
     /// 500: a needed `degraded` dependency is down.
     Degraded,
+    /// 503 with the maintenance body: an operator put the pod in maintenance.
+    Maintenance,
+}
+
+/// The bit of the request-path mask that is set while the pod is in
+/// maintenance; every gated route's mask includes it ([`Health::gate_mask`]).
+pub const MAINTENANCE_BIT: u64 = 1 << 63;
+
+/// The operator's mode for the whole pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// No operator action.
+    Normal,
+    /// Readiness fails; traffic is still proxied (leave the Service gracefully).
+    Drain,
+    /// Readiness fails and gated requests are answered 503.
+    Maintenance,
+}
+
+/// A verdict an operator forces on a dependency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Force {
+    /// Treated as up whatever the check says.
+    Up,
+    /// Treated as down whatever the check says.
+    Down,
+}
+
+/// The facts the request-path masks are derived from; only writers touch them.
+#[derive(Debug, Clone, Copy)]
+struct Facts {
+    /// Bit i: the check of dependency i says it is not up.
+    checked_not_up: u64,
+    /// Bit i: dependency i has no checked verdict yet.
+    checked_unknown: u64,
+    forced_up: u64,
+    forced_down: u64,
+    mode: Mode,
+}
+
+impl Facts {
+    /// The request-path mask: overrides win over checks; maintenance sets its bit.
+    fn not_up(&self) -> u64 {
+        let maintenance = if self.mode == Mode::Maintenance { MAINTENANCE_BIT } else { 0 };
+        (self.checked_not_up & !self.forced_up) | self.forced_down | maintenance
+    }
+
+    /// A forced dependency has a verdict, whether or not it was checked yet.
+    fn unknown(&self) -> u64 {
+        self.checked_unknown & !(self.forced_up | self.forced_down)
+    }
 }
 
 /// The admission decision for a request or connection.
@@ -162,7 +281,10 @@ impl DepSlot {
 /// The shared health state of the process.
 pub struct Health {
     deps: Vec<DepSlot>,
-    /// Bit i set = dependency i is not up (down or unknown).
+    /// What the masks are computed from; held only while writing them.
+    facts: Mutex<Facts>,
+    /// Bit i set = dependency i is not up (down or unknown), overrides
+    /// applied; [`MAINTENANCE_BIT`] set in maintenance.
     not_up: AtomicU64,
     /// Bit i set = dependency i has no verdict yet.
     unknown: AtomicU64,
@@ -171,6 +293,8 @@ pub struct Health {
     /// Bits of the `degraded` dependencies.
     degraded_mask: u64,
     draining: AtomicBool,
+    /// When draining began (set once, with `draining`).
+    drain_began: OnceLock<Instant>,
     /// Woken on every change of a dependency's verdict or of the lifecycle.
     changed: Notify,
     service: watch::Sender<(ServiceState, SystemTime)>,
@@ -205,13 +329,22 @@ impl Health {
             })
             .collect();
         let initial = if n == 0 { ServiceState::InService } else { ServiceState::Starting };
+        let facts = Facts {
+            checked_not_up: low_bits(n),
+            checked_unknown: low_bits(n),
+            forced_up: 0,
+            forced_down: 0,
+            mode: Mode::Normal,
+        };
         Arc::new(Health {
             deps,
+            facts: Mutex::new(facts),
             not_up: AtomicU64::new(low_bits(n)),
             unknown: AtomicU64::new(low_bits(n)),
             oos_mask: mask_of(Impact::OutOfService),
             degraded_mask: mask_of(Impact::Degraded),
             draining: AtomicBool::new(false),
+            drain_began: OnceLock::new(),
             changed: Notify::new(),
             service: watch::Sender::new((initial, SystemTime::now())),
             started: SystemTime::now(),
@@ -238,7 +371,9 @@ impl Health {
     /// The class of a rejection for a non-empty set of missing dependencies.
     #[cold]
     fn classify(&self, missing: u64) -> Reject {
-        if missing & (self.oos_mask | self.unknown.load(Ordering::Relaxed)) != 0 {
+        if missing & MAINTENANCE_BIT != 0 {
+            Reject::Maintenance
+        } else if missing & (self.oos_mask | self.unknown.load(Ordering::Relaxed)) != 0 {
             Reject::OutOfService
         } else if missing & self.degraded_mask != 0 {
             Reject::Degraded
@@ -254,18 +389,32 @@ impl Health {
         self.oos_mask | self.degraded_mask
     }
 
+    /// Locks the facts (a poisoned lock still holds valid bit masks).
+    fn facts(&self) -> MutexGuard<'_, Facts> {
+        self.facts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the facts and republishes both masks while still holding the
+    /// lock, so two writers cannot interleave a stale mask.
+    fn update(&self, f: impl FnOnce(&mut Facts)) {
+        let mut facts = self.facts();
+        f(&mut facts);
+        self.not_up.store(facts.not_up(), Ordering::Relaxed);
+        self.unknown.store(facts.unknown(), Ordering::Relaxed);
+    }
+
     /// Publishes a dependency's status; called only by that dependency's monitor.
     pub fn publish(&self, index: usize, status: DepStatus) {
         let bit = 1u64 << index;
         match status.state {
-            DepHealth::Up => {
-                self.unknown.fetch_and(!bit, Ordering::Relaxed);
-                self.not_up.fetch_and(!bit, Ordering::Relaxed);
-            }
-            DepHealth::Down => {
-                self.not_up.fetch_or(bit, Ordering::Relaxed);
-                self.unknown.fetch_and(!bit, Ordering::Relaxed);
-            }
+            DepHealth::Up => self.update(|f| {
+                f.checked_unknown &= !bit;
+                f.checked_not_up &= !bit;
+            }),
+            DepHealth::Down => self.update(|f| {
+                f.checked_not_up |= bit;
+                f.checked_unknown &= !bit;
+            }),
             DepHealth::Unknown => {}
         }
         let verdict_changed = self.deps[index].tx.borrow().state != status.state;
@@ -275,8 +424,57 @@ impl Health {
         }
     }
 
+    /// Forces dependency `index` up or down (`None`: its check decides again).
+    pub fn set_force(&self, index: usize, force: Option<Force>) {
+        let bit = 1u64 << index;
+        self.update(|f| {
+            f.forced_up &= !bit;
+            f.forced_down &= !bit;
+            match force {
+                Some(Force::Up) => f.forced_up |= bit,
+                Some(Force::Down) => f.forced_down |= bit,
+                None => {}
+            }
+        });
+        self.changed.notify_one();
+    }
+
+    /// The verdict forced on dependency `index`, if any.
+    pub fn force(&self, index: usize) -> Option<Force> {
+        let f = self.facts();
+        let bit = 1u64 << index;
+        if f.forced_up & bit != 0 {
+            Some(Force::Up)
+        } else if f.forced_down & bit != 0 {
+            Some(Force::Down)
+        } else {
+            None
+        }
+    }
+
+    /// The verdict gating uses for dependency `index`: the forced one, else the checked one.
+    pub fn effective(&self, index: usize) -> DepHealth {
+        match self.force(index) {
+            Some(Force::Up) => DepHealth::Up,
+            Some(Force::Down) => DepHealth::Down,
+            None => self.deps[index].tx.borrow().state,
+        }
+    }
+
+    /// Sets the operator's mode for the pod.
+    pub fn set_mode(&self, mode: Mode) {
+        self.update(|f| f.mode = mode);
+        self.changed.notify_one();
+    }
+
+    /// The operator's mode for the pod.
+    pub fn mode(&self) -> Mode {
+        self.facts().mode
+    }
+
     /// Enters draining (SIGTERM): readiness fails from now on.
     pub fn start_draining(&self) {
+        let _ = self.drain_began.set(Instant::now());
         self.draining.store(true, Ordering::SeqCst);
         self.changed.notify_one();
     }
@@ -284,6 +482,11 @@ impl Health {
     /// Whether SIGTERM was received.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// When draining began (SIGTERM), if it did.
+    pub fn draining_since(&self) -> Option<Instant> {
+        self.drain_began.get().copied()
     }
 
     /// Whether every dependency has had a first verdict (the startup probe).
@@ -295,6 +498,11 @@ impl Health {
     pub fn compute_service_state(&self) -> ServiceState {
         if self.is_draining() {
             return ServiceState::Draining;
+        }
+        match self.mode() {
+            Mode::Maintenance => return ServiceState::Maintenance,
+            Mode::Drain => return ServiceState::Draining,
+            Mode::Normal => {}
         }
         let not_up = self.not_up.load(Ordering::Relaxed);
         let unknown = self.unknown.load(Ordering::Relaxed);
@@ -350,6 +558,13 @@ impl Health {
     /// The bit mask of a list of dependency indices.
     pub fn mask(indices: &[usize]) -> u64 {
         indices.iter().fold(0, |m, i| m | 1 << i)
+    }
+
+    /// The request-path mask of a gated route needing these dependencies:
+    /// their bits plus [`MAINTENANCE_BIT`], so maintenance rejects it with
+    /// the same single load.
+    pub fn gate_mask(indices: &[usize]) -> u64 {
+        Self::mask(indices) | MAINTENANCE_BIT
     }
 }
 
@@ -434,6 +649,64 @@ mod tests {
         set(&h, 0, DepHealth::Down);
         h.start_draining();
         assert_eq!(h.compute_service_state(), ServiceState::Draining);
+    }
+
+    #[test]
+    fn a_forced_verdict_wins_over_the_check_until_cleared() {
+        let h = health(&[("db", "out_of_service")]);
+        set(&h, 0, DepHealth::Up);
+        h.set_force(0, Some(Force::Down));
+        assert_eq!(h.admission(0b1), Admission::Reject(Reject::OutOfService, 0b1));
+        assert_eq!(h.compute_service_state(), ServiceState::OutOfService);
+        // The check keeps publishing; the override still decides.
+        set(&h, 0, DepHealth::Up);
+        assert_eq!(h.effective(0), DepHealth::Down);
+        assert_eq!(h.deps()[0].status().state, DepHealth::Up);
+        h.set_force(0, None);
+        assert_eq!(h.admission(0b1), Admission::Admit);
+        set(&h, 0, DepHealth::Down);
+        h.set_force(0, Some(Force::Up));
+        assert_eq!(h.admission(0b1), Admission::Admit);
+        assert_eq!(h.compute_service_state(), ServiceState::InService);
+    }
+
+    #[test]
+    fn forcing_an_unchecked_dependency_up_ends_starting() {
+        let h = health(&[("db", "out_of_service")]);
+        h.set_force(0, Some(Force::Up));
+        assert!(h.first_round_done());
+        assert_eq!(h.admission(0b1), Admission::Admit);
+    }
+
+    #[test]
+    fn maintenance_rejects_every_gated_route_and_drain_only_readiness() {
+        let h = health(&[("db", "out_of_service")]);
+        set(&h, 0, DepHealth::Up);
+        let gated = Health::gate_mask(&[0]);
+        let needs_nothing = Health::gate_mask(&[]);
+        h.set_mode(Mode::Drain);
+        assert_eq!(h.admission(gated), Admission::Admit);
+        assert_eq!(h.compute_service_state(), ServiceState::Draining);
+        h.set_mode(Mode::Maintenance);
+        assert_eq!(h.admission(gated), Admission::Reject(Reject::Maintenance, MAINTENANCE_BIT));
+        assert_eq!(h.admission(needs_nothing), Admission::Reject(Reject::Maintenance, MAINTENANCE_BIT));
+        assert_eq!(h.compute_service_state(), ServiceState::Maintenance);
+        assert_eq!(h.names(MAINTENANCE_BIT).count(), 0);
+        h.set_mode(Mode::Normal);
+        assert_eq!(h.admission(gated), Admission::Admit);
+        assert_eq!(h.compute_service_state(), ServiceState::InService);
+    }
+
+    #[test]
+    fn history_keeps_the_last_results_oldest_first() {
+        let mut hist = History::default();
+        for i in 0..(HISTORY_LEN + 3) {
+            hist.push(i % 2 == 0, Duration::from_millis(i as u64));
+        }
+        let got: Vec<_> = hist.iter().collect();
+        assert_eq!(got.len(), HISTORY_LEN);
+        assert_eq!(got[0], (false, 3.0));
+        assert_eq!(got[HISTORY_LEN - 1], (true, (HISTORY_LEN + 2) as f32));
     }
 
     #[test]

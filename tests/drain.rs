@@ -26,7 +26,8 @@ const WITHIN: Duration = Duration::from_secs(10);
 
 /// The upstream app. `GET /sleep/MS` answers `slept MS` after MS
 /// milliseconds; `GET /stream/N` streams N chunks (`chunk I\n`) 100 ms apart;
-/// anything else answers `ok PATH` at once. Keep-alive, as healthgate pools.
+/// `GET /upgrade` switches to an echo protocol (`101`); anything else answers
+/// `ok PATH` at once. Keep-alive, as healthgate pools.
 struct Upstream {
     addr: SocketAddr,
     /// Requests whose head has arrived.
@@ -67,6 +68,16 @@ impl Upstream {
                 }
             }
             started.fetch_add(1, Ordering::SeqCst);
+            if path == "/upgrade" {
+                // Switches to an echo protocol for the rest of the connection.
+                if out
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+                    .is_ok()
+                {
+                    let _ = std::io::copy(&mut reader, &mut out);
+                }
+                return;
+            }
             let r = if let Some(ms) = path.strip_prefix("/sleep/") {
                 let ms: u64 = ms.parse().unwrap();
                 std::thread::sleep(Duration::from_millis(ms));
@@ -289,4 +300,216 @@ fn an_open_tcp_session_keeps_working_during_the_drain_and_its_close_ends_the_pro
     // The 60 s timeout is not waited for: the last session's end ends the drain.
     assert_eq!(hg.wait_exit(WITHIN).code(), Some(0));
     assert!(closed.elapsed() < WITHIN);
+}
+
+// === keep-alive clients across the drain ===
+
+/// One response on a kept-alive connection: (status, `Connection: close`?, body).
+fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, bool, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_string()))
+    };
+    let close = header("connection").is_some_and(|v| v.contains("close"));
+    let mut body = vec![0u8; header("content-length").and_then(|n| n.parse().ok()).unwrap_or(0)];
+    s.read_exact(&mut body)?;
+    Ok((status, close, body))
+}
+
+/// Whether the peer closed a kept-alive connection while it was idle, as a
+/// client's connection pool checks before reusing one.
+fn closed_while_idle(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let r = s.peek(&mut [0u8; 1]);
+    s.set_nonblocking(false).unwrap();
+    match r {
+        Ok(0) => true,
+        Ok(_) => panic!("bytes nobody asked for on an idle connection"),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+        Err(_) => true,
+    }
+}
+
+/// What the keep-alive clients saw.
+#[derive(Default)]
+struct Tally {
+    written: AtomicUsize,
+    answered: AtomicUsize,
+    /// Requests written on an open connection that got no response.
+    lost: AtomicUsize,
+    /// Connections closed right after a response carrying `Connection: close`.
+    closed_by_response: AtomicUsize,
+    /// Connections found closed while idle, before a request was written.
+    closed_while_idle: AtomicUsize,
+    /// `Connection: close` responses before the drain began.
+    closed_before_sigterm: AtomicUsize,
+}
+
+/// 64 keep-alive clients keep sending requests across SIGTERM: fast ones
+/// (0-10 ms between requests), slower ones whose idle connections are parked
+/// between requests (100-300 ms), and sleepers that leave their connection
+/// unused for the whole `drain.delay` and check it before reuse (the
+/// others write without looking). Kubernetes' endpoint removal is
+/// simulated: once readiness failed (plus a margin) clients open no new
+/// connection to this pod, but keep using the ones they have. No request
+/// written on an open connection may go unanswered: every connection must
+/// end with a `Connection: close` response or be found closed while idle.
+#[test]
+fn keep_alive_clients_lose_no_request_across_sigterm() {
+    const CLIENTS: usize = 64;
+    let delay = Duration::from_millis(1500);
+    let app = Upstream::start();
+    let mut hg = start(app.addr, echo(), "1500ms", "5s");
+    let web = hg.listeners[0];
+    let tally = Arc::new(Tally::default());
+    let sigterm: Arc<std::sync::OnceLock<Instant>> = Arc::default();
+    let removed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (tally, sigterm, removed) = (tally.clone(), sigterm.clone(), removed.clone());
+            in_background(move || {
+                let sleeper = i % 8 == 0;
+                let think = |n: usize| match i % 8 {
+                    1..=3 => Duration::from_millis(100 + ((i * 37 + n * 11) % 200) as u64),
+                    _ => Duration::from_millis(((i * 7 + n * 3) % 10) as u64),
+                };
+                let mut conn: Option<TcpStream> = None;
+                let mut used = false;
+                for n in 0.. {
+                    if conn.is_none() {
+                        if removed.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let s = TcpStream::connect_timeout(&web, STEP).expect("connect during the delay");
+                        s.set_read_timeout(Some(WITHIN)).unwrap();
+                        (conn, used) = (Some(s), false);
+                    }
+                    let s = conn.as_mut().unwrap();
+                    // Only a sleeper looks before reusing its connection (as
+                    // a pool does for one idle that long); the others write
+                    // at once, so a close under them would lose a request.
+                    if sleeper && used && closed_while_idle(s) {
+                        tally.closed_while_idle.fetch_add(1, Ordering::SeqCst);
+                        conn = None;
+                        continue;
+                    }
+                    s.write_all(format!("GET /c{i}/{n} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+                    tally.written.fetch_add(1, Ordering::SeqCst);
+                    used = true;
+                    match read_response(s) {
+                        Ok((200, close, body)) => {
+                            // Set before the signal is sent: unset now, the
+                            // response was made before the drain began.
+                            let before_sigterm = sigterm.get().is_none();
+                            assert_eq!(body, format!("ok /c{i}/{n}").into_bytes());
+                            tally.answered.fetch_add(1, Ordering::SeqCst);
+                            if close {
+                                if before_sigterm {
+                                    tally.closed_before_sigterm.fetch_add(1, Ordering::SeqCst);
+                                }
+                                assert_eq!(s.read(&mut [0u8; 1]).unwrap_or(0), 0, "data after Connection: close");
+                                tally.closed_by_response.fetch_add(1, Ordering::SeqCst);
+                                conn = None;
+                            }
+                        }
+                        Ok((status, ..)) => panic!("client {i}: status {status}"),
+                        Err(e) => {
+                            eprintln!("client {i}: request {n} got no response: {e}");
+                            tally.lost.fetch_add(1, Ordering::SeqCst);
+                            conn = None;
+                        }
+                    }
+                    if sleeper {
+                        // One request, then the connection stays unused
+                        // until well after the delay.
+                        let at = eventually_blocking("SIGTERM", WITHIN, || sigterm.get().copied());
+                        let wake = at + delay + Duration::from_millis(700);
+                        std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+                    } else {
+                        std::thread::sleep(think(n));
+                    }
+                }
+            })
+        })
+        .collect();
+    // Every client settles into keep-alive first.
+    std::thread::sleep(Duration::from_millis(800));
+    sigterm.set(Instant::now()).unwrap();
+    hg.signal("TERM");
+    eventually_blocking("readiness 503", WITHIN, || (hg.admin_get("/readyz").0 == 503).then_some(()));
+    // Endpoint removal, well inside the delay.
+    std::thread::sleep(Duration::from_millis(300));
+    removed.store(true, Ordering::SeqCst);
+    assert_eq!(hg.wait_exit(WITHIN).code(), Some(0));
+    for c in clients {
+        c.join().expect("a client failed");
+    }
+    let get = |a: &AtomicUsize| a.load(Ordering::SeqCst);
+    let (written, answered) = (get(&tally.written), get(&tally.answered));
+    eprintln!(
+        "{CLIENTS} keep-alive clients across SIGTERM: {written} requests written, {answered} answered, {} lost; \
+         {} connections closed by a `Connection: close` response, {} found closed while idle",
+        get(&tally.lost),
+        get(&tally.closed_by_response),
+        get(&tally.closed_while_idle)
+    );
+    assert_eq!(get(&tally.lost), 0, "requests written on an open connection went unanswered");
+    assert_eq!(written, answered);
+    assert_eq!(get(&tally.closed_before_sigterm), 0, "keep-alive must hold before the drain");
+    assert!(get(&tally.closed_by_response) >= CLIENTS - CLIENTS / 8, "each active client was told to leave");
+    assert_eq!(get(&tally.closed_while_idle), CLIENTS / 8, "each sleeper's idle connection was closed");
+}
+
+/// Upgrade an HTTP connection to the test app's echo protocol; returns the
+/// `101` head.
+fn upgrade(addr: SocketAddr) -> (TcpStream, String) {
+    let mut s = TcpStream::connect_timeout(&addr, STEP).unwrap();
+    s.set_read_timeout(Some(WITHIN)).unwrap();
+    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "EOF in the 101 head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    (s, head)
+}
+
+/// Upgraded tunnels are left as they are by the drain: one opened before
+/// SIGTERM and one opened during `drain.delay` (its `101` carries no
+/// `Connection: close`) keep relaying after the listener stopped accepting,
+/// and their close ends the drain.
+#[test]
+fn upgraded_tunnels_keep_relaying_through_the_drain() {
+    let app = Upstream::start();
+    let mut hg = start(app.addr, echo(), "500ms", "20s");
+    let web = hg.listeners[0];
+    let (mut before, _) = upgrade(web);
+    round_trip(&mut before, b"before");
+    hg.signal("TERM");
+    eventually_blocking("readiness 503", WITHIN, || (hg.admin_get("/readyz").0 == 503).then_some(()));
+    let (mut during, head) = upgrade(web);
+    assert!(!head.contains("connection: close"), "a 101 during the drain: {head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    round_trip(&mut during, b"during the delay");
+    eventually_blocking("new connections refused", WITHIN, || refused(web).then_some(()));
+    round_trip(&mut before, b"after the stop");
+    round_trip(&mut during, b"after the stop");
+    let closed = Instant::now();
+    drop(before);
+    drop(during);
+    assert_eq!(hg.wait_exit(WITHIN).code(), Some(0));
+    assert!(closed.elapsed() < Duration::from_secs(10), "the 20 s timeout is not waited for");
 }

@@ -468,7 +468,7 @@ async fn keep_alive_is_reused_on_both_sides() {
     assert_eq!(p.gauge_active(), 1);
 }
 
-/// A critical dependency down: 503 problem+json with the exact seed body and Retry-After; the app is not contacted.
+/// A critical dependency down: 503 problem+json with the exact default body and Retry-After; the app is not contacted.
 #[tokio::test]
 async fn dependency_down_answers_503_problem_json_without_contacting_the_app() {
     let app = App::start().await;
@@ -1129,4 +1129,30 @@ async fn max_connections_holds_further_connections_back() {
     drop(first);
     let r = second.response().await;
     assert_eq!(r.text(), "app:/2");
+}
+
+/// A request whose client goes away before the response head is counted once
+/// as `client_closed`, with its duration, under the route it took.
+#[tokio::test]
+async fn requests_whose_client_left_before_the_answer_count_as_client_closed() {
+    let app = App::start().await;
+    let p = Proxy::in_service(&yaml(app.addr, "", &[]));
+    for _ in 0..10 {
+        let mut c = p.client().await;
+        c.send(b"GET /gate HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        t("request reaches the app", app.state.arrived.notified()).await;
+        drop(c);
+    }
+    eventually("10 requests counted as client_closed", STEP, || async {
+        (p.count_route("client_closed", "default") == 10).then_some(())
+    })
+    .await;
+    let text = p.metrics.render_prometheus();
+    assert!(
+        text.contains(
+            "healthgate_request_duration_seconds_count{listener=\"web\",outcome=\"client_closed\",route=\"default\"} 10"
+        ),
+        "{text}"
+    );
+    assert_eq!(p.count("proxied") + p.count("upstream_error"), 0, "counted once, as client_closed only");
 }

@@ -19,7 +19,7 @@ use healthgate::state::{DepHealth, DepStatus, Health, ServiceState};
 use support::{STEP, eventually, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
 
 /// Index of the `out_of_service` dependency in every test config.
@@ -596,4 +596,98 @@ async fn a_real_dependency_outage_gates_the_listener_across_workers() {
         count("accepted"),
         count("rejected")
     );
+}
+
+/// An echo app that reports how each connection ended on its side: the
+/// result of the read that ended it (`Ok(0)` for a FIN, an error for a reset).
+async fn observing_echo_server() -> (SocketAddr, mpsc::UnboundedReceiver<std::io::Result<usize>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let end = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break Ok(0),
+                        Ok(n) => {
+                            if let Err(e) = s.write_all(&buf[..n]).await {
+                                break Err(e);
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                };
+                let _ = tx.send(end);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// How the app side of the one relayed connection ended.
+async fn app_end(ends: &mut mpsc::UnboundedReceiver<std::io::Result<usize>>) -> std::io::Result<usize> {
+    timeout(STEP, ends.recv()).await.expect("the app's connection ends in time").expect("an app connection")
+}
+
+/// A session cut by `on_outage: close_existing` with `reject: reset` is reset
+/// towards both ends: the client and the app each read ECONNRESET, so
+/// neither can take the cut-off stream for a complete one.
+#[tokio::test]
+async fn close_existing_resets_the_cut_session_towards_the_client_and_the_app() {
+    let (app, mut ends) = observing_echo_server().await;
+    let proxy = Proxy::start(app, "    on_outage: close_existing\n    reject: reset\n");
+    let mut s = proxy.connect().await;
+    round_trip(&mut s, MESSAGE).await;
+    set(&proxy.health, DB, DepHealth::Down);
+    let client = read_end(&mut s).await.expect_err("the client sees a reset");
+    assert_eq!(client.kind(), std::io::ErrorKind::ConnectionReset, "{client}");
+    let app = app_end(&mut ends).await.expect_err("the app sees a reset, not a FIN");
+    assert_eq!(app.kind(), std::io::ErrorKind::ConnectionReset, "{app}");
+}
+
+/// With `reject: close` a cut session still ends with a FIN to the client
+/// (the operator's choice for clients), but the app gets a reset.
+#[tokio::test]
+async fn close_existing_with_reject_close_still_resets_the_app() {
+    let (app, mut ends) = observing_echo_server().await;
+    let proxy = Proxy::start(app, "    on_outage: close_existing\n");
+    let mut s = proxy.connect().await;
+    round_trip(&mut s, MESSAGE).await;
+    set(&proxy.health, DB, DepHealth::Down);
+    assert_eq!(read_end(&mut s).await.expect("a clean close (reject: close)"), 0);
+    let app = app_end(&mut ends).await.expect_err("the app sees a reset, not a FIN");
+    assert_eq!(app.kind(), std::io::ErrorKind::ConnectionReset, "{app}");
+}
+
+/// A session still open at the drain deadline, with `reject: reset`, is
+/// reset towards both ends.
+#[tokio::test]
+async fn the_drain_deadline_resets_open_sessions_towards_the_client_and_the_app() {
+    let (app, mut ends) = observing_echo_server().await;
+    let mut proxy = Proxy::start(app, "    reject: reset\n");
+    let mut s = proxy.connect().await;
+    round_trip(&mut s, MESSAGE).await;
+    proxy.drain.send_replace(Some(Instant::now() + Duration::from_millis(300)));
+    proxy.returned().await;
+    let client = read_end(&mut s).await.expect_err("the client sees a reset");
+    assert_eq!(client.kind(), std::io::ErrorKind::ConnectionReset, "{client}");
+    let app = app_end(&mut ends).await.expect_err("the app sees a reset, not a FIN");
+    assert_eq!(app.kind(), std::io::ErrorKind::ConnectionReset, "{app}");
+    assert_eq!(proxy.durations(), 1, "a cut session is still recorded");
+}
+
+/// A TCP listener has no HTTP requests, so it exports no request series.
+#[tokio::test]
+async fn a_tcp_listener_exports_no_http_request_series() {
+    let proxy = Proxy::start(echo_server().await, "");
+    let mut s = proxy.connect().await;
+    round_trip(&mut s, MESSAGE).await;
+    let text = proxy.metrics.render_prometheus();
+    assert!(text.contains("healthgate_tcp_connections_total{listener=\"l4\""), "{text}");
+    for series in ["healthgate_requests_total{", "healthgate_request_duration_seconds_bucket{"] {
+        assert!(!text.contains(series), "a TCP listener exports {series}:\n{text}");
+    }
 }

@@ -7,6 +7,7 @@
 //! * `node`: the raw schema, the file as a tree in which every key and value
 //!   keeps its line and column, with typed readers;
 //! * `problem`: positions, [`Problem`] and the collector;
+//! * `admin`: the admin server, its limits and the control API settings;
 //! * `listener`, `route`: listeners and route configuration (the compiled
 //!   route table is `crate::routes`, which builds on this);
 //! * `dependency`: the keys every dependency has, and one module per `type`
@@ -20,6 +21,7 @@
 //! path. Only a YAML syntax error stops reading, since nothing after it has a
 //! reliable meaning.
 
+pub mod admin;
 pub mod dependency;
 pub mod hostport;
 pub mod listener;
@@ -32,6 +34,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use admin::{AdminConfig, ControlConfig, TokenError, read_token};
 pub use dependency::amqp::{AmqpNode, AmqpSettings, Require};
 pub use dependency::http::HttpSettings;
 pub use dependency::mysql::{GaleraMode, MysqlSettings};
@@ -52,20 +55,18 @@ use problem::Problems;
 
 /// Top-level keys.
 const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners", "dependencies"];
-/// Keys of `admin`.
-const ADMIN_KEYS: &[&str] = &["listen", "ready_when_degraded", "ready_when_out_of_service", "liveness_stall"];
 /// Keys of `drain`.
 const DRAIN_KEYS: &[&str] = &["delay", "timeout"];
 /// Keys of `short_circuit`.
-const SHORT_CIRCUIT_KEYS: &[&str] = &["retry_after", "expose_dependencies", "out_of_service_body", "degraded_body"];
+const SHORT_CIRCUIT_KEYS: &[&str] =
+    &["retry_after", "expose_dependencies", "out_of_service_body", "degraded_body", "maintenance_body"];
 
 /// Most data-plane worker threads.
 pub const MAX_WORKERS: usize = 256;
 /// Default admin listen address.
-pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9901);
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = admin::DEFAULT_LISTEN;
 /// Default stall after which `/livez` fails.
-pub const DEFAULT_LIVENESS_STALL: Duration = Duration::from_secs(10);
+pub const DEFAULT_LIVENESS_STALL: Duration = admin::DEFAULT_LIVENESS_STALL;
 /// Default time to keep serving after SIGTERM while readiness is already 503.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// Default time to wait for in-flight requests after the delay.
@@ -127,21 +128,6 @@ pub struct Config {
     pub dependencies: Vec<DependencyConfig>,
 }
 
-/// Admin server settings.
-#[derive(Debug, Clone)]
-pub struct AdminConfig {
-    /// Listen address.
-    pub listen: SocketAddr,
-    /// `/readyz` answers 200 while degraded (default true).
-    pub ready_when_degraded: bool,
-    /// `/readyz` answers 200 while out of service (default false). Setting it
-    /// keeps pods in the Service and lets healthgate answer 503 itself, so a
-    /// shared outage does not empty the endpoints fleet-wide.
-    pub ready_when_out_of_service: bool,
-    /// `/livez` fails when an event loop has not ticked for this long.
-    pub liveness_stall: Duration,
-}
-
 /// Graceful shutdown settings (see README "Reliability").
 #[derive(Debug, Clone, Copy)]
 pub struct DrainConfig {
@@ -162,11 +148,16 @@ pub struct ShortCircuitConfig {
     pub out_of_service_body: String,
     /// Body of the 500 (degraded) response.
     pub degraded_body: String,
+    /// Body of the 503 every gated request gets while the pod is in maintenance.
+    pub maintenance_body: String,
 }
 
 /// The default 503 problem+json body (its `cause` names the state).
 pub const DEFAULT_OUT_OF_SERVICE_BODY: &str =
     r#"{"type":"about:blank","title":"Service Unavailable","status":503,"cause":"OUT OF SERVICE"}"#;
+/// The default body of the 503 answered during maintenance.
+pub const DEFAULT_MAINTENANCE_BODY: &str =
+    r#"{"type":"about:blank","title":"Service Unavailable","status":503,"cause":"MAINTENANCE"}"#;
 /// The default 500 problem+json body.
 pub const DEFAULT_DEGRADED_BODY: &str =
     r#"{"type":"about:blank","title":"Internal Server Error","status":500,"cause":"Internal Server Error"}"#;
@@ -244,22 +235,7 @@ fn parse(top: &Map<'_>, path: &Path, p: &mut Problems) -> Config {
         m
     };
 
-    let admin = section("admin", ADMIN_KEYS, p);
-    let admin = AdminConfig {
-        listen: admin
-            .as_ref()
-            .and_then(|a| a.str("listen", p).map(|l| listener::socket_addr(&l, "admin.listen", p)))
-            .unwrap_or(DEFAULT_ADMIN_LISTEN),
-        ready_when_degraded: admin.as_ref().and_then(|a| a.bool("ready_when_degraded", p)).is_none_or(|b| b.value),
-        ready_when_out_of_service: admin
-            .as_ref()
-            .and_then(|a| a.bool("ready_when_out_of_service", p))
-            .is_some_and(|b| b.value),
-        liveness_stall: admin
-            .as_ref()
-            .and_then(|a| a.duration("liveness_stall", p))
-            .map_or(DEFAULT_LIVENESS_STALL, |d| d.value),
-    };
+    let admin = admin::admin(top.map("admin", p).as_ref(), p);
 
     let drain = section("drain", DRAIN_KEYS, p);
     let drain = DrainConfig {
@@ -279,6 +255,10 @@ fn parse(top: &Map<'_>, path: &Path, p: &mut Problems) -> Config {
             .as_ref()
             .and_then(|s| route::problem_body(s, "degraded_body", p))
             .unwrap_or_else(|| DEFAULT_DEGRADED_BODY.to_string()),
+        maintenance_body: sc
+            .as_ref()
+            .and_then(|s| route::problem_body(s, "maintenance_body", p))
+            .unwrap_or_else(|| DEFAULT_MAINTENANCE_BODY.to_string()),
     };
 
     let (dependencies, declared) = dependency::dependencies(top.get("dependencies"), p);

@@ -14,6 +14,7 @@ use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -122,7 +123,11 @@ impl Drop for Permit {
 /// drain signal fires; returns the drain deadline (now, if the signal's
 /// sender is gone, as nobody could drain us any more).
 ///
-/// A held connection is dropped (closed) when the drain begins.
+/// When the signal fires, the connections the kernel already completed (up
+/// to [`BACKLOG_AT_STOP`]) are still taken and served: closing the socket
+/// with them queued would reset clients that may have sent a request
+/// already. A held connection, and any beyond what free permits allow, is
+/// dropped (closed).
 pub async fn run(
     listener: &TcpListener,
     name: &str,
@@ -143,7 +148,9 @@ pub async fn run(
         tokio::select! {
             biased;
             d = drain.wait_for(Option::is_some) => {
-                return d.ok().and_then(|d| *d).unwrap_or_else(Instant::now);
+                let deadline = d.ok().and_then(|d| *d).unwrap_or_else(Instant::now);
+                serve_backlog(listener, permits, serve);
+                return deadline;
             }
             _ = permits.maybe_free(), if held.is_some() => {}
             accepted = listener.accept(), if held.is_none() => match accepted {
@@ -159,6 +166,27 @@ pub async fn run(
                 }
                 Err(e) => debug!(listener = %name, error = %e, "accept failed"),
             },
+        }
+    }
+}
+
+/// Most connections taken from a listener's backlog when it stops
+/// accepting (its `listen` backlog size).
+pub const BACKLOG_AT_STOP: usize = 1024;
+
+/// Serves the connections already waiting in `listener`'s backlog, without
+/// waiting for more; stops at the first one without a free permit.
+fn serve_backlog(listener: &TcpListener, permits: &Rc<Permits>, serve: &impl Serve) {
+    let mut cx = Context::from_waker(Waker::noop());
+    for _ in 0..BACKLOG_AT_STOP {
+        let Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) else { return };
+        let _ = stream.set_nodelay(true);
+        if !serve.admit(&stream, peer) {
+            continue;
+        }
+        match permits.try_take() {
+            Some(permit) => serve.serve(stream, peer, permit),
+            None => return,
         }
     }
 }

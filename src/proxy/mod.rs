@@ -14,13 +14,14 @@ pub mod http;
 pub mod tcp;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{Config, ListenerConfig, ShortCircuitConfig};
+use crate::config::{Config, ListenerConfig, ListenerProtocol, ShortCircuitConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::{RouteConfig, RouteTable};
 use crate::state::{Health, Reject};
@@ -45,6 +46,9 @@ pub struct ListenerCtx {
     pub route_data: Vec<Route>,
     /// What a request matching no route gets.
     pub default_route: Route,
+    /// `drain.delay`: during a drain, how long an idle HTTP client
+    /// connection is left for its client's next request before it is closed.
+    pub drain_delay: Duration,
 }
 
 /// Admission data of one route, resolved at startup.
@@ -66,11 +70,17 @@ impl ListenerCtx {
     pub fn new(config: &Config, index: usize, health: Arc<Health>, registry: Arc<Metrics>) -> Arc<ListenerCtx> {
         let l = &config.listeners[index];
         let base = Responses::new(&config.short_circuit);
+        // Only HTTP listeners have requests: a TCP listener exports no
+        // request series (they would stay 0 for every outcome).
+        let metrics = |route: &str| match l.protocol {
+            ListenerProtocol::Http => registry.route(&l.name, route),
+            ListenerProtocol::Tcp => RouteMetrics::unregistered(),
+        };
         let default_route = Route {
             name: "default".into(),
-            needs: Health::mask(&l.needs),
+            needs: Health::gate_mask(&l.needs),
             responses: base.clone(),
-            metrics: registry.route(&l.name, "default"),
+            metrics: metrics("default"),
             bypass: false,
         };
         let route_data = l
@@ -78,9 +88,9 @@ impl ListenerCtx {
             .iter()
             .map(|r| Route {
                 name: r.name.clone(),
-                needs: Health::mask(&r.needs),
+                needs: Health::gate_mask(&r.needs),
                 responses: base.with_overrides(r),
-                metrics: registry.route(&l.name, &r.name),
+                metrics: metrics(&r.name),
                 bypass: r.bypass,
             })
             .collect();
@@ -90,6 +100,7 @@ impl ListenerCtx {
             routes: RouteTable::new(l.routes.clone()),
             route_data,
             default_route,
+            drain_delay: config.drain.delay,
             health,
             registry,
         })
@@ -112,6 +123,8 @@ pub struct Responses {
     pub out_of_service: Bytes,
     /// Body of the 500.
     pub degraded: Bytes,
+    /// Body of the 503 during maintenance.
+    pub maintenance: Bytes,
     /// `Retry-After` value (seconds) for the 503.
     pub retry_after: Bytes,
     /// Whether to name missing dependencies in the body.
@@ -127,6 +140,7 @@ impl Responses {
         Responses {
             out_of_service: Bytes::from(c.out_of_service_body.clone()),
             degraded: Bytes::from(c.degraded_body.clone()),
+            maintenance: Bytes::from(c.maintenance_body.clone()),
             retry_after: Bytes::from(c.retry_after.as_secs().max(1).to_string()),
             expose_dependencies: c.expose_dependencies,
         }
@@ -141,6 +155,7 @@ impl Responses {
                 .map(Bytes::from)
                 .unwrap_or_else(|| self.out_of_service.clone()),
             degraded: r.degraded_body.clone().map(Bytes::from).unwrap_or_else(|| self.degraded.clone()),
+            maintenance: self.maintenance.clone(),
             retry_after: self.retry_after.clone(),
             expose_dependencies: r.expose_dependencies.unwrap_or(self.expose_dependencies),
         }
@@ -152,6 +167,8 @@ impl Responses {
         let (status, base) = match reject {
             Reject::OutOfService => (503, &self.out_of_service),
             Reject::Degraded => (500, &self.degraded),
+            // The pod is out by an operator's decision: no dependency to name.
+            Reject::Maintenance => return (503, self.maintenance.clone()),
         };
         if !self.expose_dependencies {
             return (status, base.clone());

@@ -4,7 +4,7 @@
 //! One [`serve`] runs per worker and listener, on the worker's current-thread
 //! runtime, around the shared accept loop ([`super::accept`]). Its
 //! connections are local tasks; the drain waits for their permits to come
-//! back and drops the stragglers' sockets at its deadline. Per connection:
+//! back and cuts the stragglers at its deadline. Per connection:
 //!
 //! 1. **Admission** at accept: one atomic load ([`Health::admission`](crate::state::Health::admission)). Out
 //!    of service (or degraded with `admit_degraded: false`) → the connection
@@ -21,6 +21,10 @@
 //!    shutdown towards the other while the other direction keeps flowing; a
 //!    reset on one side is passed on as a reset to the other; no traffic
 //!    either way for `idle_timeout` closes both.
+//! 5. **Cut**: a session healthgate ends itself (`on_outage: close_existing`,
+//!    the drain deadline) is reset towards the app, and ended per `reject`
+//!    towards the client: neither may take a cut-off stream for a complete one
+//!    unless the operator chose a FIN for clients.
 //!
 //! Byte counters are accumulated per connection and added to the shared
 //! Prometheus counters every [`FLUSH_EVERY`] and at close, so the hot loop
@@ -85,8 +89,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: Drai
     debug!(listener = %name, connections = worker.permits.held(), "tcp drain: waiting for connections");
     if timeout_at(deadline, worker.permits.all_returned()).await.is_err() {
         debug!(listener = %name, connections = worker.permits.held(), "tcp drain: deadline; closing connections");
-        // Each connection's task drops its sockets (recording its metrics)
-        // as soon as it sees the signal.
+        // Each connection cuts its session (recording its metrics) as soon
+        // as it sees the signal.
         worker.stop.send_replace(true);
         worker.permits.all_returned().await;
     }
@@ -209,17 +213,7 @@ impl Serve for Rc<Worker> {
     }
 
     fn serve(&self, stream: TcpStream, peer: SocketAddr, permit: Permit) {
-        let mut stop = self.stop.subscribe();
-        let conn = connection(self.clone(), stream, peer, permit);
-        tokio::task::spawn_local(async move {
-            // Dropping the connection's future at the drain deadline closes
-            // its sockets; its `Record` still counts it.
-            tokio::select! {
-                biased;
-                _ = conn => {}
-                _ = stop.wait_for(|stop| *stop) => {}
-            }
-        });
+        tokio::task::spawn_local(connection(self.clone(), stream, peer, permit));
     }
 }
 
@@ -239,8 +233,9 @@ enum End {
     Done,
     /// No traffic either way for `idle_timeout`.
     Idle,
-    /// Closed because the service went out of service (`close_existing`).
-    Outage,
+    /// Cut by healthgate: the service went out of service
+    /// (`close_existing`), or the drain deadline passed.
+    Cut,
     /// A read or write on this side failed (typically a reset).
     Failed(Side),
 }
@@ -249,13 +244,20 @@ enum End {
 async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, permit: Permit) {
     let _permit = permit;
     let tcp = &worker.ctx.config.tcp;
-    // Subscribed before connecting, so an outage during the connect counts.
+    // Subscribed before connecting, so an outage during the connect counts;
+    // `stop` is read by value, so a deadline that passed before this task
+    // first ran is seen too.
     let mut cut = worker.cut.subscribe();
+    let mut stop = worker.stop.subscribe();
     let connect_deadline = Instant::now() + tcp.connect_timeout;
     let upstream = tokio::select! {
         r = net::connect(&worker.ctx.config.upstream, connect_deadline) => r,
         _ = cut.changed() => {
             worker.rejected.inc();
+            end_client(&client, tcp.reject);
+            return;
+        }
+        _ = stop.wait_for(|stop| *stop) => {
             end_client(&client, tcp.reject);
             return;
         }
@@ -274,13 +276,19 @@ async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, per
     let mut record = Record::new(worker.clone());
     let end = {
         let Record { traffic, buffers, .. } = &mut record;
-        relay(&worker, &mut client, &mut upstream, buffers, traffic, worker.ctx.config.idle_timeout, &mut cut).await
+        let cuts = Cuts { outage: &mut cut, stop: &mut stop };
+        relay(&worker, &mut client, &mut upstream, buffers, traffic, worker.ctx.config.idle_timeout, cuts).await
     };
     debug!(listener = %worker.ctx.config.name, %peer, ?end, bytes_in = record.traffic.total[0].get(),
         bytes_out = record.traffic.total[1].get(), "tcp connection ended");
     match end {
         End::Done | End::Idle => {}
-        End::Outage => end_client(&client, tcp.reject),
+        // A cut session is incomplete: the app gets a reset (a FIN could
+        // make it act on a truncated request); the client what `reject` says.
+        End::Cut => {
+            reset(&upstream);
+            end_client(&client, tcp.reject);
+        }
         // Pass a reset on: a FIN would let the other side take a truncated
         // stream for a complete one.
         End::Failed(Side::Client) => reset(&upstream),
@@ -348,8 +356,16 @@ impl Traffic {
     }
 }
 
+/// What makes healthgate cut a relayed session.
+struct Cuts<'a> {
+    /// Bumped by `on_outage: close_existing`.
+    outage: &'a mut watch::Receiver<u64>,
+    /// Set at the drain deadline.
+    stop: &'a mut watch::Receiver<bool>,
+}
+
 /// Relays both directions until both ended, one failed, the connection was
-/// idle too long, or an outage closes it.
+/// idle too long, or healthgate cuts it.
 async fn relay(
     worker: &Worker,
     client: &mut TcpStream,
@@ -357,7 +373,7 @@ async fn relay(
     buffers: &mut [Box<[u8]>; 2],
     traffic: &Traffic,
     idle: Duration,
-    cut: &mut watch::Receiver<u64>,
+    cuts: Cuts<'_>,
 ) -> End {
     let (mut client_r, mut client_w) = client.split();
     let (mut upstream_r, mut upstream_w) = upstream.split();
@@ -389,7 +405,8 @@ async fn relay(
                 traffic.flush(worker);
                 timer.as_mut().reset(idle_at.min(now + FLUSH_EVERY));
             }
-            Ok(()) = cut.changed() => return End::Outage,
+            Ok(()) = cuts.outage.changed() => return End::Cut,
+            _ = cuts.stop.wait_for(|stop| *stop) => return End::Cut,
         }
         if in_done && out_done {
             return End::Done;

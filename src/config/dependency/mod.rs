@@ -25,8 +25,9 @@ use super::node::{Map, Node, Value, unknown_key, unknown_value};
 use super::problem::{Pos, Problems, is_name};
 use super::secret::SecretSource;
 
-/// Most dependencies one process checks (the state is a 64-bit mask).
-pub const MAX_DEPENDENCIES: usize = 64;
+/// Most dependencies one process checks: the state is a 64-bit mask whose
+/// top bit is the maintenance switch.
+pub const MAX_DEPENDENCIES: usize = 63;
 /// Default time between checks.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 /// Default bound on one whole check.
@@ -365,5 +366,11 @@ pub(crate) mod testing {
             }
             Err(e) => panic!("{e}"),
         }
+    }
+
+    /// The problems (key, message) of a dependency `db` with the body `dep`,
+    /// which must be invalid.
+    pub(crate) fn problems(dep: &str) -> Vec<(String, String)> {
+        load("db", dep).expect_err("config unexpectedly valid")
     }
 }

@@ -135,6 +135,44 @@ pub(super) fn parked_until(state: &IoState, cfg: &TimerConfig) -> Option<Instant
     cfg.client_idle_timeout.map(|t| state.idle_since() + t)
 }
 
+/// The drain's rule for idle client connections, from the moment the drain
+/// began (SIGTERM, `began`): every response then carries `Connection: close`
+/// (see `forward::handle`), and an idle connection is closed only once its
+/// client left it unused for `delay` (`drain.delay`) counted from the later
+/// of the drain's start and the connection's last response. A connection
+/// idle when the drain began is thus closed when the listener stops
+/// accepting, and a client that sends anything meanwhile gets its answer
+/// with `Connection: close` instead of meeting the close with a request in
+/// flight. A connection whose next request head is arriving, or that has a
+/// request in progress, is never closed by this rule.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DrainIdle {
+    /// When the drain began.
+    pub(super) began: Instant,
+    /// `drain.delay`.
+    pub(super) delay: Duration,
+}
+
+impl DrainIdle {
+    /// When the connection is closed if it stays idle; `None` while it is
+    /// not idle.
+    pub(super) fn close_at(&self, state: &IoState) -> Option<Instant> {
+        (state.busy.load(Relaxed) == 0 && state.head_started().is_none())
+            .then(|| state.idle_since().max(self.began) + self.delay)
+    }
+
+    /// The timer's decision `action` (from [`decide`]) at `now`, with this
+    /// rule applied: close an idle connection that is due, and otherwise
+    /// wake no later than when it will be.
+    pub(super) fn apply(&self, state: &IoState, action: TimerAction, now: Instant) -> TimerAction {
+        match (self.close_at(state), action) {
+            (Some(at), _) if now >= at => TimerAction::Idle,
+            (Some(at), TimerAction::Rearm(t)) => TimerAction::Rearm(t.min(at)),
+            _ => action,
+        }
+    }
+}
+
 /// A keep-alive connection idle this long is parked: hyper's connection
 /// state (an 8 KiB read buffer that hyper never shrinks, the request-future
 /// slot, a cached header map) is dropped and the bare socket is watched for
@@ -480,6 +518,46 @@ mod tests {
         assert_eq!(decide(&s, Some(due), t0 + MS * 1000, &c), TimerAction::Rearm(due), "wakes at the deadline");
         assert_eq!(decide(&s, Some(due), t0 + MS * 900, &c), TimerAction::Rearm(t0 + MS * 950), "or within a tick");
         assert_eq!(decide(&s, Some(due), due, &c), TimerAction::UpstreamTimeout(due + MS * 50));
+    }
+
+    #[test]
+    fn during_a_drain_a_connection_idle_since_before_it_is_closed_when_the_delay_ends() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        let c = cfg(Some(1000), Some(60_000));
+        let drain = DrainIdle { began: t0 + MS * 500, delay: MS * 2000 };
+        assert_eq!(drain.close_at(&s), Some(t0 + MS * 2500), "the delay counts from the drain's start");
+        let early = decide(&s, None, t0 + MS * 20, &c);
+        assert_eq!(drain.apply(&s, early, t0 + MS * 20), TimerAction::Rearm(t0 + MS * 70), "nothing due yet");
+        let late = t0 + MS * 2480;
+        assert_eq!(drain.apply(&s, TimerAction::Rearm(late + MS * 50), late), TimerAction::Rearm(t0 + MS * 2500));
+        assert_eq!(drain.apply(&s, TimerAction::Park, t0 + MS * 2500), TimerAction::Idle);
+    }
+
+    #[test]
+    fn during_a_drain_a_connection_that_became_idle_later_gets_the_whole_delay() {
+        let t0 = Instant::now();
+        let s = idle_at(t0 + MS * 900);
+        let drain = DrainIdle { began: t0, delay: MS * 1000 };
+        assert_eq!(drain.close_at(&s), Some(t0 + MS * 1900));
+        assert_eq!(drain.apply(&s, TimerAction::Park, t0 + MS * 1899), TimerAction::Park);
+        assert_eq!(drain.apply(&s, TimerAction::Park, t0 + MS * 1900), TimerAction::Idle);
+    }
+
+    #[test]
+    fn during_a_drain_a_connection_with_a_request_or_an_arriving_head_is_not_idle() {
+        let t0 = Instant::now();
+        let drain = DrainIdle { began: t0, delay: Duration::ZERO };
+        let busy = idle_at(t0);
+        busy.begin_request();
+        assert_eq!(drain.close_at(&busy), None);
+        let rearm = TimerAction::Rearm(t0 + MS * 50);
+        assert_eq!(drain.apply(&busy, rearm, t0 + MS * 10), rearm);
+        let fresh = IoState::new(t0);
+        assert_eq!(drain.close_at(&fresh), None, "a new connection's first head is held to header_read_timeout");
+        let reading = idle_at(t0);
+        reading.on_read();
+        assert_eq!(drain.close_at(&reading), None);
     }
 
     #[test]

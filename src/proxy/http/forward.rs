@@ -69,11 +69,51 @@ pub(super) enum Fail {
 }
 
 /// Handles one request; every response is built here, and the request's
-/// outcome recorded exactly once, when the response head is handed to hyper.
-pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody> {
+/// outcome recorded exactly once: when the response head is handed to hyper,
+/// or as `client_closed` when hyper drops the request first (its client went
+/// away before the response head).
+///
+/// Once the drain began, every response but a `101` carries
+/// `Connection: close`, so keep-alive clients leave this connection with an
+/// answer in hand rather than meet its close with a request in flight.
+pub(super) async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Response<ResBody> {
     let start = Instant::now();
+    let w = conn.worker.clone();
+    let unanswered = Unanswered { metrics: Cell::new(&w.ctx.default_route.metrics), start, armed: Cell::new(true) };
+    let mut res = respond(conn, req, start, &w, &unanswered).await;
+    unanswered.armed.set(false);
+    if w.ctx.health.is_draining() && res.status() != StatusCode::SWITCHING_PROTOCOLS {
+        res.headers_mut().insert(header::CONNECTION, CLOSE_VALUE.clone());
+    }
+    res
+}
+
+/// Records a request dropped before its response head as `client_closed`,
+/// with its duration, under the route it took (the default route until one
+/// was selected). Lives on the request future: nothing is allocated.
+struct Unanswered<'a> {
+    metrics: Cell<&'a RouteMetrics>,
+    start: Instant,
+    armed: Cell<bool>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.armed.get() {
+            self.metrics.get().record(Outcome::ClientClosed, self.start.elapsed());
+        }
+    }
+}
+
+/// [`handle`]'s work: the response to one request.
+async fn respond<'w>(
+    conn: Rc<Conn>,
+    mut req: Request<Incoming>,
+    start: Instant,
+    w: &'w Rc<Worker>,
+    unanswered: &Unanswered<'w>,
+) -> Response<ResBody> {
     let busy = Busy::begin(conn);
-    let w = busy.0.worker.clone();
     let ctx = &w.ctx;
 
     let uri = req.uri();
@@ -128,6 +168,7 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
     // its metric label (`bypass` prefixes are routes needing nothing).
     let route = ctx.route(req.method(), path, req.headers());
     let metrics = &route.metrics;
+    unanswered.metrics.set(metrics);
     let max_body = ctx.config.http.max_body_bytes;
     if max_body > 0 && req.body().size_hint().exact().is_some_and(|n| n > max_body) {
         return reply(metrics, busy, start, Outcome::BadRequest, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_BODY, true);
@@ -142,7 +183,7 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
                 let (status, body) = route.responses.body(class, missing, &ctx.health);
                 let (parts, req_body) = req.into_parts();
                 let expects = parts.headers.contains_key(header::EXPECT);
-                let keep_alive = req_body.is_end_stream() || Box::pin(settle_body(req_body, expects, &w)).await;
+                let keep_alive = req_body.is_end_stream() || Box::pin(settle_body(req_body, expects, w)).await;
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
                 // The request's header map is reused for the response: it
                 // is dropped anyway, and this saves allocating a new one.
@@ -201,7 +242,7 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
                 let upgrade_value = res.headers().get(header::UPGRADE).cloned();
                 let (mut parts, _) = res.into_parts();
                 // A 101 has no body: its codings do not matter.
-                let _ = prepare_response(&mut parts.headers, &w, parts.version);
+                let _ = prepare_response(&mut parts.headers, w, parts.version);
                 parts.version = Version::HTTP_11;
                 if let Some(v) = upgrade_value {
                     parts.headers.insert(header::CONNECTION, UPGRADE_VALUE.clone());
@@ -214,7 +255,7 @@ pub(super) async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Respon
                 return Response::from_parts(parts, ResBody::full(Bytes::new(), busy));
             }
             let (mut parts, mut body) = res.into_parts();
-            if let Err(e) = prepare_response(&mut parts.headers, &w, parts.version) {
+            if let Err(e) = prepare_response(&mut parts.headers, w, parts.version) {
                 // Dropping the body and `tx` closes that upstream connection.
                 debug!(error = %e, "response not relayed");
                 return reply(

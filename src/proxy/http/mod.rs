@@ -19,6 +19,15 @@
 //!    problem+json ourselves (`short_circuited`), with the route's bodies.
 //! 3. Forwarding over a pooled keep-alive connection to the app; bodies are
 //!    streamed both ways (hyper `Incoming` passed through, never collected).
+//! 4. The outcome is recorded once, when the response head is handed to
+//!    hyper, or as `client_closed` if hyper drops the request first (a drop
+//!    guard on the request future; nothing allocated).
+//!
+//! # Drain
+//! From SIGTERM on, every answer but a `101` carries `Connection: close`,
+//! and an idle connection is closed only after its client left it unused
+//! for `drain.delay` (`conn::DrainIdle`): no request written on an open
+//! connection goes unanswered. Upgraded tunnels are left as they are.
 //!
 //! # Timeouts without a timer per request
 //! hyper's own `header_read_timeout` allocates and arms a timer for every
@@ -92,7 +101,7 @@ use tracing::debug;
 use super::accept::{self, Permit, Permits, Serve};
 use super::{DrainSignal, ListenerCtx};
 use crate::metrics::Outcome;
-use conn::{ClientIo, Conn, IoState, TimerAction, TimerConfig, decide, parked_until};
+use conn::{ClientIo, Conn, DrainIdle, IoState, TimerAction, TimerConfig, decide, parked_until};
 use forward::handle;
 use pool::{Pooled, sweep_pool};
 
@@ -128,8 +137,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: Drai
     let accepting = Accepting { w: w.clone(), drain: drain.clone() };
     let deadline = accept::run(&listener, &w.ctx.config.name, &w.permits, &mut drain, &accepting).await;
     // Closing the socket makes new connects fail at once (this worker's part
-    // of the SO_REUSEPORT group leaves it); each connection saw the drain
-    // signal itself and shuts down gracefully.
+    // of the SO_REUSEPORT group leaves it); each connection follows the
+    // drain's rule itself (`DrainIdle`, and `Connection: close` on answers).
     drop(listener);
     let _ = timeout_at(deadline, w.permits.all_returned()).await;
     sweeper.abort();
@@ -272,7 +281,7 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
         // Boxed: while parked, the connection's task then holds a pointer
         // rather than hyper's whole connection struct.
         let mut http = Box::new(w.http.serve_connection(TokioIo::new(io), svc.clone()).with_upgrades());
-        if drain_seen {
+        if stopped_without_drain(&w, drain_seen) {
             Pin::new(&mut *http).graceful_shutdown();
         }
         let mut timer_on = true;
@@ -281,7 +290,7 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
             tokio::select! {
                 biased;
                 r = &mut *http => break r,
-                _ = timer.as_mut(), if timer_on => match decide(&state, this.upstream_due.get(), Instant::now(), &w.timer) {
+                _ = timer.as_mut(), if timer_on => match timer_action(&w, &state, this.upstream_due.get()) {
                     TimerAction::Rearm(t) => timer.as_mut().reset(t),
                     TimerAction::UpstreamTimeout(t) => {
                         // Answered `504` when hyper polls the request, next
@@ -294,10 +303,11 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
                         Pin::new(&mut *http).graceful_shutdown();
                     }
                     TimerAction::Park => {
-                        // Once draining, an idle connection closes instead.
-                        debug!(closing = drain_seen, "parking idle connection");
+                        // Once stopped without a drain, an idle connection closes instead.
+                        let closing = stopped_without_drain(&w, drain_seen);
+                        debug!(closing, "parking idle connection");
                         timer_on = false;
-                        parking = !drain_seen;
+                        parking = !closing;
                         state.parking.store(parking, Relaxed);
                         Pin::new(&mut *http).graceful_shutdown();
                     }
@@ -309,6 +319,14 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
                 r = drain.changed(), if !drain_seen => {
                     if r.is_err() || drain.borrow_and_update().is_some() {
                         drain_seen = true;
+                        if !stopped_without_drain(&w, drain_seen) {
+                            // The drain's own rule (`DrainIdle`) closes this
+                            // connection; the timer looks at it now.
+                            if timer_on {
+                                timer.as_mut().reset(Instant::now());
+                            }
+                            continue;
+                        }
                         // Close rather than park.
                         parking = false;
                         state.parking.store(false, Relaxed);
@@ -342,23 +360,54 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
         if io.prefix.is_empty() {
             // Parked: only the socket is held until the client speaks again.
             let _parked = Parked::new(&w.parked);
-            match parked_until(&state, &w.timer) {
-                Some(t) => timer.as_mut().reset(t),
-                None => timer.as_mut().reset(Instant::now() + Duration::from_secs(365 * 24 * 3600)),
-            }
-            tokio::select! {
-                r = io.stream.readable() => if r.is_err() { return },
-                // Idle timeout: dropping the socket closes it (FIN).
-                _ = timer.as_mut() => return,
-                r = drain.changed(), if !drain_seen => {
-                    if r.is_err() || drain.borrow_and_update().is_some() {
-                        return;
+            loop {
+                let drain_close = drain_idle(&w).and_then(|d| d.close_at(&state));
+                match parked_until(&state, &w.timer).into_iter().chain(drain_close).min() {
+                    Some(t) => timer.as_mut().reset(t),
+                    None => timer.as_mut().reset(Instant::now() + Duration::from_secs(365 * 24 * 3600)),
+                }
+                tokio::select! {
+                    // A request that arrives as the timer fires is served.
+                    biased;
+                    r = io.stream.readable() => if r.is_err() { return } else { break },
+                    // Idle timeout or the drain's idle rule: dropping the
+                    // socket closes it (FIN).
+                    _ = timer.as_mut() => return,
+                    r = drain.changed(), if !drain_seen => {
+                        if r.is_err() || drain.borrow_and_update().is_some() {
+                            drain_seen = true;
+                            if stopped_without_drain(&w, drain_seen) {
+                                return;
+                            }
+                        }
                     }
                 }
             }
         }
         timer.as_mut().reset(Instant::now() + w.timer.tick);
     }
+}
+
+/// The drain's rule for idle connections, once the drain began (SIGTERM).
+fn drain_idle(w: &Worker) -> Option<DrainIdle> {
+    w.ctx.health.draining_since().map(|began| DrainIdle { began, delay: w.ctx.drain_delay })
+}
+
+/// The connection timer's decision now, the drain's idle rule included.
+fn timer_action(w: &Worker, state: &IoState, upstream_due: Option<Instant>) -> TimerAction {
+    let now = Instant::now();
+    let action = decide(state, upstream_due, now, &w.timer);
+    match drain_idle(w) {
+        Some(d) => d.apply(state, action, now),
+        None => action,
+    }
+}
+
+/// Whether the listener was told to stop (`drain_seen`) with no drain begun
+/// before (only when `serve` is driven without the server's drain sequence):
+/// connections then close as soon as they can, with no grace for idle ones.
+fn stopped_without_drain(w: &Worker, drain_seen: bool) -> bool {
+    drain_seen && !w.ctx.health.is_draining()
 }
 
 /// Counts a connection in the parked-connections gauge while it lives.
