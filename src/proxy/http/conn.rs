@@ -556,8 +556,30 @@ mod tests {
         let fresh = IoState::new(t0);
         assert_eq!(drain.close_at(&fresh), None, "a new connection's first head is held to header_read_timeout");
         let reading = idle_at(t0);
-        reading.on_read();
+        reading.on_read(b"GET / HTTP/1.1\r\n");
         assert_eq!(drain.close_at(&reading), None);
+    }
+
+    #[test]
+    fn a_fragment_is_found_in_the_request_line_only_and_matched_to_its_target() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        s.on_read(b"GET /x#fr");
+        s.on_read(b"ag HTTP/1.1\r\nReferer: /#top\r\n\r\n");
+        assert_eq!(s.line_open.load(Relaxed), 0, "the line ended");
+        assert_eq!(s.line_len.load(Relaxed), 21, "up to the LF");
+        let other: Uri = "/yy".parse().unwrap();
+        let this: Uri = "/x".parse().unwrap();
+        assert!(!s.take_fragment("GET", &other), "another target: not this request's line");
+        s.fragment_at.store(6, Relaxed);
+        assert!(s.take_fragment("GET", &this));
+        assert!(!s.take_fragment("GET", &this), "taken once");
+        let s = idle_at(t0);
+        s.on_read(b"GET /x HTTP/1.1\r\nReferer: /#top\r\n\r\n");
+        assert!(!s.take_fragment("GET", &this), "a # in a header is no fragment");
+        let s = idle_at(t0);
+        s.on_read(b"GET /aaaa");
+        assert_eq!(s.line_open.load(Relaxed), 10, "open: 9 bytes so far (+1)");
     }
 
     #[test]

@@ -332,6 +332,17 @@ mod tests {
     }
 
     #[test]
+    fn only_a_single_chunked_coding_is_relayed() {
+        assert_eq!(transfer_codings(&map(&[("transfer-encoding", "Chunked")])), Codings::Chunked);
+        assert_eq!(transfer_codings(&map(&[("transfer-encoding", "chunked, chunked")])), Codings::ChunkedTwice);
+        let two = map(&[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")]);
+        assert_eq!(transfer_codings(&two), Codings::ChunkedTwice);
+        for other in ["gzip, chunked", "identity", "chunked, gzip"] {
+            assert_eq!(transfer_codings(&map(&[("transfer-encoding", other)])), Codings::Other, "{other}");
+        }
+    }
+
+    #[test]
     fn upgrade_needs_both_the_connection_token_and_the_header() {
         assert!(upgrade_requested(&map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")])));
         assert!(!upgrade_requested(&map(&[("upgrade", "websocket")])));
