@@ -336,8 +336,8 @@ impl AsyncWrite for ClientIo {
     /// (RFC 9112 §3).
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Some(rest) = buf.strip_prefix(HYPER_431)
-            && (this.state.line_open.load(Relaxed) != 0 || this.state.line_len.load(Relaxed) as usize >= this.max_line)
+        if (this.state.line_open.load(Relaxed) != 0 || this.state.line_len.load(Relaxed) as usize >= this.max_line)
+            && let Some(rest) = buf.strip_prefix(HYPER_431)
         {
             // Written by `poll_flush`, which hyper calls next.
             this.state.queue_for_client(|b| {
