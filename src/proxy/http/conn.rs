@@ -244,14 +244,18 @@ impl IoState {
     /// head's size answers `431` even when the request line alone is over
     /// it. Costs a scan of the request line per request.
     fn scan_line(&self, bytes: &[u8]) {
-        let end = bytes.iter().position(|b| *b == b'\n');
-        let line = &bytes[..end.unwrap_or(bytes.len())];
         let seen = self.line_open.load(Relaxed) - 1;
-        if self.fragment_at.load(Relaxed) == 0
-            && let Some(i) = line.iter().position(|b| *b == b'#')
+        // One pass to the LF, or to a `#` first (rare), then on to the LF.
+        let mut end = bytes.iter().position(|b| *b == b'\n' || *b == b'#');
+        if let Some(i) = end
+            && bytes[i] == b'#'
         {
-            self.fragment_at.store(seen.saturating_add(i as u32).max(1), Relaxed);
+            if self.fragment_at.load(Relaxed) == 0 {
+                self.fragment_at.store(seen.saturating_add(i as u32).max(1), Relaxed);
+            }
+            end = bytes[i..].iter().position(|b| *b == b'\n').map(|j| i + j);
         }
+        let line = &bytes[..end.unwrap_or(bytes.len())];
         let len = seen.saturating_add(line.len() as u32);
         if end.is_some() {
             self.line_open.store(0, Relaxed);
