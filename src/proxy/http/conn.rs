@@ -246,14 +246,14 @@ impl IoState {
     fn scan_line(&self, bytes: &[u8]) {
         let seen = self.line_open.load(Relaxed) - 1;
         // One pass to the LF, or to a `#` first (rare), then on to the LF.
-        let mut end = bytes.iter().position(|b| *b == b'\n' || *b == b'#');
+        let mut end = memchr::memchr2(b'\n', b'#', bytes);
         if let Some(i) = end
             && bytes[i] == b'#'
         {
             if self.fragment_at.load(Relaxed) == 0 {
                 self.fragment_at.store(seen.saturating_add(i as u32).max(1), Relaxed);
             }
-            end = bytes[i..].iter().position(|b| *b == b'\n').map(|j| i + j);
+            end = memchr::memchr(b'\n', &bytes[i..]).map(|j| i + j);
         }
         let line = &bytes[..end.unwrap_or(bytes.len())];
         let len = seen.saturating_add(line.len() as u32);

@@ -250,27 +250,31 @@ pub(super) fn append_forwarded_for(h: &mut HeaderMap, peer: &HeaderValue) {
 /// extra lookup.
 pub(super) fn prepare_response(h: &mut HeaderMap, w: &Worker, version: Version) -> Result<(), UnsupportedCoding> {
     let mut present = 0u16;
-    let (mut lengths, mut list) = (0u8, false);
-    for (name, value) in h.iter() {
+    let mut length = false;
+    for name in h.keys() {
         if let Some(i) = hop_index(name) {
             present |= 1 << i;
         } else if name == header::CONTENT_LENGTH {
-            lengths = lengths.saturating_add(1);
-            list |= value.as_bytes().contains(&b',');
+            length = true;
         }
     }
     if present & TRANSFER_ENCODING_BIT != 0 {
         if transfer_codings(h) != Codings::Chunked {
             return Err(UnsupportedCoding);
         }
-        if lengths > 0 {
+        if length {
             h.remove(header::CONTENT_LENGTH);
         }
-    } else if lengths > 1 || list {
-        // A list of one repeated value (hyper checked that they agree).
-        let one = h[header::CONTENT_LENGTH].as_bytes().split(|b| *b == b',').next().unwrap_or_default();
-        if let Ok(v) = HeaderValue::from_bytes(one.trim_ascii()) {
-            h.insert(header::CONTENT_LENGTH, v);
+    } else if length {
+        let mut all = h.get_all(header::CONTENT_LENGTH).iter();
+        if let (Some(first), more) = (all.next(), all.next())
+            && (more.is_some() || first.as_bytes().contains(&b','))
+        {
+            // A list of one repeated value (hyper checked that they agree).
+            let one = first.as_bytes().split(|b| *b == b',').next().unwrap_or_default();
+            if let Ok(v) = HeaderValue::from_bytes(one.trim_ascii()) {
+                h.insert(header::CONTENT_LENGTH, v);
+            }
         }
     }
     strip_present(h, present);
