@@ -76,6 +76,11 @@ impl DependencyType for HttpSettings {
             p.at(url.pos, d.key("url"), "must include a host");
             return None;
         };
+        if authority.as_str().contains('@') {
+            // It would be sent as the Host header, logged and shown in /status.
+            p.at(url.pos, d.key("url"), "credentials in the URL are not allowed");
+            return None;
+        }
         let address = HostPort {
             host: authority.host().trim_start_matches('[').trim_end_matches(']').to_string(),
             port: authority.port_u16().unwrap_or(if https { DEFAULT_HTTPS_PORT } else { DEFAULT_HTTP_PORT }),
