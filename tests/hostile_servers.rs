@@ -293,7 +293,8 @@ fn cpu_time(pid: u32) -> Duration {
 struct Observed {
     /// Checks of the healthy dependency.
     checks: u64,
-    /// Longest time between two of its checks (sampled every ~20 ms), ms.
+    /// Longest time between the ends of two consecutive checks of it, from
+    /// their `last_check` timestamps (ms resolution), ms.
     max_gap_ms: u64,
     /// Every `/livez` answer was 200.
     livez_ok: bool,
@@ -301,25 +302,39 @@ struct Observed {
     max_rss_kib: u64,
 }
 
+/// Milliseconds since midnight of an RFC 3339 UTC timestamp (`...T02:59:05.922Z`).
+fn ms_of_day(ts: &str) -> u64 {
+    let time = ts.split_once('T').unwrap().1.trim_end_matches('Z');
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut parts = hms.split(':').map(|p| p.parse::<u64>().unwrap());
+    let (h, m, sec) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+    let ms: u64 = format!("{frac:0<3}")[..3].parse().unwrap();
+    ((h * 60 + m) * 60 + sec) * 1000 + ms
+}
+
 /// Watches the healthy dependency, `/livez` and the memory for `window`.
 fn observe(hg: &Healthgate, window: Duration) -> Observed {
     let started = Instant::now();
-    let first = dep_status(hg, "healthy")["checks_total"].as_u64().unwrap();
-    let (mut last, mut last_at, mut max_gap) = (first, Instant::now(), Duration::ZERO);
+    let sample = || {
+        let d = dep_status(hg, "healthy");
+        (d["checks_total"].as_u64().unwrap(), ms_of_day(d["last_check"].as_str().unwrap()))
+    };
+    let (first, mut at) = sample();
+    let (mut last, mut max_gap) = (first, 0);
     let (mut livez_ok, mut max_rss) = (true, 0);
     while started.elapsed() < window {
-        let n = dep_status(hg, "healthy")["checks_total"].as_u64().unwrap();
-        let now = Instant::now();
-        if n != last {
-            last = n;
-            last_at = now;
+        let (n, t) = sample();
+        if n == last + 1 {
+            max_gap = max_gap.max(t.saturating_sub(at));
         }
-        max_gap = max_gap.max(now - last_at);
+        if n != last {
+            (last, at) = (n, t);
+        }
         livez_ok &= hg.admin_get("/livez").0 == 200;
         max_rss = max_rss.max(rss_kib(hg.pid()));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let o = Observed { checks: last - first, max_gap_ms: max_gap.as_millis() as u64, livez_ok, max_rss_kib: max_rss };
+    let o = Observed { checks: last - first, max_gap_ms: max_gap, livez_ok, max_rss_kib: max_rss };
     eprintln!("observed over {window:?}: {o:?}");
     o
 }
