@@ -84,17 +84,26 @@ impl Conn {
 
     /// Fails when the server sent anything since the last reply; a closed
     /// connection is a `reset` (the server's idle `timeout`: worth a retry).
+    /// An error reply is the one thing Redis sends unasked (`-ERR max number
+    /// of clients reached` right after accepting): it keeps its own cause.
     fn nothing_unasked(&mut self, what: &str) -> Result<(), CheckError> {
         let mut probe = [0u8; 512];
         match self.stream.try_read(&mut probe) {
             Ok(0) => Err(CheckError::new(Cause::Reset, format!("{what}: connection closed by {}", self.peer))),
-            Ok(n) => Err(CheckError::new(
-                Cause::Protocol,
-                format!(
-                    "{what}: the server sent bytes nobody asked for ({})",
-                    text::clip_bytes(&probe[..n.min(24)], 24)
-                ),
-            )),
+            Ok(n) => {
+                if let Ok((Reply::Error(e), used)) = parse(&probe[..n])
+                    && used == n
+                {
+                    return Err(error_reply("before the command was sent, the server", &e));
+                }
+                Err(CheckError::new(
+                    Cause::Protocol,
+                    format!(
+                        "{what}: the server sent bytes nobody asked for ({})",
+                        text::clip_bytes(&probe[..n.min(24)], 24)
+                    ),
+                ))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(io_error(&e, Phase::Exchange, what)),
         }
