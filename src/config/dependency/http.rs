@@ -114,6 +114,14 @@ mod tests {
     }
 
     #[test]
+    fn credentials_in_the_url_are_refused_without_echoing_them() {
+        let p = load("api", "    type: http\n    url: http://user:Pw-In-Url@api.local/health\n").unwrap_err();
+        let text = format!("{p:?}");
+        assert!(text.contains("dependencies[0].url") && text.contains("credentials"), "{text}");
+        assert!(!text.contains("Pw-In-Url"), "{text}");
+    }
+
+    #[test]
     fn a_relative_url_and_a_status_out_of_range_are_reported() {
         let p = load("api", "    type: http\n    url: /health\n    expect_status: [200, 700]\n").unwrap_err();
         let keys: Vec<_> = p.iter().map(|(k, _)| k.as_str()).collect();
