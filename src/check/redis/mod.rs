@@ -60,14 +60,15 @@ struct Conn {
     /// The bytes of the reply being read (never more than one reply).
     buf: Vec<u8>,
     /// Walks `buf` as it grows, so a reply in many pieces is examined once.
-    framer: Framer,
+    /// (Boxed: a check holds two connections, and the check enum stays small.)
+    framer: Box<Framer>,
     peer: SocketAddr,
 }
 
 impl Conn {
     async fn open(target: &HostPort, tls: Option<&TlsSettings>, deadline: Instant) -> Result<Conn, CheckError> {
         let (stream, peer) = tls::connect(target, tls, deadline).await?;
-        Ok(Conn { stream, buf: Vec::with_capacity(4096), framer: Framer::default(), peer })
+        Ok(Conn { stream, buf: Vec::with_capacity(4096), framer: Box::default(), peer })
     }
 
     /// Sends one command and reads its reply, by `deadline`.
@@ -117,7 +118,7 @@ impl Conn {
                 let (reply, _) = parse(&self.buf[..end]).map_err(protocol)?;
                 let extra = self.buf.len() - end;
                 self.buf.clear();
-                self.framer = Framer::default();
+                *self.framer = Framer::default();
                 if extra > 0 {
                     return Err(CheckError::new(
                         Cause::Protocol,
@@ -201,7 +202,7 @@ pub struct RedisCheck {
     version: Option<String>,
     current_master: Option<HostPort>,
     /// The passwords sent so far, kept out of published messages.
-    secrets: KnownSecrets,
+    secrets: Box<KnownSecrets>,
 }
 
 impl RedisCheck {
@@ -219,7 +220,7 @@ impl RedisCheck {
             conn: None,
             version: None,
             current_master: None,
-            secrets: KnownSecrets::default(),
+            secrets: Box::default(),
         }
     }
 
@@ -681,7 +682,7 @@ mod tests {
             conn: None,
             version: None,
             current_master: None,
-            secrets: KnownSecrets::default(),
+            secrets: Box::default(),
         }
     }
 
