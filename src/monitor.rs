@@ -2,7 +2,7 @@
 //! jitter), bounds it by its timeout, applies rise/fall hysteresis, and
 //! publishes the verdict. One task per dependency, the only writer of its
 //! state. Also the aggregator, which turns verdicts into the service state
-//! and emits the seed's "OUT OF SERVICE" / "IN SERVICE" events.
+//! and emits the loud "OUT OF SERVICE" / "IN SERVICE" banners an operator greps for.
 //!
 //! Logging: one event per transition, never one per probe.
 
@@ -161,7 +161,7 @@ pub async fn aggregate(health: Arc<Health>, metrics: Arc<Metrics>) {
     }
 }
 
-/// The seed's banners, as one structured event each.
+/// The service banners (OUT OF SERVICE, DEGRADED, IN SERVICE, DRAINING), as one structured event each.
 fn log_service_transition(health: &Health, state: ServiceState) {
     let down: Vec<String> = health
         .deps()

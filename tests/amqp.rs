@@ -171,6 +171,31 @@ async fn missing_queue_is_not_found_and_existing_queue_passes() {
 }
 
 #[tokio::test]
+async fn queue_whose_home_node_is_down_is_not_ready_with_the_brokers_text() {
+    let _g = rabbitmq::shared().await;
+    let node = rabbitmq::node();
+    declare_queue("hg-homeless").await;
+    let mut check = node_check("mq-homeless", "", "    queues: [hg-homeless]\n");
+    probe(&mut check).await.expect("the queue is available");
+    // What the broker keeps of a durable queue whose home node went down: the
+    // durable record without the live one. Here the live record is removed on
+    // this single node (its home node stays this node), so the broker answers
+    // exactly as it does in a cluster whose queue home node is down.
+    let name = "rabbit_misc:r(<<\"/\">>, queue, <<\"hg-homeless\">>)";
+    node.rabbitmqctl(&["eval", &format!("ok = mnesia:dirty_delete(rabbit_queue, {name}).")]);
+    let err = probe(&mut check).await.unwrap_err();
+    let restore =
+        format!("[Q] = mnesia:dirty_read(rabbit_durable_queue, {name}), ok = mnesia:dirty_write(rabbit_queue, Q).");
+    node.rabbitmqctl(&["eval", &restore]);
+    assert_eq!(err.cause, Cause::NotReady, "{err}");
+    assert!(err.message.contains("hg-homeless") && err.message.contains("is down or inaccessible"), "{err}");
+    assert!(err.message.contains(&format!("home node '{}'", node.name)), "{err}");
+    // Back: the same check passes again.
+    eventually_ok(&mut check, "the queue is live again", STEP).await;
+    check.close(Instant::now() + TIMEOUT).await;
+}
+
+#[tokio::test]
 async fn frozen_node_fails_within_the_timeout_and_recovers_after_thaw() {
     let _g = rabbitmq::exclusive().await;
     let node = rabbitmq::node();

@@ -76,11 +76,12 @@ enum Kind {
     Tcp,
     Http,
     Mysql,
+    Postgres,
     Redis,
     Amqp,
 }
 
-const KINDS: [Kind; 5] = [Kind::Tcp, Kind::Http, Kind::Mysql, Kind::Redis, Kind::Amqp];
+const KINDS: [Kind; 6] = [Kind::Tcp, Kind::Http, Kind::Mysql, Kind::Postgres, Kind::Redis, Kind::Amqp];
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -88,13 +89,14 @@ impl Kind {
             Kind::Tcp => "tcp",
             Kind::Http => "http",
             Kind::Mysql => "mysql",
+            Kind::Postgres => "postgres",
             Kind::Redis => "redis",
             Kind::Amqp => "amqp",
         }
     }
 
     fn has_credentials(self) -> bool {
-        matches!(self, Kind::Mysql | Kind::Redis | Kind::Amqp)
+        matches!(self, Kind::Mysql | Kind::Postgres | Kind::Redis | Kind::Amqp)
     }
 }
 
@@ -158,9 +160,10 @@ impl Case {
         Some(match self {
             Case::Refuse | Case::Restart => "refused",
             Case::Reset | Case::CloseMidHandshake => "reset",
-            // The MySQL check counts the greeting and login as part of
-            // connecting (docs/mysql.md): no session in time is a connect timeout.
-            Case::BlackHoleFresh if kind == Kind::Mysql => "connect_timeout",
+            // The MySQL and PostgreSQL checks count the greeting/startup and
+            // login as part of connecting (docs/mysql.md, docs/postgres.md):
+            // no session in time is a connect timeout.
+            Case::BlackHoleFresh if matches!(kind, Kind::Mysql | Kind::Postgres) => "connect_timeout",
             // Connected (the kernel accepts), but no reply in time.
             Case::BlackHole | Case::BlackHoleFresh | Case::Latency | Case::Drip => "read_timeout",
             Case::WrongCredentials if kind.has_credentials() => "auth",
@@ -187,6 +190,7 @@ struct Servers {
     echo: Backend,
     http: Backend,
     mysql: support::mariadb::MariaDb,
+    postgres: support::postgres::Postgres,
     redis: support::redis::Redis,
 }
 
@@ -201,6 +205,10 @@ fn dependency(kind: Kind, host_port: &str, password_file: &std::path::Path) -> S
         Kind::Mysql => format!(
             "    type: mysql\n    address: \"{host_port}\"\n    user: {}\n    password_file: \"{pw}\"\n",
             support::mariadb::USER
+        ),
+        Kind::Postgres => format!(
+            "    type: postgres\n    address: \"{host_port}\"\n    user: {}\n    database: postgres\n    password_file: \"{pw}\"\n",
+            support::postgres::USER
         ),
         Kind::Redis => format!("    type: redis\n    address: \"{host_port}\"\n    password_file: \"{pw}\"\n"),
         Kind::Amqp => {
@@ -221,6 +229,7 @@ fn dependency(kind: Kind, host_port: &str, password_file: &std::path::Path) -> S
 fn password(kind: Kind) -> &'static str {
     match kind {
         Kind::Mysql => support::mariadb::PASSWORD,
+        Kind::Postgres => support::postgres::PASSWORD,
         Kind::Amqp => support::rabbitmq::PASSWORD,
         Kind::Redis => REDIS_PASSWORD,
         _ => "unused",
@@ -456,6 +465,7 @@ fn run_dns_cell(kind: Kind) -> Outcome {
     let t0 = SystemTime::now();
     let port = match kind {
         Kind::Mysql => 3306,
+        Kind::Postgres => 5432,
         Kind::Redis => 6379,
         Kind::Amqp => 5672,
         _ => 80,
@@ -546,11 +556,17 @@ async fn every_fault_is_detected_with_its_cause_and_recovered_within_bounds() {
     let rabbit = tokio::task::spawn_blocking(support::rabbitmq::node);
     let redis_restart =
         tokio::task::spawn_blocking(|| support::redis::Redis::start(&["--requirepass", REDIS_PASSWORD]));
-    let (mysql, mysql_restart) = tokio::join!(support::mariadb::MariaDb::start(), support::mariadb::MariaDb::start());
+    let (mysql, mysql_restart, postgres, postgres_restart) = tokio::join!(
+        support::mariadb::MariaDb::start(),
+        support::mariadb::MariaDb::start(),
+        support::postgres::Postgres::start(),
+        support::postgres::Postgres::start(),
+    );
     let servers = Arc::new(Servers {
         echo: Backend::start(Speaks::Echo(Vec::new())),
         http: Backend::start(Speaks::Http),
         mysql,
+        postgres,
         redis: support::redis::Redis::start(&["--requirepass", REDIS_PASSWORD]),
     });
     let redis_restart = redis_restart.await.unwrap();
@@ -576,6 +592,7 @@ async fn every_fault_is_detected_with_its_cause_and_recovered_within_bounds() {
                         Kind::Tcp => servers.echo.addr,
                         Kind::Http => servers.http.addr,
                         Kind::Mysql => servers.mysql.address().parse().unwrap(),
+                        Kind::Postgres => servers.postgres.address().parse().unwrap(),
                         Kind::Redis => servers.redis.address().parse().unwrap(),
                         Kind::Amqp => format!("127.0.0.1:{}", node.port).parse().unwrap(),
                     };
@@ -597,6 +614,7 @@ async fn every_fault_is_detected_with_its_cause_and_recovered_within_bounds() {
 
     // Restart cells: each kills and restarts its own server.
     let handle = tokio::runtime::Handle::current();
+    let pg_handle = handle.clone();
     let restarts: Vec<Box<dyn FnOnce() -> Outcome + Send>> = vec![
         Box::new(|| {
             let mut b = Backend::start(Speaks::Echo(Vec::new()));
@@ -612,6 +630,11 @@ async fn every_fault_is_detected_with_its_cause_and_recovered_within_bounds() {
             let mut db = mysql_restart;
             let addr = db.address().parse().unwrap();
             restart_cell(Kind::Mysql, addr, |up| if up { handle.block_on(db.start_again()) } else { db.kill() })
+        }),
+        Box::new(move || {
+            let mut db = postgres_restart;
+            let addr = db.address().parse().unwrap();
+            restart_cell(Kind::Postgres, addr, |up| if up { pg_handle.block_on(db.start_again()) } else { db.stop() })
         }),
         Box::new(move || {
             let mut r = redis_restart;

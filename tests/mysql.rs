@@ -333,6 +333,18 @@ async fn server_at_max_connections_is_too_many_connections_and_recovers() {
     let mut c = check_of(&db, PASSWORD, "");
     let err = probe(&mut c, T).await.unwrap_err();
     assert_eq!(err.cause, Cause::TooManyConnections, "{err}");
+    // One slot freed: the check logs in and takes it, so the server is full
+    // again for everyone else, which the open connection now reports.
+    sessions.pop().unwrap().disconnect().await.unwrap();
+    let start = Instant::now();
+    let err = loop {
+        match probe(&mut c, T).await {
+            Err(e) if e.message.contains("max_connections") => break e,
+            other => assert!(start.elapsed() < STEP, "the check never logged in to the last slot: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(err.cause, Cause::TooManyConnections, "{err}");
     sessions.pop().unwrap().disconnect().await.unwrap();
     let mut recovered = false;
     for _ in 0..40 {
@@ -345,6 +357,64 @@ async fn server_at_max_connections_is_too_many_connections_and_recovers() {
     assert!(recovered, "the check passes once a slot is free");
     close(&mut c).await;
     for s in sessions {
+        s.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn saturation_by_other_clients_is_too_many_connections_on_the_open_connection_and_recovers() {
+    // 10 is the smallest max_connections MariaDB accepts.
+    let db = MariaDb::start_with(&["--max-connections=10".into()]).await;
+    let mut c = check_of(&db, PASSWORD, "");
+    probe(&mut c, T).await.unwrap();
+    // Other clients log in as an application would (over TCP, without
+    // CONNECTION ADMIN) one by one while the check keeps its connection: the
+    // check must fail exactly when the next login gets 1040.
+    let port = db.port();
+    let login = || async move {
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(port)
+            .user(Some(USER))
+            .pass(Some(PASSWORD))
+            .prefer_socket(false);
+        tokio::time::timeout(STEP, mysql_async::Conn::new(opts)).await.expect("login timed out")
+    };
+    let mut others = Vec::new();
+    let err = loop {
+        assert!(others.len() < 10, "{} other clients logged in, beyond max_connections", others.len());
+        let verdict = probe(&mut c, T).await;
+        match login().await {
+            Ok(conn) => {
+                verdict.unwrap_or_else(|e| {
+                    panic!("failed with {} other clients while logins still work: {e}", others.len())
+                });
+                others.push(conn);
+            }
+            Err(mysql_async::Error::Server(e)) if e.code == 1040 => {
+                break verdict.expect_err("a new login gets 1040 but the check passed");
+            }
+            Err(e) => panic!("unexpected login failure: {e}"),
+        }
+    };
+    assert_eq!(err.cause, Cause::TooManyConnections, "{err}");
+    assert!(err.message.contains("max_connections 10"), "{err}");
+    // One client leaves: healthy again, on the same connection.
+    others.pop().unwrap().disconnect().await.unwrap();
+    let start = Instant::now();
+    while let Err(e) = probe(&mut c, T).await {
+        assert!(start.elapsed() < STEP, "still failing after a slot was freed: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Off: the open connection passes however full the server is.
+    let mut ignoring = check_of(&db, PASSWORD, "    fail_on_saturation: false\n");
+    probe(&mut ignoring, T).await.unwrap();
+    let last = login().await.expect_err("the server is full again");
+    assert!(matches!(&last, mysql_async::Error::Server(e) if e.code == 1040), "{last}");
+    probe(&mut ignoring, T).await.unwrap();
+    close(&mut ignoring).await;
+    close(&mut c).await;
+    for s in others {
         s.disconnect().await.unwrap();
     }
 }

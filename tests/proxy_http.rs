@@ -468,7 +468,7 @@ async fn keep_alive_is_reused_on_both_sides() {
     assert_eq!(p.gauge_active(), 1);
 }
 
-/// A critical dependency down: 503 problem+json with the exact seed body and Retry-After; the app is not contacted.
+/// A critical dependency down: 503 problem+json with the exact default body and Retry-After; the app is not contacted.
 #[tokio::test]
 async fn dependency_down_answers_503_problem_json_without_contacting_the_app() {
     let app = App::start().await;

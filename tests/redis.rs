@@ -6,10 +6,13 @@
 mod support;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use healthgate::check::{AnyCheck, Cause, Check, CheckError};
 use healthgate::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use support::redis::Redis;
@@ -330,4 +333,104 @@ async fn sentinel_password_is_sent_to_the_sentinel() {
     assert_eq!(err.cause, Cause::Auth, "{err}");
     let (_dir, file) = password_file("sentinel-pw");
     probe(&mut check_for(&format!("{base}\n  password_file: {file}"))).await.unwrap();
+}
+
+/// The length of the first complete RESP command (an array of bulk strings) in `buf`.
+fn complete_command(buf: &[u8]) -> Option<usize> {
+    fn line(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+        let end = buf.get(at..)?.windows(2).position(|w| w == b"\r\n")? + at;
+        let n = std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().ok()?;
+        Some((n, end + 2))
+    }
+    let (items, mut at) = line(buf, 0)?;
+    for _ in 0..items {
+        let (len, data) = line(buf, at)?;
+        at = data + len + 2;
+    }
+    (buf.len() >= at).then_some(at)
+}
+
+/// A fake sentinel on an ephemeral port that names 127.0.0.1:`port` as the
+/// master whatever it is asked; returns its address and a count of the
+/// commands it answered.
+async fn wrong_sentinel(port: u16) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    let reply = format!("*2\r\n$9\r\n127.0.0.1\r\n${}\r\n{port}\r\n", port.to_string().len());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (counter, reply) = (counter.clone(), reply.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while let Some(used) = complete_command(&buf) {
+                        buf.drain(..used);
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let mut chunk = [0u8; 1024];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, asked)
+}
+
+#[tokio::test]
+async fn a_sentinel_naming_the_replica_is_outvoted_by_the_others_and_never_promoted() {
+    let master = Redis::start(&[]);
+    let replica = Redis::replica_of(&master, &[]);
+    let real: Vec<Redis> = (0..3).map(|_| Redis::sentinel(&master, "hgmaster", 1, None)).collect();
+    let real_list = real.iter().map(|s| format!("\"{}\"", s.address())).collect::<Vec<_>>().join(", ");
+    let dead = format!("127.0.0.1:{}", support::free_port());
+    // Listed first; then listed second behind a dead sentinel, so that it is
+    // the first to answer.
+    for prefix in [vec![], vec![dead]] {
+        let (fake, asked) = wrong_sentinel(replica.port()).await;
+        let list = prefix.iter().chain([&fake]).map(|a| format!("\"{a}\", ")).collect::<String>() + &real_list;
+        let mut c = check_for(&format!("sentinel:\n  addresses: [{list}]\n  master_name: hgmaster"));
+        for i in 0..4 {
+            probe(&mut c).await.unwrap_or_else(|e| panic!("check {i} with sentinels [{list}]: {e}"));
+            assert_eq!(c.details().current_master, Some(master.address()), "check {i} with [{list}]");
+        }
+        // Asked once, refuted by the replica's ROLE and the other sentinels,
+        // then moved behind them: never asked first again.
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "with [{list}]");
+    }
+}
+
+#[tokio::test]
+async fn sentinel_failover_is_followed_at_the_next_check_while_the_old_master_still_answers() {
+    let master = Redis::start(&[]);
+    let replica = Redis::replica_of(&master, &[]);
+    let sentinel = Redis::sentinel(&master, "hgmaster", 1, None);
+    let mut c = check_for(&format!("sentinel:\n  addresses: [\"{}\"]\n  master_name: hgmaster", sentinel.address()));
+    probe(&mut c).await.unwrap();
+    assert_eq!(c.details().current_master, Some(master.address()));
+
+    assert!(sentinel.command(&["SENTINEL", "FAILOVER", "hgmaster"]).starts_with("+OK"), "{}", sentinel.log());
+    let named = format!("\r\n{}\r\n", replica.port());
+    eventually("the sentinel names the replica", Duration::from_secs(20), || async {
+        sentinel.command(&["SENTINEL", "get-master-addr-by-name", "hgmaster"]).contains(&named).then_some(())
+    })
+    .await;
+    // The old master is demoted by the sentinels only later (seconds); the
+    // very next check must already follow the sentinel.
+    let old_role = master.command(&["ROLE"]);
+    let result = probe(&mut c).await;
+    assert_eq!(c.details().current_master, Some(replica.address()), "old master's ROLE then: {old_role:?}");
+    if let Err(e) = result {
+        // The promotion may still be settling; the node checked is already the new one.
+        eprintln!("first check on the promoted replica: {e}");
+        until_healthy(&mut c, STEP).await;
+    }
+    assert_eq!(c.details().current_master, Some(replica.address()));
 }

@@ -238,6 +238,9 @@ struct Session {
     version: String,
     /// When the server last heard from us.
     last_used: Instant,
+    /// Whether the connection count can be read on this session (a server
+    /// or proxy that refuses the query is not judged on it).
+    counts_connections: bool,
 }
 
 /// Progress of a background exchange, for classifying a timeout.
@@ -270,6 +273,7 @@ struct Probe {
     query: Option<String>,
     require_writable: bool,
     galera: Option<GaleraMode>,
+    saturation: bool,
 }
 
 /// The `mysql` check.
@@ -289,6 +293,7 @@ impl MysqlCheck {
             query: settings.query.clone(),
             require_writable: settings.require_writable,
             galera: settings.galera,
+            saturation: settings.fail_on_saturation,
         });
         MysqlCheck {
             settings,
@@ -551,7 +556,8 @@ async fn fresh_exchange(opts: OptsBuilder, addr: SocketAddr, probe: Arc<Probe>, 
             return Outcome { session: None, result: Err(Failure::Mysql(e)) };
         }
     };
-    let mut session = Session { conn, addr, wait_timeout, version, last_used: Instant::now() };
+    let mut session =
+        Session { conn, addr, wait_timeout, version, last_used: Instant::now(), counts_connections: true };
     let result = run_probe(&mut session, &probe).await;
     Outcome { session: Some(session), result }
 }
@@ -583,10 +589,60 @@ async fn run_probe(session: &mut Session, probe: &Probe) -> Result<(), Failure> 
             .map_err(|m| Failure::Judged(CheckError::new(Cause::NotReady, format!("{}: {m}", session.addr))))?;
         round_trips += 1;
     }
+    // COM_PING (5 bytes, answered by an 11-byte OK) comes before the larger
+    // saturation read: on a slow link the exchange that overruns the deadline
+    // and is taken back later is then the smallest possible one.
     if round_trips == 0 {
         conn.ping().await?;
     }
+    if probe.saturation && session.counts_connections {
+        let mariadb = session.version.contains("MariaDB");
+        match connection_count(conn, mariadb).await {
+            Ok(count) => {
+                if let Some((used, max)) = count
+                    && saturated(used, max)
+                {
+                    return Err(Failure::Judged(CheckError::new(
+                        Cause::TooManyConnections,
+                        format!(
+                            "{}: {used} connections in use of max_connections {max}; new logins get error 1040",
+                            session.addr
+                        ),
+                    )));
+                }
+            }
+            Err(mysql_async::Error::Server(e)) => {
+                debug!(addr = %session.addr, error = %e, "cannot read the connection count; saturation not checked");
+                session.counts_connections = false;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
+}
+
+/// Whether every ordinary connection slot is taken: with `used` connections
+/// (`Threads_connected`, this session included) at `max_connections`, the
+/// next login of a user without `CONNECTION ADMIN`/`SUPER` gets error 1040.
+/// The one extra slot the server keeps for such an administrator does not
+/// help the application, and MariaDB's `extra_port` connections (up to
+/// `extra_max_connections`) are not counted in `Threads_connected`.
+pub fn saturated(used: u64, max: u64) -> bool {
+    max > 0 && used >= max
+}
+
+/// `(Threads_connected, @@max_connections)` in one round trip, `None` when
+/// the server returns no row (MySQL with the performance schema off).
+async fn connection_count(conn: &mut Conn, mariadb: bool) -> Result<Option<(u64, u64)>, mysql_async::Error> {
+    // MySQL 5.7+ moved the status table to performance_schema; MariaDB keeps it in information_schema.
+    let table = if mariadb { "information_schema.GLOBAL_STATUS" } else { "performance_schema.global_status" };
+    let row: Option<(String, u64)> = conn
+        .query_first(format!(
+            "SELECT VARIABLE_VALUE, @@GLOBAL.max_connections FROM {table} \
+             WHERE VARIABLE_NAME = 'Threads_connected'"
+        ))
+        .await?;
+    Ok(row.and_then(|(used, max)| Some((used.trim().parse().ok()?, max))))
 }
 
 /// Fails with `not_ready` while the server refuses writes.
@@ -803,6 +859,16 @@ mod tests {
         let mut c = check_of("    type: mysql\n    address: db\n    user: hg\n");
         let err = c.try_addrs(&[addr], None, Instant::now() + Duration::from_secs(2)).await.unwrap_err();
         assert_eq!(err.cause, Cause::Reset, "{err}");
+    }
+
+    #[test]
+    fn saturated_when_connections_in_use_reach_max_connections() {
+        // Our own session is among `used`: at max, the next ordinary login gets 1040.
+        assert!(!saturated(9, 10));
+        assert!(saturated(10, 10));
+        // An administrator in the extra slot.
+        assert!(saturated(11, 10));
+        assert!(!saturated(5, 0), "no limit known");
     }
 
     #[test]

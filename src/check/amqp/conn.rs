@@ -28,6 +28,41 @@ fn classify_close(code: u16, opening: bool) -> Cause {
     }
 }
 
+/// Whether the text of a 404 reply to a passive `queue.declare` says that
+/// the queue exists but cannot be used now, rather than that it does not
+/// exist: RabbitMQ answers 404 NOT_FOUND both for a missing queue ("no queue
+/// 'q' in vhost '/'") and for a durable queue whose home node is down ("home
+/// node 'rabbit@b' of durable queue 'q' in vhost '/' is down or
+/// inaccessible"), a queue process that crashed or was stopped, or an
+/// operation on the queue that timed out.
+fn queue_unavailable(text: &str) -> bool {
+    const PHRASES: [&str; 5] = [
+        "is down or inaccessible",
+        "has crashed and failed to restart",
+        "is stopped by supervisor",
+        "due to timeout",
+        "may be stopping or being demoted",
+    ];
+    PHRASES.iter().any(|p| text.contains(p))
+}
+
+/// The longest broker reply text kept in a message, in bytes (an AMQP short
+/// string is at most 255 bytes; the cap holds whatever the decoder accepts).
+const MAX_REPLY_TEXT: usize = 255;
+
+/// `text` cut to [`MAX_REPLY_TEXT`] bytes at a character boundary.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_REPLY_TEXT {
+        let mut cut = MAX_REPLY_TEXT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
 /// The error of a protocol violation by the broker.
 fn protocol(e: WireError) -> CheckError {
     CheckError::new(Cause::Protocol, e.to_string())
@@ -211,6 +246,8 @@ impl Conn {
         self.dirty = true;
         let mut channel = Some(self.open_channel(deadline).await?);
         let mut missing = Vec::new();
+        // Queues that exist but cannot be used now, with the broker's reply text.
+        let mut unavailable: Vec<(&str, String)> = Vec::new();
         for q in queues {
             let ch = match channel {
                 Some(ch) => ch,
@@ -233,18 +270,31 @@ impl Conn {
                             format!("queue.declare {q:?} refused: {code} {text}"),
                         ));
                     }
-                    missing.push(q.as_str());
+                    if queue_unavailable(&text) {
+                        unavailable.push((q.as_str(), bounded(text)));
+                    } else {
+                        missing.push(q.as_str());
+                    }
                 }
             }
         }
-        if !missing.is_empty() {
+        if !missing.is_empty() || !unavailable.is_empty() {
             if let Some(ch) = channel {
                 self.close_channel(ch, deadline).await?;
             }
             self.dirty = false;
-            let list = missing.iter().map(|q| format!("{q:?}")).collect::<Vec<_>>().join(", ");
-            let noun = if missing.len() == 1 { "queue" } else { "queues" };
-            return Err(CheckError::new(Cause::NotFound, format!("{noun} {list} not found")));
+            let mut parts = Vec::new();
+            if !missing.is_empty() {
+                let list = missing.iter().map(|q| format!("{q:?}")).collect::<Vec<_>>().join(", ");
+                let noun = if missing.len() == 1 { "queue" } else { "queues" };
+                parts.push(format!("{noun} {list} not found"));
+            }
+            for (q, text) in &unavailable {
+                parts.push(format!("queue {q:?} unavailable: 404 {text}"));
+            }
+            // A missing queue is a lasting fact; an unavailable one a passing state.
+            let cause = if missing.is_empty() { Cause::NotReady } else { Cause::NotFound };
+            return Err(CheckError::new(cause, parts.join("; ")));
         }
         let ch = match channel {
             Some(ch) => ch,
@@ -600,6 +650,18 @@ mod tests {
         assert_eq!(classify_close(404, false), Cause::NotFound);
         assert_eq!(classify_close(505, false), Cause::Protocol);
         assert_eq!(classify_close(320, false), Cause::ServerError);
+    }
+
+    #[test]
+    fn a_404_naming_a_down_home_node_is_unavailable_not_missing() {
+        assert!(queue_unavailable(
+            "NOT_FOUND - home node 'rabbit@b' of durable queue 'q' in vhost '/' is down or inaccessible"
+        ));
+        assert!(queue_unavailable("NOT_FOUND - queue 'q' in vhost '/' process is stopped by supervisor"));
+        assert!(!queue_unavailable("NOT_FOUND - no queue 'q' in vhost '/'"));
+        let long = bounded("é".repeat(300));
+        assert!(long.len() <= MAX_REPLY_TEXT + '…'.len_utf8() && long.ends_with('…'), "{long}");
+        assert_eq!(bounded("short".into()), "short");
     }
 
     #[test]

@@ -147,8 +147,12 @@ fn read_secret(src: &Option<SecretSource>) -> Result<Option<Secret>, CheckError>
 pub struct RedisCheck {
     settings: RedisSettings,
     name: String,
-    /// Sentinels in the order to ask them; the last one that answered first.
+    /// Sentinels in the order to ask them: those whose answer was last
+    /// confirmed by the master first, those that named a non-master last.
     sentinels: Vec<HostPort>,
+    /// The connection to the first sentinel, kept between checks.
+    sentinel_conn: Option<(HostPort, Conn)>,
+    /// The connection to the checked node (with a sentinel: `current_master`).
     conn: Option<Conn>,
     version: Option<String>,
     current_master: Option<HostPort>,
@@ -161,7 +165,15 @@ impl RedisCheck {
             Target::Sentinel(s) => s.addresses.clone(),
             Target::Direct(_) => Vec::new(),
         };
-        RedisCheck { settings, name: dep.name.clone(), sentinels, conn: None, version: None, current_master: None }
+        RedisCheck {
+            settings,
+            name: dep.name.clone(),
+            sentinels,
+            sentinel_conn: None,
+            conn: None,
+            version: None,
+            current_master: None,
+        }
     }
 
     fn uses_sentinel(&self) -> bool {
@@ -234,26 +246,38 @@ impl RedisCheck {
         }
     }
 
-    /// Asks the sentinels in turn for the current master's address.
+    /// Checks through the sentinels: asks them for the master on every check,
+    /// probes the node they name, and when that node is not master asks the
+    /// remaining sentinels before judging.
     ///
-    /// Each sentinel gets an equal share of the time, with one share kept
-    /// back for connecting to the master it names.
-    async fn discover(&mut self, deadline: Instant) -> Result<HostPort, CheckError> {
-        let Target::Sentinel(s) = &self.settings.target else { unreachable!("discover without sentinel") };
-        let n = self.sentinels.len();
-        let phase_end = Instant::now() + remaining(deadline) * n as u32 / (n as u32 + 1);
+    /// The first sentinel that answers costs one round trip on a connection
+    /// kept from one check to the next, so a failover is followed within one
+    /// interval. One sentinel is trusted only as far as `ROLE` confirms it:
+    /// when the node it names says it is not master, the sentinels not asked
+    /// yet are asked too and the address named by the most of them (an
+    /// address already found not to be master loses ties) is probed instead.
+    /// A sentinel moves to the front of the list only when the master it
+    /// named was confirmed; one that named a node that is not master moves
+    /// to the back.
+    async fn check_sentinel(&mut self, deadline: Instant) -> Result<(), CheckError> {
+        let Target::Sentinel(s) = &self.settings.target else { unreachable!("sentinel check without sentinel") };
+        let master_name = s.master_name.clone();
         let password = read_secret(&s.password)?;
+        let pw = password.as_ref().map(Secret::expose);
+        let tls = self.settings.tls.clone();
+        let n = self.sentinels.len();
+        // One share of the time is kept back for the master.
+        let phase_end = Instant::now() + remaining(deadline) * n as u32 / (n as u32 + 1);
         let mut failures: Vec<(String, CheckError)> = Vec::new();
+        let mut first = None;
         for i in 0..n {
             let share_end = Instant::now() + remaining(phase_end) / (n - i) as u32;
             let sentinel = self.sentinels[i].clone();
-            let pw = password.as_ref().map(Secret::expose);
-            match ask_sentinel(&sentinel, &s.master_name, pw, self.settings.tls.as_ref(), share_end).await {
-                Ok(master) => {
-                    // The sentinel client guidelines: ask the one that answered first next time.
-                    let answered = self.sentinels.remove(i);
-                    self.sentinels.insert(0, answered);
-                    return Ok(master);
+            let kept = self.sentinel_conn.take_if(|(a, _)| *a == sentinel).map(|(_, c)| c);
+            match ask_kept(kept, &sentinel, &master_name, pw, tls.as_ref(), share_end).await {
+                Ok((master, conn)) => {
+                    first = Some((i, master, conn));
+                    break;
                 }
                 Err(e) => {
                     debug!(dependency = %self.name, sentinel = %sentinel, error = %e, "sentinel did not answer");
@@ -261,29 +285,96 @@ impl RedisCheck {
                 }
             }
         }
-        // A sentinel that answered but could not help (unknown master name,
-        // rejected password, nonsense) says more than one that is down.
-        let cause = most_telling(failures.iter().map(|(_, e)| e)).map_or(Cause::Config, |i| failures[i].1.cause);
-        let list = failures.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; ");
-        Err(CheckError::new(cause, format!("no sentinel named the master {:?}: {list}", s.master_name)))
+        let Some((asked, named, sentinel_conn)) = first else {
+            // A sentinel that answered but could not help (unknown master
+            // name, rejected password, nonsense) says more than one that is down.
+            let cause = most_telling(failures.iter().map(|(_, e)| e)).map_or(Cause::Config, |i| failures[i].1.cause);
+            let list = failures.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; ");
+            return Err(CheckError::new(cause, format!("no sentinel named the master {master_name:?}: {list}")));
+        };
+        let answered_by = self.sentinels[asked].clone();
+        self.switch_to(&named);
+        let mut result = self.probe_node(&named, deadline).await;
+        let mut answers = vec![(asked, named.clone())];
+        let mut confirmed = result.is_ok().then(|| named.clone());
+        if let Err(e) = &result
+            && matches!(e.cause, Cause::NotMaster | Cause::MasterDown)
+            && asked + 1 < n
+        {
+            // Those listed before `asked` have already failed in this check.
+            let others_end = Instant::now() + remaining(deadline) / 2;
+            for j in asked + 1..n {
+                let share_end = Instant::now() + remaining(others_end) / (n - j) as u32;
+                let sentinel = self.sentinels[j].clone();
+                match ask_sentinel(&sentinel, &master_name, pw, tls.as_ref(), share_end).await {
+                    Ok(master) => answers.push((j, master)),
+                    Err(e) => {
+                        debug!(dependency = %self.name, sentinel = %sentinel, error = %e, "sentinel did not answer")
+                    }
+                }
+            }
+            let (winner, votes) = most_named(&answers, Some(&named)).expect("at least the first answer");
+            let winner = winner.clone();
+            if winner == named {
+                let message = format!("{}; {votes} of {} sentinels that answered name it", e.message, answers.len());
+                result = Err(CheckError::new(e.cause, message));
+            } else {
+                info!(dependency = %self.name, named_by_one = %named, named_by_most = %winner, votes,
+                    "the node a sentinel named is not master; checking the one most sentinels name");
+                self.switch_to(&winner);
+                result = self.probe_node(&winner, deadline).await;
+                confirmed = result.is_ok().then_some(winner);
+            }
+        }
+        if let Some(master) = &confirmed {
+            let right: Vec<usize> = answers.iter().filter(|(_, a)| a == master).map(|(i, _)| *i).collect();
+            let wrong: Vec<usize> = answers.iter().filter(|(_, a)| a != master).map(|(i, _)| *i).collect();
+            reorder(&mut self.sentinels, &right, &wrong);
+        }
+        // The connection is kept only to the sentinel asked first next time.
+        if self.sentinels[0] == answered_by {
+            self.sentinel_conn = Some((answered_by, sentinel_conn));
+        }
+        result
     }
 
-    /// Connects to the node to check (asking the sentinels first) and probes it.
-    async fn fresh(&mut self, deadline: Instant) -> Result<(), CheckError> {
-        let target = match &self.settings.target {
-            Target::Direct(hp) => hp.clone(),
-            Target::Sentinel(_) => {
-                let master = self.discover(deadline).await?;
-                if self.current_master.as_ref() != Some(&master) {
-                    if let Some(old) = &self.current_master {
-                        info!(dependency = %self.name, from = %old, to = %master, "sentinel names a new redis master");
-                    }
-                    self.current_master = Some(master.clone());
+    /// Makes `node` the node checked: a connection to another node is dropped.
+    fn switch_to(&mut self, node: &HostPort) {
+        if self.current_master.as_ref() == Some(node) {
+            return;
+        }
+        if let Some(old) = &self.current_master {
+            info!(dependency = %self.name, from = %old, to = %node, "sentinel names a new redis master");
+        }
+        self.conn = None;
+        self.current_master = Some(node.clone());
+    }
+
+    /// Probes `target` on the kept connection, or on a new one when there is
+    /// none or the kept one turns out closed (once per check).
+    async fn probe_node(&mut self, target: &HostPort, deadline: Instant) -> Result<(), CheckError> {
+        // The connection is taken out for the duration of the probe: if the
+        // monitor cancels this future mid-exchange, the half-read connection
+        // is dropped with it and the next check starts clean.
+        if let Some(mut conn) = self.conn.take() {
+            match self.probe(&mut conn, deadline).await {
+                Ok(()) => {
+                    self.conn = Some(conn);
+                    return Ok(());
                 }
-                master
+                // The server closed an idle connection (`timeout`), restarted, or failed over.
+                Err(e) if e.cause == Cause::Reset && !remaining(deadline).is_zero() => {
+                    debug!(dependency = %self.name, error = %e, "redis connection lost; reconnecting once");
+                }
+                Err(e) => {
+                    if self.keeps_connection(e.cause) {
+                        self.conn = Some(conn);
+                    }
+                    return Err(e);
+                }
             }
-        };
-        let mut conn = match self.connect(&target, deadline).await {
+        }
+        let mut conn = match self.connect(target, deadline).await {
             Ok(c) => c,
             Err(e) if self.uses_sentinel() => {
                 return Err(CheckError::new(e.cause, format!("master {target} (named by sentinel): {}", e.message)));
@@ -312,36 +403,63 @@ impl RedisCheck {
             _ => false,
         }
     }
-
-    /// Whether a failure on a reused connection deserves a fresh attempt
-    /// within the same check before judging.
-    fn retry_fresh(&self, cause: Cause) -> bool {
-        match cause {
-            // The server closed an idle connection (`timeout`), restarted, or failed over.
-            Cause::Reset => true,
-            // The sentinels may already name a new master.
-            Cause::NotMaster | Cause::MasterDown => self.uses_sentinel(),
-            _ => false,
-        }
-    }
 }
 
-/// Asks one sentinel for the address of `master_name`, by `deadline`.
-async fn ask_sentinel(
+/// The address named by the most sentinels in `answers` (sentinel index,
+/// address named), with its number of votes. Among equals, an address other
+/// than `loses_ties` wins, then the one named by the sentinel listed first.
+fn most_named<'a>(answers: &'a [(usize, HostPort)], loses_ties: Option<&HostPort>) -> Option<(&'a HostPort, usize)> {
+    // (votes, not the refuted node, listed earliest): the larger wins.
+    type Rank = (usize, bool, std::cmp::Reverse<usize>);
+    let mut best: Option<(&HostPort, Rank)> = None;
+    for (_, addr) in answers {
+        let named_by = answers.iter().filter(|(_, a)| a == addr);
+        let votes = named_by.clone().count();
+        let first = named_by.map(|(i, _)| *i).min().unwrap_or(usize::MAX);
+        let rank = (votes, Some(addr) != loses_ties, std::cmp::Reverse(first));
+        if best.as_ref().is_none_or(|(_, r)| rank > *r) {
+            best = Some((addr, rank));
+        }
+    }
+    best.map(|(addr, (votes, _, _))| (addr, votes))
+}
+
+/// Reorders the sentinel list after a master was confirmed: the sentinels
+/// that named it (`right`) first, then those not heard from, then those that
+/// named a node that is not master (`wrong`); each group keeps its order.
+fn reorder(sentinels: &mut Vec<HostPort>, right: &[usize], wrong: &[usize]) {
+    let group = |i: usize| {
+        if right.contains(&i) {
+            0
+        } else if wrong.contains(&i) {
+            2
+        } else {
+            1
+        }
+    };
+    let mut indexed: Vec<(usize, HostPort)> = std::mem::take(sentinels).into_iter().enumerate().collect();
+    indexed.sort_by_key(|(i, _)| group(*i));
+    *sentinels = indexed.into_iter().map(|(_, s)| s).collect();
+}
+
+/// Opens a connection to a sentinel and authenticates, by `deadline`.
+async fn open_sentinel(
     sentinel: &HostPort,
-    master_name: &str,
     password: Option<&str>,
     tls: Option<&TlsSettings>,
     deadline: Instant,
-) -> Result<HostPort, CheckError> {
+) -> Result<Conn, CheckError> {
     let mut conn = Conn::open(sentinel, tls, deadline).await?;
     if let Some(pw) = password {
         conn.auth(None, pw, deadline, "sentinel AUTH").await?;
     }
+    Ok(conn)
+}
+
+/// Asks a sentinel on an open connection for the address of `master_name`.
+async fn query_sentinel(conn: &mut Conn, master_name: &str, deadline: Instant) -> Result<HostPort, CheckError> {
     let what = "SENTINEL get-master-addr-by-name";
     let reply = conn.call(&[b"SENTINEL", b"get-master-addr-by-name", master_name.as_bytes()], deadline, what).await?;
-    // Sentinels do not log client disconnects; a FIN is enough.
-    let _ = timeout_at(deadline, conn.stream.shutdown()).await;
     match &reply {
         Reply::Array(items) if items.len() == 2 => {
             let host = items[0].as_text();
@@ -359,29 +477,54 @@ async fn ask_sentinel(
     }
 }
 
+/// Asks a sentinel on `kept` (its connection from an earlier check) or, when
+/// there is none or it was closed meanwhile (a restarted sentinel), on a new
+/// one; returns the answer and the connection.
+async fn ask_kept(
+    kept: Option<Conn>,
+    sentinel: &HostPort,
+    master_name: &str,
+    password: Option<&str>,
+    tls: Option<&TlsSettings>,
+    deadline: Instant,
+) -> Result<(HostPort, Conn), CheckError> {
+    if let Some(mut conn) = kept {
+        match query_sentinel(&mut conn, master_name, deadline).await {
+            Ok(master) => return Ok((master, conn)),
+            Err(e) if e.cause == Cause::Reset && !remaining(deadline).is_zero() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut conn = open_sentinel(sentinel, password, tls, deadline).await?;
+    let master = query_sentinel(&mut conn, master_name, deadline).await?;
+    Ok((master, conn))
+}
+
+/// Asks one sentinel for the address of `master_name` on a connection of
+/// its own, by `deadline`.
+async fn ask_sentinel(
+    sentinel: &HostPort,
+    master_name: &str,
+    password: Option<&str>,
+    tls: Option<&TlsSettings>,
+    deadline: Instant,
+) -> Result<HostPort, CheckError> {
+    let mut conn = open_sentinel(sentinel, password, tls, deadline).await?;
+    let answer = query_sentinel(&mut conn, master_name, deadline).await;
+    // Sentinels do not log client disconnects; a FIN is enough.
+    let _ = timeout_at(deadline, conn.stream.shutdown()).await;
+    answer
+}
+
 impl Check for RedisCheck {
     async fn check(&mut self, deadline: Instant) -> Result<(), CheckError> {
-        // The connection is taken out for the duration of the probe: if the
-        // monitor cancels this future mid-exchange, the half-read connection
-        // is dropped with it and the next check starts clean.
-        if let Some(mut conn) = self.conn.take() {
-            match self.probe(&mut conn, deadline).await {
-                Ok(()) => {
-                    self.conn = Some(conn);
-                    return Ok(());
-                }
-                Err(e) if self.retry_fresh(e.cause) && !remaining(deadline).is_zero() => {
-                    debug!(dependency = %self.name, error = %e, "redis connection lost; reconnecting once");
-                }
-                Err(e) => {
-                    if self.keeps_connection(e.cause) {
-                        self.conn = Some(conn);
-                    }
-                    return Err(e);
-                }
+        match &self.settings.target {
+            Target::Direct(hp) => {
+                let hp = hp.clone();
+                self.probe_node(&hp, deadline).await
             }
+            Target::Sentinel(_) => self.check_sentinel(deadline).await,
         }
-        self.fresh(deadline).await
     }
 
     fn details(&self) -> Details {
@@ -395,6 +538,10 @@ impl Check for RedisCheck {
     async fn close(&mut self, deadline: Instant) {
         if let Some(conn) = self.conn.take() {
             conn.quit(deadline).await;
+        }
+        if let Some((_, mut conn)) = self.sentinel_conn.take() {
+            // Sentinels do not log client disconnects; a FIN is enough.
+            let _ = timeout_at(deadline, conn.stream.shutdown()).await;
         }
     }
 }
@@ -469,7 +616,15 @@ mod tests {
             require_master,
             tls: None,
         };
-        RedisCheck { settings: s, name: "t".into(), sentinels: vec![], conn: None, version: None, current_master: None }
+        RedisCheck {
+            settings: s,
+            name: "t".into(),
+            sentinels: vec![],
+            sentinel_conn: None,
+            conn: None,
+            version: None,
+            current_master: None,
+        }
     }
 
     fn soon() -> Instant {
@@ -552,6 +707,37 @@ mod tests {
         c.settings.password = Some(SecretSource::File("/nonexistent/healthgate-redis-pw".into()));
         let err = c.check(soon()).await.unwrap_err();
         assert_eq!(err.cause, Cause::Config, "{err}");
+    }
+
+    #[test]
+    fn the_master_named_by_most_sentinels_wins_and_a_refuted_node_loses_ties() {
+        let (m, r, x) = (hp("10.0.0.1", 6379), hp("10.0.0.2", 6379), hp("10.0.0.3", 6379));
+        assert_eq!(most_named(&[], None), None);
+        // One wrong sentinel listed first against three right ones.
+        let a = [(0, r.clone()), (1, m.clone()), (2, m.clone()), (3, m.clone())];
+        assert_eq!(most_named(&a, Some(&r)), Some((&m, 3)));
+        // The majority names the refuted node: it stays the answer.
+        let a = [(0, r.clone()), (1, r.clone()), (2, m.clone())];
+        assert_eq!(most_named(&a, Some(&r)), Some((&r, 2)));
+        // A tie: the refuted node loses; otherwise the sentinel listed first decides.
+        let a = [(0, r.clone()), (1, m.clone())];
+        assert_eq!(most_named(&a, Some(&r)), Some((&m, 1)));
+        let a = [(2, x.clone()), (1, m.clone())];
+        assert_eq!(most_named(&a, None), Some((&m, 1)));
+    }
+
+    #[test]
+    fn confirmed_sentinels_move_to_the_front_and_wrong_ones_to_the_back() {
+        let s: Vec<HostPort> = (0..5).map(|i| hp("s", i)).collect();
+        let mut order = s.clone();
+        reorder(&mut order, &[2, 3, 4], &[1]);
+        assert_eq!(order, vec![s[2].clone(), s[3].clone(), s[4].clone(), s[0].clone(), s[1].clone()]);
+        let mut order = s.clone();
+        reorder(&mut order, &[1], &[]);
+        assert_eq!(order, vec![s[1].clone(), s[0].clone(), s[2].clone(), s[3].clone(), s[4].clone()]);
+        let mut order = s.clone();
+        reorder(&mut order, &[0], &[]);
+        assert_eq!(order, s, "the front sentinel stays in front");
     }
 
     #[tokio::test]

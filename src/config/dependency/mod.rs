@@ -366,4 +366,10 @@ pub(crate) mod testing {
             Err(e) => panic!("{e}"),
         }
     }
+
+    /// The problems (key, message) of a dependency `db` with the body `dep`,
+    /// which must be invalid.
+    pub(crate) fn problems(dep: &str) -> Vec<(String, String)> {
+        load("db", dep).expect_err("config unexpectedly valid")
+    }
 }

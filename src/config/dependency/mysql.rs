@@ -27,6 +27,9 @@ pub struct MysqlSettings {
     pub require_writable: bool,
     /// Galera readiness mode, when enabled.
     pub galera: Option<GaleraMode>,
+    /// Fail with `too_many_connections` while every ordinary connection
+    /// slot is taken (`Threads_connected` at `@@max_connections`).
+    pub fail_on_saturation: bool,
     /// TLS (`tls: true`): the client asks the server to switch to TLS and
     /// verifies its certificate before sending credentials.
     pub tls: Option<TlsSettings>,
@@ -52,6 +55,7 @@ impl DependencyType for MysqlSettings {
         "require_writable",
         "galera",
         "galera_allow_donor",
+        "fail_on_saturation",
     ];
 
     fn parse(d: &Map<'_>, p: &mut Problems) -> Option<Self> {
@@ -73,6 +77,7 @@ impl DependencyType for MysqlSettings {
             p.at(a.pos, d.key("galera_allow_donor"), "only has an effect with `galera: true`");
         }
         let require_writable = d.bool("require_writable", p).is_some_and(|r| r.value);
+        let fail_on_saturation = d.bool("fail_on_saturation", p).is_none_or(|f| f.value);
         (p.count() == before).then_some(MysqlSettings {
             address: address?,
             user: user?.value,
@@ -81,6 +86,7 @@ impl DependencyType for MysqlSettings {
             query,
             require_writable,
             galera: galera.then_some(GaleraMode { allow_donor: allow_donor.is_some_and(|a| a.value) }),
+            fail_on_saturation,
             tls,
         })
     }
@@ -89,7 +95,7 @@ impl DependencyType for MysqlSettings {
 #[cfg(test)]
 mod tests {
     use super::super::DependencyKind;
-    use super::super::testing::load;
+    use super::super::testing::{load, problems};
     use super::*;
 
     fn settings(dep: &str) -> MysqlSettings {
@@ -99,16 +105,21 @@ mod tests {
         }
     }
 
-    fn problems(dep: &str) -> Vec<(String, String)> {
-        load("db", dep).expect_err("config unexpectedly valid")
-    }
-
     #[test]
     fn minimal_config_uses_default_port_and_ping() {
         let s = settings("    type: mysql\n    address: db\n    user: hg\n");
         assert_eq!(s.address, HostPort { host: "db".into(), port: 3306 });
         assert_eq!(s.user, "hg");
         assert!(s.password.is_none() && s.query.is_none() && s.galera.is_none() && !s.require_writable);
+    }
+
+    #[test]
+    fn saturation_is_checked_unless_turned_off() {
+        assert!(settings("    type: mysql\n    address: db\n    user: hg\n").fail_on_saturation);
+        let off = settings("    type: mysql\n    address: db\n    user: hg\n    fail_on_saturation: false\n");
+        assert!(!off.fail_on_saturation);
+        let p = problems("    type: redis\n    address: r\n    fail_on_saturation: true\n");
+        assert!(p.iter().any(|(k, _)| k.ends_with("fail_on_saturation")), "{p:?}");
     }
 
     #[test]

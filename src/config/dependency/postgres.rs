@@ -185,7 +185,7 @@ fn percent_decode(s: &str) -> Result<String, AddressError> {
 #[cfg(test)]
 mod tests {
     use super::super::DependencyKind;
-    use super::super::testing::load;
+    use super::super::testing::{load, problems};
     use super::*;
 
     fn settings(dep: &str) -> PostgresSettings {
@@ -193,10 +193,6 @@ mod tests {
             DependencyKind::Postgres(s) => s,
             other => panic!("not postgres: {other:?}"),
         }
-    }
-
-    fn problems(dep: &str) -> Vec<(String, String)> {
-        load("db", dep).expect_err("config unexpectedly valid")
     }
 
     #[test]
