@@ -18,6 +18,7 @@ have curl || need+=(curl)
 have openssl || need+=(openssl)
 # The status page is tested in a real browser (tests/control.rs).
 have chromium || need+=(chromium)
+have haproxy || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
