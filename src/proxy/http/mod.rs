@@ -188,9 +188,14 @@ impl Worker {
         // Our own timer handles header and idle timeouts (see module doc),
         // so hyper needs none and allocates no timer per request.
         http.keep_alive(true).header_read_timeout(None).max_header_size(c.max_header_bytes.max(1));
-        // A client that shuts down its sending side after the request (as
-        // `nc -N` and many scripts do) still gets the response (RFC 9112 §9.6).
-        http.half_close(true);
+        // Not `half_close(true)`: with it hyper stops reading the client
+        // while a request is at the app, so a client that went away (FIN or
+        // reset) is noticed only when the answer is written: the app's work
+        // is not cancelled and the request is never counted `client_closed`.
+        // The cost: a client that half-closes after its request (`nc -N`)
+        // gets no answer. Telling the two apart needs the connection timer
+        // to watch the socket for a reset while hyper waits.
+        http.half_close(false);
         // Head and small bodies copied into one buffer and sent with one
         // `write`: fewer instructions than hyper's `writev` queue for the
         // small messages a sidecar mostly relays (callgrind: −3.3 % proxied,
