@@ -16,9 +16,9 @@ have rabbitmq-server || need+=(rabbitmq-server)
 have promtool || need+=(prometheus)
 have curl || need+=(curl)
 have openssl || need+=(openssl)
-have haproxy || need+=(haproxy)
 # The status page is tested in a real browser (tests/control.rs).
 have chromium || need+=(chromium)
+have haproxy || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

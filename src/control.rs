@@ -20,6 +20,9 @@ use crate::config::{ControlConfig, read_token};
 use crate::metrics::{KindLabels, Metrics};
 use crate::state::{Force, Health, Mode};
 
+/// Longest a control call waits for the service state to show its change.
+const SETTLE_BOUND: Duration = Duration::from_secs(1);
+
 /// Longest `reason` accepted.
 pub const MAX_REASON_LEN: usize = 256;
 /// Longest `by` label accepted.
@@ -210,6 +213,21 @@ fn force_name(f: Force) -> &'static str {
 }
 
 impl Control {
+    /// Waits, at most [`SETTLE_BOUND`], until the aggregator has published the
+    /// service state that the current verdicts, overrides and mode imply, so
+    /// `/readyz` and `/status` read after a control call already reflect it.
+    pub async fn settled(&self) {
+        let mut published = self.health.subscribe_service();
+        let _ = tokio::time::timeout(SETTLE_BOUND, async {
+            while published.borrow_and_update().0 != self.health.compute_service_state() {
+                if published.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
     /// The control state for `health`; `max_ttl` bounds every TTL.
     pub fn new(health: Arc<Health>, metrics: Arc<Metrics>, max_ttl: Duration) -> Arc<Control> {
         let overrides = Overrides { mode: None, forces: vec![None; health.deps().len()] };

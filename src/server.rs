@@ -164,6 +164,10 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                     tasks.spawn(monitor::monitor(i, dep, check, health.clone(), metrics.clone(), stop_rx.clone()));
                 }
                 while tasks.join_next().await.is_some() {}
+                // The loop lives (and its heartbeat ticks) until the stop,
+                // even with nothing to check: an idle loop is not a stuck one.
+                let mut stop = stop_rx;
+                let _ = stop.wait_for(|s| *s).await;
             });
         })?
     };

@@ -760,16 +760,23 @@ async fn oversized_request_headers_get_431() {
     eventually("bad_request counted", STEP, || async { (p.count("bad_request") == 1).then_some(()) }).await;
 }
 
-/// An absolute-form request URI is refused with 400.
+/// An absolute-form request goes to the configured app (never to the host
+/// in the URI) in origin-form, with `Host` taken from the URI; another
+/// scheme is refused with 400.
 #[tokio::test]
-async fn absolute_form_uri_gets_400() {
+async fn absolute_form_goes_to_the_app_in_origin_form_and_other_schemes_get_400() {
     let app = App::start().await;
     let p = Proxy::in_service(&yaml(app.addr, "", &[]));
     let mut c = p.client().await;
-    c.send(b"GET http://elsewhere.test/x HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n").await;
+    c.send(b"GET http://elsewhere.test/headers HTTP/1.1\r\nHost: other.test\r\n\r\n").await;
     let r = c.response().await;
-    assert_eq!(r.status, 400);
-    assert_eq!(app.accepts(), 0);
+    assert_eq!(r.status, 200);
+    let seen = String::from_utf8_lossy(&r.body).to_string();
+    assert!(seen.contains("host: elsewhere.test\n"), "{seen}");
+    assert_eq!(app.accepts(), 1);
+    let mut c = p.client().await;
+    c.send(b"GET ftp://elsewhere.test/x HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n").await;
+    assert_eq!(c.response().await.status, 400);
     assert_eq!(p.count("bad_request"), 1);
 }
 

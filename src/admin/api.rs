@@ -109,7 +109,12 @@ pub async fn handle(control: &Control, auth: &Auth, req: Request<Incoming>, peer
         _ => return super::text(StatusCode::NOT_FOUND, "not found\n"),
     };
     match result {
-        Ok(v) => reply(StatusCode::OK, v),
+        Ok(v) => {
+            // Answer once the change shows: an operator whose `ctl drain`
+            // returned must already see /readyz fail.
+            control.settled().await;
+            reply(StatusCode::OK, v)
+        }
         Err(e) => refused(e),
     }
 }

@@ -23,6 +23,7 @@ pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod tcp;
+pub mod text;
 pub mod tls;
 
 use std::fmt;
@@ -271,6 +272,12 @@ pub trait Check: Send {
         let _ = deadline;
         async {}
     }
+
+    /// The secrets this check has sent (passwords), so that a server
+    /// echoing one never gets it published (see [`text::scrub`]).
+    fn secrets(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Declares [`AnyCheck`], its constructor and its dispatch from one line per
@@ -321,13 +328,38 @@ checks! {
     Amqp(amqp::AmqpCheck) = |s, dep| amqp::AmqpCheck::new(s.clone(), dep),
 }
 
+/// Every check result leaves through [`AnyCheck`], so this is where server
+/// text is made fit for `/status`, metrics and logs: bounded, without
+/// control characters, secrets or URL credentials.
 impl Check for AnyCheck {
     async fn check(&mut self, deadline: Instant) -> Result<(), CheckError> {
-        dispatch!(self, c => c.check(deadline).await)
+        dispatch!(self, c => c.check(deadline).await).map_err(|e| {
+            let secrets = self.secrets();
+            CheckError { cause: e.cause, message: text::scrub(&e.message, &secrets, text::MAX_MESSAGE) }
+        })
     }
 
     fn details(&self) -> Details {
-        dispatch!(self, c => c.details())
+        let d = dispatch!(self, c => c.details());
+        let secrets = self.secrets();
+        let detail = |s: &str| text::scrub(s, &secrets, text::MAX_DETAIL);
+        Details {
+            server_version: d.server_version.as_deref().map(detail),
+            current_master: d.current_master.as_deref().map(detail),
+            nodes: d
+                .nodes
+                .into_iter()
+                .map(|n| NodeStatus {
+                    address: detail(&n.address),
+                    message: n.message.as_deref().map(|m| text::scrub(m, &secrets, text::MAX_MESSAGE)),
+                    ..n
+                })
+                .collect(),
+        }
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        dispatch!(self, c => c.secrets())
     }
 
     async fn close(&mut self, deadline: Instant) {

@@ -29,15 +29,18 @@ impl Check for TcpCheck {
             exchange(deadline, "send", stream.write_all(send)).await?;
         }
         if let Some(expect) = &self.settings.expect {
+            // Search only the new bytes (and the tail that could start a
+            // match), so a chatty server costs linear work, at most 64 KiB.
             let mut buf = Vec::with_capacity(256);
             loop {
-                let mut chunk = [0u8; 1024];
+                let mut chunk = [0u8; 8192];
                 let n = exchange(deadline, "read reply", stream.read(&mut chunk)).await?;
                 if n == 0 {
                     return Err(CheckError::new(Cause::Reset, "connection closed before the expected reply"));
                 }
+                let from = buf.len().saturating_sub(expect.len() - 1);
                 buf.extend_from_slice(&chunk[..n]);
-                if buf.windows(expect.len()).any(|w| w == expect.as_slice()) {
+                if buf[from..].windows(expect.len()).any(|w| w == expect.as_slice()) {
                     break;
                 }
                 if buf.len() > 64 * 1024 {

@@ -3,6 +3,8 @@
 //! channel close) and the clean close, every step bounded by the check's
 //! deadline and every failure classified.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,6 +14,7 @@ use tracing::debug;
 use super::AmqpNode;
 use super::wire::{self, Body, Frame, Incoming, Method, Value, WireError};
 use crate::check::io::{Phase, io_error};
+use crate::check::text::{self, KnownSecrets, clip};
 use crate::check::tls::{self, Stream, TlsSettings};
 use crate::check::{ABANDON_AFTER, Cause, CheckError};
 use crate::config::SecretSource;
@@ -50,18 +53,17 @@ fn queue_unavailable(text: &str) -> bool {
 /// string is at most 255 bytes; the cap holds whatever the decoder accepts).
 const MAX_REPLY_TEXT: usize = 255;
 
-/// `text` cut to [`MAX_REPLY_TEXT`] bytes at a character boundary.
-fn bounded(mut text: String) -> String {
-    if text.len() > MAX_REPLY_TEXT {
-        let mut cut = MAX_REPLY_TEXT;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push('…');
-    }
-    text
-}
+/// Most bytes the broker may send during one check (handshake or round
+/// trip): a few frames of the largest size, far more than a healthy broker
+/// sends, so a flood ends the check instead of occupying it until its deadline.
+const CHECK_RX_MAX: usize = 4 * wire::FRAME_MAX as usize;
+/// Most bytes read from an idle connection before a check (heartbeats, a
+/// blocked notice) or while closing it; more is a flood.
+pub(super) const IDLE_RX_MAX: usize = 64 * 1024;
+/// Connections given up mid-exchange that may still close in the background,
+/// per node; further ones are dropped at once, so a broker that stalls every
+/// check cannot pile up connections (and their buffers) for [`ABANDON_AFTER`].
+const ABANDONED_MAX: usize = 2;
 
 /// The error of a protocol violation by the broker.
 fn protocol(e: WireError) -> CheckError {
@@ -80,6 +82,8 @@ pub(super) struct Shared {
     pub(super) connection_name: String,
     /// TLS for every node.
     pub(super) tls: Option<TlsSettings>,
+    /// The passwords sent so far, kept out of published messages.
+    pub(super) secrets: KnownSecrets,
 }
 
 /// A connection to one node, after `connection.open-ok`.
@@ -104,6 +108,8 @@ pub(super) struct Conn {
     heartbeat: u16,
     /// The broker's version (and product, when not RabbitMQ).
     pub(super) version: Option<String>,
+    /// Bytes the broker may still send in the current exchange.
+    rx_left: usize,
 }
 
 impl Conn {
@@ -123,6 +129,7 @@ impl Conn {
             last_rx: Instant::now(),
             heartbeat: shared.heartbeat,
             version: None,
+            rx_left: CHECK_RX_MAX,
         };
         c.write(wire::PROTOCOL_HEADER, deadline, "send protocol header").await?;
         Ok(c)
@@ -164,19 +171,20 @@ impl Conn {
             m => return Err(c.unexpected(&m, "connection.start")),
         };
         c.version = version.map(|v| match product {
-            Some(p) if p != "RabbitMQ" => format!("{p} {v}"),
-            _ => v,
+            Some(p) if p != "RabbitMQ" => text::clip(&format!("{p} {v}"), text::MAX_DETAIL),
+            _ => text::clip(&v, text::MAX_DETAIL),
         });
         if !mechanisms.split(' ').any(|m| m == "PLAIN") {
             return Err(CheckError::new(
                 Cause::Protocol,
-                format!("the broker offers no PLAIN login (it offers {mechanisms:?})"),
+                format!("the broker offers no PLAIN login (it offers {:?})", text::clip(&mechanisms, text::MAX_QUOTE)),
             ));
         }
         let password = match &shared.password {
             Some(src) => src.read().map_err(|e| CheckError::new(Cause::Config, e.to_string()))?.expose().to_string(),
             None => "guest".to_string(),
         };
+        shared.secrets.remember(&password);
         let mut response = Vec::with_capacity(2 + node.user.len() + password.len());
         response.push(0);
         response.extend_from_slice(node.user.as_bytes());
@@ -212,6 +220,7 @@ impl Conn {
         // 0 means "no limit" for both.
         c.channel_max = if channel_max == 0 { 2047 } else { channel_max.min(2047) };
         let frame_max = if frame_max == 0 { wire::FRAME_MAX } else { frame_max.min(wire::FRAME_MAX) };
+        c.inbox.set_max_frame(frame_max);
         let mut out = Vec::new();
         Method::ConnectionTuneOk { channel_max: c.channel_max, frame_max, heartbeat: shared.heartbeat }
             .encode(0, &mut out);
@@ -271,7 +280,7 @@ impl Conn {
                         ));
                     }
                     if queue_unavailable(&text) {
-                        unavailable.push((q.as_str(), bounded(text)));
+                        unavailable.push((q.as_str(), clip(&text, MAX_REPLY_TEXT)));
                     } else {
                         missing.push(q.as_str());
                     }
@@ -406,7 +415,7 @@ impl Conn {
         if frame.channel == 0 {
             match method {
                 Incoming::Blocked(reason) => {
-                    debug!(%reason, "amqp connection blocked");
+                    debug!(reason = %text::clip(&reason, text::MAX_QUOTE), "amqp connection blocked");
                     self.blocked = Some(reason.clone());
                     if ch != 0 {
                         // Whatever we sent waits in the broker until the alarm clears; its
@@ -450,10 +459,23 @@ impl Conn {
         Ok(Some(method))
     }
 
-    /// Reads more bytes by `deadline`.
+    /// Lets the broker send up to [`CHECK_RX_MAX`] bytes in the exchange that starts.
+    pub(super) fn new_exchange(&mut self) {
+        self.rx_left = CHECK_RX_MAX;
+    }
+
+    /// Reads more bytes by `deadline`, within the exchange's byte budget.
     async fn fill(&mut self, deadline: Instant, what: &str) -> Result<(), CheckError> {
+        if self.rx_left == 0 {
+            self.dead = true;
+            return Err(CheckError::new(
+                Cause::Protocol,
+                format!("the broker sent more than {} KiB while we waited for {what}", CHECK_RX_MAX / 1024),
+            ));
+        }
         let mut chunk = [0u8; 4096];
-        match timeout_at(deadline, self.stream.read(&mut chunk)).await {
+        let want = chunk.len().min(self.rx_left);
+        match timeout_at(deadline, self.stream.read(&mut chunk[..want])).await {
             Err(_) => Err(CheckError::new(Cause::ReadTimeout, format!("no {what} in time"))),
             Ok(Err(e)) => {
                 self.dead = true;
@@ -467,6 +489,7 @@ impl Conn {
                 ))
             }
             Ok(Ok(n)) => {
+                self.rx_left -= n;
                 self.last_rx = Instant::now();
                 self.inbox.extend(&chunk[..n]);
                 Ok(())
@@ -475,42 +498,52 @@ impl Conn {
     }
 
     /// Processes whatever the broker sent since the last check (heartbeats,
-    /// blocked/unblocked, a close), without waiting.
-    pub(super) async fn drain(&mut self, deadline: Instant) {
+    /// blocked/unblocked, a close), without waiting and at most
+    /// [`IDLE_RX_MAX`] bytes: a broker that sends more while nobody asked is
+    /// flooding, and the connection is given up (an error, `dead` set).
+    /// Frames are decoded as each chunk arrives, so the inbox never holds
+    /// more than one partial frame.
+    pub(super) async fn drain(&mut self, deadline: Instant) -> Result<(), CheckError> {
+        let mut taken = 0;
         let mut chunk = [0u8; 4096];
         loop {
+            loop {
+                match self.inbox.next_frame() {
+                    Ok(f) => {
+                        // Channel 0 is "the check's channel" here so methods come back to us.
+                        if self.handle_frame(f, 0, deadline).await.is_err() {
+                            self.dead = true;
+                            return Ok(());
+                        }
+                    }
+                    Err(WireError::Incomplete) => break,
+                    Err(_) => {
+                        self.dead = true;
+                        return Ok(());
+                    }
+                }
+            }
+            if taken >= IDLE_RX_MAX {
+                self.dead = true;
+                return Err(CheckError::new(
+                    Cause::Protocol,
+                    format!("the broker sent more than {} KiB between two checks, unasked", IDLE_RX_MAX / 1024),
+                ));
+            }
             match self.stream.try_read(&mut chunk) {
                 Ok(0) => {
                     self.dead = true;
-                    break;
+                    return Ok(());
                 }
                 Ok(n) => {
+                    taken += n;
                     self.last_rx = Instant::now();
                     self.inbox.extend(&chunk[..n]);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(_) => {
                     self.dead = true;
-                    break;
-                }
-            }
-        }
-        loop {
-            match self.inbox.next_frame() {
-                Ok(f) => {
-                    // Channel 0 is "the check's channel" here so methods come back to us.
-                    match self.handle_frame(f, 0, deadline).await {
-                        Ok(Some(_)) | Ok(None) => {}
-                        Err(_) => {
-                            self.dead = true;
-                            break;
-                        }
-                    }
-                }
-                Err(WireError::Incomplete) => break,
-                Err(_) => {
-                    self.dead = true;
-                    break;
+                    return Ok(());
                 }
             }
         }
@@ -551,6 +584,7 @@ impl Conn {
         }
         let close = Method::ConnectionClose { code: 200, text: "healthgate closing" };
         let sent = self.send_method(0, &close, deadline, "send connection.close").await.is_ok();
+        self.rx_left = IDLE_RX_MAX;
         // A blocked connection is not read by the broker: no close-ok will come.
         if sent && self.blocked.is_none() {
             loop {
@@ -586,25 +620,34 @@ impl Conn {
             return;
         }
         let mut chunk = [0u8; 1024];
+        let mut left = IDLE_RX_MAX;
         while let Ok(Ok(n)) = timeout_at(deadline, self.stream.read(&mut chunk)).await {
-            if n == 0 {
+            if n == 0 || n >= left {
                 break;
             }
+            left -= n;
         }
     }
 
-    /// Closes the connection in the background, bounded by [`ABANDON_AFTER`],
-    /// so the check that gave up on it does not wait.
-    pub(super) fn abandon(self) {
+    /// Closes the connection in the background, bounded by [`ABANDON_AFTER`]
+    /// and [`IDLE_RX_MAX`], so the check that gave up on it does not wait.
+    /// `in_flight` counts the node's connections closing so; beyond
+    /// [`ABANDONED_MAX`] the connection is dropped at once instead.
+    pub(super) fn abandon(self, in_flight: &Arc<AtomicUsize>) {
         if self.dead {
             return;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(self.close(Instant::now() + ABANDON_AFTER));
-            }
-            Err(_) => drop(self),
+        let Ok(h) = tokio::runtime::Handle::try_current() else { return };
+        if in_flight.fetch_add(1, Ordering::AcqRel) >= ABANDONED_MAX {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            debug!("too many abandoned amqp connections closing; dropping this one");
+            return;
         }
+        let in_flight = in_flight.clone();
+        h.spawn(async move {
+            self.close(Instant::now() + ABANDON_AFTER).await;
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 }
 
@@ -616,10 +659,12 @@ impl Drop for Conn {
             return;
         }
         let mut chunk = [0u8; 4096];
+        let mut left = IDLE_RX_MAX;
         while let Ok(n) = self.stream.try_read(&mut chunk) {
-            if n == 0 {
+            if n == 0 || n >= left {
                 break;
             }
+            left -= n;
         }
         let mut out = Vec::new();
         Method::ConnectionClose { code: 200, text: "healthgate closing" }.encode(0, &mut out);
@@ -659,9 +704,6 @@ mod tests {
         ));
         assert!(queue_unavailable("NOT_FOUND - queue 'q' in vhost '/' process is stopped by supervisor"));
         assert!(!queue_unavailable("NOT_FOUND - no queue 'q' in vhost '/'"));
-        let long = bounded("é".repeat(300));
-        assert!(long.len() <= MAX_REPLY_TEXT + '…'.len_utf8() && long.ends_with('…'), "{long}");
-        assert_eq!(bounded("short".into()), "short");
     }
 
     #[test]
@@ -678,7 +720,14 @@ mod tests {
             user: "guest".into(),
             vhost: "/".into(),
         };
-        let shared = Shared { password: None, queues: vec![], heartbeat: 0, connection_name: "t".into(), tls: None };
+        let shared = Shared {
+            password: None,
+            queues: vec![],
+            heartbeat: 0,
+            connection_name: "t".into(),
+            tls: None,
+            secrets: KnownSecrets::default(),
+        };
         (node, shared)
     }
 

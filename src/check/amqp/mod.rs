@@ -59,6 +59,8 @@ struct Pending {
 struct Slot {
     conn: Option<Conn>,
     pending: Option<Pending>,
+    /// The node's abandoned connections still closing in the background.
+    abandoned: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Opens a connection: resumes a pending one, or connects afresh (also when
@@ -83,7 +85,7 @@ async fn open(
                 return Err(e);
             }
             Err((e, None)) if was_resumed && e.cause == Cause::Reset => {
-                debug!(node = %node.address, error = %e, "waiting amqp connection died; connecting afresh");
+                debug!(node = %node.address, cause = %e.cause, "waiting amqp connection died; connecting afresh");
             }
             Err((e, None)) => return Err(e),
         }
@@ -104,12 +106,16 @@ async fn probe(
     };
     let mut existing = slot.conn.take();
     if let Some(c) = existing.as_mut() {
-        c.drain(deadline).await;
+        if let Err(e) = c.drain(deadline).await {
+            // A broker flooding an idle connection: the verdict is its own,
+            // and the connection is dropped (not closed: that would read more).
+            return (Err(e), c.version.clone());
+        }
         if c.dead {
             debug!(node = %node.address, "amqp connection closed while idle; reconnecting");
             existing = None;
         } else if c.dirty {
-            existing.take().expect("checked above").abandon();
+            existing.take().expect("checked above").abandon(&slot.abandoned);
         }
     }
     let mut retried = false;
@@ -123,6 +129,7 @@ async fn probe(
             },
         };
         let version = conn.version.clone();
+        conn.new_exchange();
         match conn.round_trip(&shared.queues, deadline).await {
             Ok(()) => {
                 slot.conn = Some(conn);
@@ -132,14 +139,14 @@ async fn probe(
                 // An idle connection the broker dropped (EOF, reset,
                 // CONNECTION_FORCED) is not an outage; judge a fresh one. A
                 // timeout is not retried: the broker is there but silent.
-                debug!(node = %node.address, error = %e, "amqp connection went stale; reconnecting once");
+                debug!(node = %node.address, cause = %e.cause, "amqp connection went stale; reconnecting once");
                 retried = true;
             }
             Err(e) => {
                 if conn.dead {
                     drop(conn);
                 } else if conn.dirty {
-                    conn.abandon();
+                    conn.abandon(&slot.abandoned);
                 } else {
                     slot.conn = Some(conn);
                 }
@@ -173,6 +180,7 @@ impl AmqpCheck {
             heartbeat,
             connection_name: format!("healthgate {}", dep.name),
             tls: settings.tls,
+            secrets: Default::default(),
         });
         let nodes = settings
             .nodes
@@ -284,6 +292,10 @@ impl Check for AmqpCheck {
             });
         }
         while closes.join_next().await.is_some() {}
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        self.shared.secrets.snapshot()
     }
 }
 

@@ -18,10 +18,11 @@ const FRAME_BODY: u8 = 3;
 const FRAME_HEARTBEAT: u8 = 8;
 /// The octet every frame ends with.
 const FRAME_END: u8 = 0xCE;
-/// Largest frame accepted from a server (its frame_max is 128 KiB by default).
-const MAX_FRAME: usize = 4 * 1024 * 1024;
-/// frame_max healthgate proposes (our frames are tiny).
+/// frame_max healthgate proposes (our frames are tiny), and the largest
+/// frame accepted before `connection.tune` settles the real limit.
 pub const FRAME_MAX: u32 = 131_072;
+/// Bytes of a frame besides its payload (type, channel, size, frame-end).
+const FRAME_OVERHEAD: usize = 8;
 
 /// Why received bytes are not (yet) a frame or method healthgate understands.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,9 +39,12 @@ pub enum WireError {
     /// The bytes cannot start an AMQP frame (another protocol answered).
     #[error("not an AMQP server (unexpected bytes {0:?})")]
     NotAmqp(String),
-    /// A frame announced a size beyond [`MAX_FRAME`].
-    #[error("frame of {0} bytes is larger than any this check expects")]
-    TooLarge(usize),
+    /// A frame announced a payload size beyond the negotiated frame_max.
+    #[error("frame of {0} bytes is larger than the negotiated frame_max of {1}")]
+    TooLarge(usize, usize),
+    /// `connection.start` announced another protocol version.
+    #[error("the server announces AMQP {0}-{1}, not 0-9-1")]
+    Version(u8, u8),
     /// A frame did not end with the frame-end octet.
     #[error("frame does not end with the frame-end octet")]
     NoFrameEnd,
@@ -136,7 +140,10 @@ impl Incoming {
         let (class, method) = (r.u16()?, r.u16()?);
         Ok(match (class, method) {
             (10, 10) => {
-                let _ = (r.u8()?, r.u8()?);
+                let (major, minor) = (r.u8()?, r.u8()?);
+                if (major, minor) != (0, 9) {
+                    return Err(WireError::Version(major, minor));
+                }
                 let props = r.table()?;
                 let get = |k: &str| {
                     props.iter().find_map(|(n, v)| match v {
@@ -204,14 +211,28 @@ pub struct Frame {
 }
 
 /// Bytes received from the broker, decoded one whole frame at a time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Inbox {
     buf: Vec<u8>,
     /// Where the next undecoded frame starts in `buf`.
     start: usize,
+    /// Largest whole frame accepted (the negotiated frame_max).
+    max_frame: usize,
+}
+
+impl Default for Inbox {
+    fn default() -> Self {
+        Inbox { buf: Vec::new(), start: 0, max_frame: FRAME_MAX as usize }
+    }
 }
 
 impl Inbox {
+    /// Refuses frames larger than `frame_max` from now on (the value
+    /// `connection.tune-ok` settled; a frame never needs to be larger).
+    pub fn set_max_frame(&mut self, frame_max: u32) {
+        self.max_frame = (frame_max as usize).max(4096);
+    }
+
     /// Whether no undecoded byte is waiting.
     pub fn is_empty(&self) -> bool {
         self.start == self.buf.len()
@@ -248,8 +269,8 @@ impl Inbox {
             return Err(WireError::Incomplete);
         }
         let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
-        if size > MAX_FRAME {
-            return Err(WireError::TooLarge(size));
+        if size + FRAME_OVERHEAD > self.max_frame {
+            return Err(WireError::TooLarge(size + FRAME_OVERHEAD, self.max_frame));
         }
         if buf.len() < 7 + size + 1 {
             return Err(WireError::Incomplete);
@@ -602,6 +623,25 @@ mod tests {
                 Incoming::Close { code: 320, text: "bye".into(), class: 0, method: 0 }
             );
         }
+    }
+
+    #[test]
+    fn frames_beyond_the_negotiated_frame_max_are_refused_from_their_header() {
+        let mut i = Inbox::default();
+        i.set_max_frame(4096);
+        // Only the header has arrived: the size alone refuses the frame.
+        i.extend(&[FRAME_BODY, 0, 1, 0, 0, 0x10, 0x00]);
+        assert_eq!(i.next_frame(), Err(WireError::TooLarge(4096 + 8, 4096)));
+        let mut i = Inbox::default();
+        i.extend(&[FRAME_BODY, 0, 1, 0, 0x40, 0, 0]);
+        assert!(matches!(i.next_frame(), Err(WireError::TooLarge(..))), "4 MiB before tune");
+    }
+
+    #[test]
+    fn a_start_announcing_another_version_is_refused() {
+        let mut start = Writer::default();
+        start.u16(10).u16(10).u8(1).u8(0).u32(0).long(b"PLAIN").long(b"en_US");
+        assert_eq!(Incoming::decode(&start.0), Err(WireError::Version(1, 0)));
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub struct MysqlCheck {
     longest_interval: Duration,
     slot: Slot,
     server_version: Option<String>,
+    /// The passwords sent so far, kept out of published messages.
+    secrets: crate::check::text::KnownSecrets,
 }
 
 impl MysqlCheck {
@@ -155,6 +157,7 @@ impl MysqlCheck {
             longest_interval: dep.interval.max(dep.interval_down),
             slot: Slot::Empty,
             server_version: None,
+            secrets: Default::default(),
         }
     }
 
@@ -286,6 +289,9 @@ impl MysqlCheck {
                 Err(e) => return Err(CheckError::new(Cause::Config, e.to_string())),
             },
         };
+        if let Some(pw) = &password {
+            self.secrets.remember(pw);
+        }
         let addrs = net::resolve(&self.settings.address, deadline).await?;
         self.try_addrs(&addrs, password, deadline).await
     }
@@ -524,6 +530,10 @@ async fn check_writable(conn: &mut Conn, mariadb: bool) -> Result<(), Failure> {
 }
 
 impl Check for MysqlCheck {
+    fn secrets(&self) -> Vec<String> {
+        self.secrets.snapshot()
+    }
+
     async fn check(&mut self, deadline: Instant) -> Result<(), CheckError> {
         // 1. An exchange left over from an earlier check (it overran its
         //    deadline, or that check was cancelled): reclaim its connection.

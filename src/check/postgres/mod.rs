@@ -113,12 +113,19 @@ pub struct PostgresCheck {
     settings: Arc<PostgresSettings>,
     slot: Slot,
     server_version: Option<String>,
+    /// The passwords sent so far, kept out of published messages.
+    secrets: crate::check::text::KnownSecrets,
 }
 
 impl PostgresCheck {
     /// Builds the check.
     pub fn new(settings: PostgresSettings, _dep: &DependencyConfig) -> Self {
-        PostgresCheck { settings: Arc::new(settings), slot: Slot::Empty, server_version: None }
+        PostgresCheck {
+            settings: Arc::new(settings),
+            slot: Slot::Empty,
+            server_version: None,
+            secrets: Default::default(),
+        }
     }
 
     /// The error for an exchange still unanswered at the deadline.
@@ -184,6 +191,9 @@ impl PostgresCheck {
             None => None,
             Some(src) => Some(src.read().map_err(|e| CheckError::new(Cause::Config, e.to_string()))?),
         };
+        if let Some(pw) = &password {
+            self.secrets.remember(pw.expose());
+        }
         // DNS and TCP connect in the foreground: cancelling them leaves
         // nothing behind on the server.
         let (tcp, peer) = net::connect(&self.settings.address, deadline).await?;
@@ -281,6 +291,10 @@ async fn probe(conn: &mut Conn, s: &PostgresSettings, deadline: Instant) -> Resu
 }
 
 impl Check for PostgresCheck {
+    fn secrets(&self) -> Vec<String> {
+        self.secrets.snapshot()
+    }
+
     async fn check(&mut self, deadline: Instant) -> Result<(), CheckError> {
         // 1. An exchange left over from an earlier check: wait for it (it
         //    holds the one connection), then take its connection back.

@@ -19,8 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 use tracing::{debug, info};
 
-use self::resp::{MAX_REPLY, Reply, RespError, encode, parse, truncate};
-use super::io::exchange;
+use self::resp::{Framer, MAX_REPLY, Reply, RespError, encode, parse, truncate};
+use super::io::{Phase, exchange, io_error};
+use super::text::{self, KnownSecrets};
 use super::tls::{self, Stream, TlsSettings};
 use super::{Cause, Check, CheckError, Details, most_telling};
 use crate::config::{DependencyConfig, HostPort, Secret, SecretSource};
@@ -56,41 +57,85 @@ fn unexpected(what: &str, r: &Reply, expected: &str) -> CheckError {
 /// One open connection to a Redis node or sentinel.
 struct Conn {
     stream: Stream,
+    /// The bytes of the reply being read (never more than one reply).
     buf: Vec<u8>,
+    /// Walks `buf` as it grows, so a reply in many pieces is examined once.
+    /// (Boxed: a check holds two connections, and the check enum stays small.)
+    framer: Box<Framer>,
     peer: SocketAddr,
 }
 
 impl Conn {
     async fn open(target: &HostPort, tls: Option<&TlsSettings>, deadline: Instant) -> Result<Conn, CheckError> {
         let (stream, peer) = tls::connect(target, tls, deadline).await?;
-        Ok(Conn { stream, buf: Vec::with_capacity(4096), peer })
+        Ok(Conn { stream, buf: Vec::with_capacity(4096), framer: Box::default(), peer })
     }
 
     /// Sends one command and reads its reply, by `deadline`.
+    ///
+    /// Redis speaks only when asked: a byte that arrived before the command
+    /// (a stray reply, junk, an answer ahead of the question) would be taken
+    /// as this command's answer, so it is a protocol error instead, and the
+    /// caller drops the connection.
     async fn call(&mut self, args: &[&[u8]], deadline: Instant, what: &str) -> Result<Reply, CheckError> {
+        self.nothing_unasked(what)?;
         exchange(deadline, what, self.stream.write_all(&encode(args))).await?;
         self.read_reply(deadline, what).await
     }
 
-    async fn read_reply(&mut self, deadline: Instant, what: &str) -> Result<Reply, CheckError> {
-        loop {
-            match parse(&self.buf) {
-                Ok((reply, used)) => {
-                    // The whole reply is consumed at once.
-                    self.buf.drain(..used);
-                    return Ok(reply);
+    /// Fails when the server sent anything since the last reply; a closed
+    /// connection is a `reset` (the server's idle `timeout`: worth a retry).
+    /// An error reply is the one thing Redis sends unasked (`-ERR max number
+    /// of clients reached` right after accepting): it keeps its own cause.
+    fn nothing_unasked(&mut self, what: &str) -> Result<(), CheckError> {
+        let mut probe = [0u8; 512];
+        match self.stream.try_read(&mut probe) {
+            Ok(0) => Err(CheckError::new(Cause::Reset, format!("{what}: connection closed by {}", self.peer))),
+            Ok(n) => {
+                if let Ok((Reply::Error(e), used)) = parse(&probe[..n])
+                    && used == n
+                {
+                    return Err(error_reply("before the command was sent, the server", &e));
                 }
-                Err(RespError::Incomplete) if self.buf.len() > MAX_REPLY => {
-                    return Err(CheckError::new(Cause::Protocol, format!("{what}: reply larger than 1 MiB")));
-                }
-                Err(RespError::Incomplete) => {}
-                Err(e) => return Err(CheckError::new(Cause::Protocol, format!("{what}: {e}"))),
+                Err(CheckError::new(
+                    Cause::Protocol,
+                    format!(
+                        "{what}: the server sent bytes nobody asked for ({})",
+                        text::clip_bytes(&probe[..n.min(24)], 24)
+                    ),
+                ))
             }
-            self.buf.reserve(4096);
-            let n = exchange(deadline, what, self.stream.read_buf(&mut self.buf)).await?;
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(io_error(&e, Phase::Exchange, what)),
+        }
+    }
+
+    async fn read_reply(&mut self, deadline: Instant, what: &str) -> Result<Reply, CheckError> {
+        let protocol = |e: RespError| CheckError::new(Cause::Protocol, format!("{what}: {e}"));
+        loop {
+            if let Some(end) = self.framer.advance(&self.buf).map_err(protocol)? {
+                // Parsed once, when whole.
+                let (reply, _) = parse(&self.buf[..end]).map_err(protocol)?;
+                let extra = self.buf.len() - end;
+                self.buf.clear();
+                *self.framer = Framer::default();
+                if extra > 0 {
+                    return Err(CheckError::new(
+                        Cause::Protocol,
+                        format!("{what}: {extra} more bytes followed the reply ({})", reply.describe()),
+                    ));
+                }
+                return Ok(reply);
+            }
+            if self.buf.len() > MAX_REPLY {
+                return Err(CheckError::new(Cause::Protocol, format!("{what}: reply larger than 1 MiB")));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = exchange(deadline, what, self.stream.read(&mut chunk)).await?;
             if n == 0 {
                 return Err(CheckError::new(Cause::Reset, format!("{what}: connection closed by {}", self.peer)));
             }
+            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
@@ -156,6 +201,8 @@ pub struct RedisCheck {
     conn: Option<Conn>,
     version: Option<String>,
     current_master: Option<HostPort>,
+    /// The passwords sent so far, kept out of published messages.
+    secrets: Box<KnownSecrets>,
 }
 
 impl RedisCheck {
@@ -173,6 +220,7 @@ impl RedisCheck {
             conn: None,
             version: None,
             current_master: None,
+            secrets: Box::default(),
         }
     }
 
@@ -184,6 +232,9 @@ impl RedisCheck {
     /// the server version.
     async fn connect(&mut self, target: &HostPort, deadline: Instant) -> Result<Conn, CheckError> {
         let password = read_secret(&self.settings.password)?;
+        if let Some(pw) = &password {
+            self.secrets.remember(pw.expose());
+        }
         let mut conn = Conn::open(target, self.settings.tls.as_ref(), deadline).await?;
         if let Some(pw) = &password {
             conn.auth(self.settings.username.as_deref(), pw.expose(), deadline, "AUTH").await?;
@@ -203,7 +254,7 @@ impl RedisCheck {
             Reply::Bulk(info) => {
                 let info = String::from_utf8_lossy(&info);
                 if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
-                    self.version = Some(v.trim().to_string());
+                    self.version = Some(text::clip(v.trim(), text::MAX_DETAIL));
                 }
             }
             Reply::Error(e) if classify_error(&e) == Cause::Auth || e.starts_with("ERR unknown command") => {}
@@ -263,6 +314,9 @@ impl RedisCheck {
         let Target::Sentinel(s) = &self.settings.target else { unreachable!("sentinel check without sentinel") };
         let master_name = s.master_name.clone();
         let password = read_secret(&s.password)?;
+        if let Some(pw) = &password {
+            self.secrets.remember(pw.expose());
+        }
         let pw = password.as_ref().map(Secret::expose);
         let tls = self.settings.tls.clone();
         let n = self.sentinels.len();
@@ -280,7 +334,7 @@ impl RedisCheck {
                     break;
                 }
                 Err(e) => {
-                    debug!(dependency = %self.name, sentinel = %sentinel, error = %e, "sentinel did not answer");
+                    debug!(dependency = %self.name, sentinel = %sentinel, cause = %e.cause, "sentinel did not answer");
                     failures.push((sentinel.to_string(), e));
                 }
             }
@@ -309,7 +363,7 @@ impl RedisCheck {
                 match ask_sentinel(&sentinel, &master_name, pw, tls.as_ref(), share_end).await {
                     Ok(master) => answers.push((j, master)),
                     Err(e) => {
-                        debug!(dependency = %self.name, sentinel = %sentinel, error = %e, "sentinel did not answer")
+                        debug!(dependency = %self.name, sentinel = %sentinel, cause = %e.cause, "sentinel did not answer")
                     }
                 }
             }
@@ -364,7 +418,7 @@ impl RedisCheck {
                 }
                 // The server closed an idle connection (`timeout`), restarted, or failed over.
                 Err(e) if e.cause == Cause::Reset && !remaining(deadline).is_zero() => {
-                    debug!(dependency = %self.name, error = %e, "redis connection lost; reconnecting once");
+                    debug!(dependency = %self.name, cause = %e.cause, "redis connection lost; reconnecting once");
                 }
                 Err(e) => {
                     if self.keeps_connection(e.cause) {
@@ -544,6 +598,10 @@ impl Check for RedisCheck {
             let _ = timeout_at(deadline, conn.stream.shutdown()).await;
         }
     }
+
+    fn secrets(&self) -> Vec<String> {
+        self.secrets.snapshot()
+    }
 }
 
 #[cfg(test)]
@@ -624,6 +682,7 @@ mod tests {
             conn: None,
             version: None,
             current_master: None,
+            secrets: Box::default(),
         }
     }
 

@@ -1,13 +1,17 @@
 //! RESP2, the Redis protocol, as far as a check needs it: commands out as
 //! arrays of bulk strings, replies in (parsed by offset, one whole reply at a
 //! time, [`RespError::Incomplete`] until it has all arrived).
+//!
+//! A reply that arrives in pieces is first walked by a [`Framer`], which
+//! resumes where the previous piece ended, and parsed once when complete:
+//! the work is linear in the reply's size however it is split.
 
 /// Largest reply accepted (an `INFO server` reply is ~1-2 KiB).
 pub(super) const MAX_REPLY: usize = 1024 * 1024;
 /// Deepest array nesting accepted (`ROLE` on a master nests three levels).
 const MAX_DEPTH: usize = 8;
 /// Longest server text kept in a message.
-const MAX_MESSAGE: usize = 200;
+const MAX_MESSAGE: usize = crate::check::text::MAX_QUOTE;
 /// Longest reply line accepted before its CRLF.
 const MAX_LINE: usize = 64 * 1024;
 
@@ -26,6 +30,9 @@ pub(super) enum RespError {
     /// A length or integer that is not a number.
     #[error("invalid length or integer {0:?}")]
     BadInteger(String),
+    /// A line longer than an integer can be (a length or an integer reply).
+    #[error("length or integer line longer than 32 bytes")]
+    IntegerTooLong,
     /// A bulk string length that is negative (other than -1) or too large.
     #[error("invalid bulk length")]
     BadBulkLength,
@@ -64,7 +71,7 @@ impl Reply {
             Reply::Status(s) => format!("+{s}"),
             Reply::Error(e) => format!("-{e}"),
             Reply::Int(i) => format!(":{i}"),
-            Reply::Bulk(b) => format!("bulk {:?}", String::from_utf8_lossy(b)),
+            Reply::Bulk(b) => format!("bulk {:?}", crate::check::text::clip_bytes(b, MAX_MESSAGE)),
             Reply::Array(a) => format!("array of {}", a.len()),
             Reply::Nil => "nil".into(),
         };
@@ -125,7 +132,7 @@ fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<(Reply, usize), Resp
     };
     let line = String::from_utf8_lossy(&rest[1..eol]).into_owned();
     let after = pos + eol + 2;
-    let int = |l: &str| l.parse::<i64>().map_err(|_| RespError::BadInteger(l.to_string()));
+    let int = |l: &str| l.parse::<i64>().map_err(|_| RespError::BadInteger(crate::check::text::clip(l, 32)));
     match kind {
         b'+' => Ok((Reply::Status(line), after)),
         b'-' => Ok((Reply::Error(line), after)),
@@ -161,6 +168,108 @@ fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<(Reply, usize), Resp
                 at = end;
             }
             Ok((Reply::Array(items), at))
+        }
+    }
+}
+
+/// Longest line an integer or a length can take (`-9223372036854775808`).
+const MAX_INT_LINE: usize = 32;
+
+/// Finds where one whole reply ends in bytes that arrive in pieces,
+/// resuming each time where it stopped, so that no byte is looked at twice.
+#[derive(Debug, Default)]
+pub(super) struct Framer {
+    /// Offset of the next element to walk.
+    pos: usize,
+    /// Offset where the search for the current element's CRLF resumes.
+    searched: usize,
+    /// Items still expected by each open array, innermost last.
+    open: Vec<usize>,
+}
+
+impl Framer {
+    /// Walks `buf` (the reply's bytes so far, from its first byte): the
+    /// reply's length once it is complete, `None` while more bytes are needed.
+    pub(super) fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, RespError> {
+        loop {
+            let rest = &buf[self.pos..];
+            let Some(&kind) = rest.first() else { return Ok(None) };
+            if !matches!(kind, b'+' | b'-' | b':' | b'$' | b'*') {
+                return Err(RespError::NotResp(String::from_utf8_lossy(&rest[..rest.len().min(24)]).into_owned()));
+            }
+            let from = self.searched.max(self.pos + 1);
+            let Some(eol) = buf[from..].windows(2).position(|w| w == b"\r\n").map(|i| from + i) else {
+                self.searched = buf.len().saturating_sub(1).max(self.pos + 1);
+                let limit = if matches!(kind, b'+' | b'-') { MAX_LINE } else { MAX_INT_LINE };
+                return Err(if rest.len() > limit {
+                    if limit == MAX_LINE { RespError::LineTooLong } else { RespError::IntegerTooLong }
+                } else {
+                    // Waiting for the rest of the line.
+                    return Ok(None);
+                });
+            };
+            let line = &buf[self.pos + 1..eol];
+            if matches!(kind, b':' | b'$' | b'*') && line.len() > MAX_INT_LINE {
+                return Err(RespError::IntegerTooLong);
+            }
+            let int = || {
+                std::str::from_utf8(line)
+                    .ok()
+                    .and_then(|l| l.parse::<i64>().ok())
+                    .ok_or_else(|| RespError::BadInteger(String::from_utf8_lossy(line).into_owned()))
+            };
+            let mut next = eol + 2;
+            match kind {
+                b':' => {
+                    int()?;
+                }
+                b'$' => {
+                    let len = int()?;
+                    if len != -1 {
+                        let len =
+                            usize::try_from(len).ok().filter(|l| *l <= MAX_REPLY).ok_or(RespError::BadBulkLength)?;
+                        if buf.len() < next + len + 2 {
+                            self.searched = eol;
+                            return Ok(None);
+                        }
+                        if &buf[next + len..next + len + 2] != b"\r\n" {
+                            return Err(RespError::Unterminated);
+                        }
+                        next += len + 2;
+                    }
+                }
+                b'*' => {
+                    let n = int()?;
+                    if n > 0 {
+                        if self.open.len() >= MAX_DEPTH {
+                            return Err(RespError::TooDeep);
+                        }
+                        let n = usize::try_from(n).ok().filter(|n| *n <= MAX_REPLY).ok_or(RespError::BadArrayLength)?;
+                        self.open.push(n);
+                        self.pos = next;
+                        self.searched = next;
+                        continue;
+                    } else if n < -1 {
+                        return Err(RespError::BadArrayLength);
+                    }
+                }
+                _ => {}
+            }
+            self.pos = next;
+            self.searched = next;
+            // One element is complete: close the arrays it completes.
+            loop {
+                match self.open.last_mut() {
+                    None => return Ok(Some(self.pos)),
+                    Some(left) => {
+                        *left -= 1;
+                        if *left > 0 {
+                            break;
+                        }
+                        self.open.pop();
+                    }
+                }
+            }
         }
     }
 }
@@ -203,6 +312,48 @@ mod tests {
         let (r, used) = parse(reply).unwrap();
         assert_eq!(used, reply.len());
         assert_eq!(r, Reply::Array(vec![Reply::Bulk(b"hello".to_vec()), Reply::Array(vec![Reply::Int(7)])]));
+    }
+
+    #[test]
+    fn the_framer_finds_each_reply_end_however_the_bytes_are_split() {
+        let reply = b"*3\r\n$5\r\nhello\r\n*2\r\n:7\r\n+OK\r\n*-1\r\n+NEXT\r\n";
+        let whole = reply.len() - 7;
+        for cut in 0..reply.len() {
+            let mut f = Framer::default();
+            let first = f.advance(&reply[..cut]).unwrap();
+            if cut < whole {
+                assert_eq!(first, None, "cut {cut}");
+                assert_eq!(f.advance(reply).unwrap(), Some(whole), "cut {cut}");
+            } else {
+                assert_eq!(first, Some(whole), "cut {cut}");
+            }
+        }
+        assert_eq!(Framer::default().advance(b"$-1\r\n").unwrap(), Some(5));
+        assert_eq!(Framer::default().advance(b"*0\r\n").unwrap(), Some(4));
+        let deep = "*1\r\n".repeat(MAX_DEPTH + 1) + ":1\r\n";
+        assert_eq!(Framer::default().advance(deep.as_bytes()), Err(RespError::TooDeep));
+        let long_int = format!(":{}", "9".repeat(60_000));
+        assert_eq!(Framer::default().advance(long_int.as_bytes()), Err(RespError::IntegerTooLong));
+        assert!(matches!(Framer::default().advance(b"GARBAGE"), Err(RespError::NotResp(_))));
+    }
+
+    /// A large array arriving in small pieces is walked once: each advance
+    /// looks only at the new bytes (counted as the offsets it resumes from).
+    #[test]
+    fn a_large_array_arriving_in_pieces_is_walked_once() {
+        let mut reply = b"*20000\r\n".to_vec();
+        for _ in 0..20_000 {
+            reply.extend_from_slice(b"$4\r\nabcd\r\n");
+        }
+        let mut f = Framer::default();
+        let mut walked_from = Vec::new();
+        for end in (1..reply.len()).step_by(7) {
+            walked_from.push(f.pos);
+            assert_eq!(f.advance(&reply[..end]).unwrap(), None);
+            assert!(f.pos <= end && f.searched <= end);
+        }
+        assert_eq!(f.advance(&reply).unwrap(), Some(reply.len()));
+        assert!(walked_from.windows(2).all(|w| w[0] <= w[1]), "the walk never goes back");
     }
 
     #[test]

@@ -76,6 +76,11 @@ impl DependencyType for HttpSettings {
             p.at(url.pos, d.key("url"), "must include a host");
             return None;
         };
+        if authority.as_str().contains('@') {
+            // It would be sent as the Host header, logged and shown in /status.
+            p.at(url.pos, d.key("url"), "credentials in the URL are not allowed");
+            return None;
+        }
         let address = HostPort {
             host: authority.host().trim_start_matches('[').trim_end_matches(']').to_string(),
             port: authority.port_u16().unwrap_or(if https { DEFAULT_HTTPS_PORT } else { DEFAULT_HTTP_PORT }),
@@ -106,6 +111,14 @@ mod tests {
         assert_eq!((s.path_and_query.as_str(), s.host_header.as_str()), ("/health?x=1", "api.local"));
         assert_eq!(s.expect_status, [200, 204]);
         assert!(s.tls.is_some());
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_refused_without_echoing_them() {
+        let p = load("api", "    type: http\n    url: http://user:Pw-In-Url@api.local/health\n").unwrap_err();
+        let text = format!("{p:?}");
+        assert!(text.contains("dependencies[0].url") && text.contains("credentials"), "{text}");
+        assert!(!text.contains("Pw-In-Url"), "{text}");
     }
 
     #[test]

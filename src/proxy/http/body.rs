@@ -13,6 +13,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 
 use super::conn::Busy;
+use super::expect::Hold;
 
 /// The request body went over `max_body_bytes` while streaming.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,9 @@ pub(super) struct ReqBody {
     /// `None` for a replayed bodyless request.
     pub(super) inner: Option<Incoming>,
     pub(super) left: u64,
+    /// For `Expect: 100-continue`: the body is held back until the app asks
+    /// for it (polling `inner` makes hyper send `100 Continue` to the client).
+    pub(super) hold: Option<Hold>,
 }
 
 impl Body for ReqBody {
@@ -38,6 +42,16 @@ impl Body for ReqBody {
     type Error = Box<dyn StdError + Send + Sync>;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(hold) = self.hold.as_mut() {
+            if !ready!(hold.poll(cx)) {
+                // The app answered without asking for the body: dropping it
+                // unread tells hyper's server not to ask the client for it.
+                // The body never ends: that upstream connection is not reused.
+                self.inner = None;
+                return Poll::Pending;
+            }
+            self.hold = None;
+        }
         let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
         let frame = match ready!(Pin::new(inner).poll_frame(cx)) {
             None => return Poll::Ready(None),
@@ -56,7 +70,7 @@ impl Body for ReqBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        self.hold.is_none() && self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {

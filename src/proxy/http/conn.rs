@@ -418,6 +418,11 @@ pub(super) struct Conn {
     pub(super) upstream_due: Cell<Option<Instant>>,
     /// Set by the connection timer once `upstream_due` passed.
     pub(super) upstream_expired: Cell<bool>,
+    /// The app's side of a protocol switch whose `101` went to the client:
+    /// once hyper is done with the connection, its socket joins the tunnel.
+    /// hyper's own upgrade hand-over is not used, as it would also take the
+    /// socket of a request that asked to upgrade and was refused.
+    pub(super) switched: Cell<Option<hyper::upgrade::OnUpgrade>>,
     /// Returned when the last reference goes (an upgraded tunnel keeps it
     /// after hyper let go).
     pub(super) _permit: Permit,

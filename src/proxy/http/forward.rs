@@ -16,7 +16,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap};
-use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, sleep_until};
@@ -34,18 +34,20 @@ use super::body::Kind;
 use super::body::ReqBody;
 use super::body::ResBody;
 use super::conn::Busy;
+use super::conn::ClientIo;
 use super::conn::{Conn, UpstreamWait, informational_written};
+use super::expect::{Gate, expects_continue, watch_continue};
 use super::headers::CHUNKED_VALUE;
 use super::headers::CLOSE_VALUE;
 use super::headers::Codings;
 use super::headers::PROBLEM_VALUE;
 use super::headers::UPGRADE_VALUE;
 use super::headers::encode_informational;
-use super::headers::host_is_valid;
 use super::headers::prepare_request;
 use super::headers::prepare_response;
 use super::headers::transfer_codings;
 use super::headers::upgrade_requested;
+use super::target::canonicalize;
 use crate::metrics::{Outcome, RouteMetrics};
 use crate::state::Admission;
 
@@ -116,14 +118,10 @@ async fn respond<'w>(
     let busy = Busy::begin(conn);
     let ctx = &w.ctx;
 
-    let uri = req.uri();
-    let path = uri.path();
-    if uri.scheme().is_some()
-        || uri.authority().is_some()
-        || req.method() == Method::CONNECT
-        || !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS))
-        || !host_is_valid(req.headers(), req.version())
-    {
+    // Absolute-form becomes origin-form and the path is normalized: routing
+    // and admission below, and the app, all read this same target.
+    if let Err(e) = canonicalize(&mut req) {
+        debug!(error = %e, "request target refused");
         return reply(
             &ctx.default_route.metrics,
             busy,
@@ -166,7 +164,7 @@ async fn respond<'w>(
     }
     // The route decides what the request needs, its short-circuit bodies and
     // its metric label (`bypass` prefixes are routes needing nothing).
-    let route = ctx.route(req.method(), path, req.headers());
+    let route = ctx.route(req.method(), req.uri().path(), req.headers());
     let metrics = &route.metrics;
     unanswered.metrics.set(metrics);
     let max_body = ctx.config.http.max_body_bytes;
@@ -201,10 +199,20 @@ async fn respond<'w>(
 
     // Upgrade (WebSocket): forward `Connection: upgrade` + `Upgrade` and
     // take over both connections after a 101.
-    let upgrade = upgrade_requested(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let upgrade = upgrade_requested(req.headers(), req.version());
     let (mut parts, body) = req.into_parts();
-    let upgrade_value = upgrade.as_ref().and_then(|_| parts.headers.get(header::UPGRADE).cloned());
+    let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
+    let expects = expects_continue(&parts.headers, parts.version, !body.is_end_stream());
     let version = parts.version;
+    if version == Version::HTTP_10 {
+        // RFC 9110 §10.1.1: an HTTP/1.0 request's 100-continue is ignored,
+        // and the app, spoken to in HTTP/1.1, must not act on it either.
+        parts.headers.remove(header::EXPECT);
+        if !parts.headers.contains_key(header::HOST) {
+            // Forwarded as HTTP/1.1, which must carry a Host (RFC 9112 §3.2).
+            parts.headers.insert(header::HOST, w.upstream_host.clone());
+        }
+    }
     prepare_request(&mut parts.headers, &busy.0, upgrade_value, version);
     if body.size_hint().exact().is_none() {
         // Forwarded chunked whatever the method: hyper would send a GET or
@@ -212,11 +220,15 @@ async fn respond<'w>(
         parts.headers.insert(header::TRANSFER_ENCODING, CHUNKED_VALUE.clone());
     }
     parts.version = Version::HTTP_11;
-    let body = ReqBody { inner: Some(body), left: if max_body > 0 { max_body } else { u64::MAX } };
+    let body = ReqBody { inner: Some(body), left: if max_body > 0 { max_body } else { u64::MAX }, hold: None };
     let mut req = Request::from_parts(parts, body);
+    let gate = expects.then(|| {
+        let (gate, hold) = watch_continue();
+        req.body_mut().hold = Some(hold);
+        gate
+    });
     if version == Version::HTTP_11 {
-        let hyper_continues = !req.body().is_end_stream() && req.headers().contains_key(header::EXPECT);
-        relay_informational(&mut req, &busy.0, hyper_continues);
+        relay_informational(&mut req, &busy.0, gate.clone());
     }
     let sent = send(&busy.0, req, start).await;
     if busy.0.state.informational_pending.load(Relaxed) {
@@ -225,8 +237,12 @@ async fn respond<'w>(
     }
     match sent {
         Ok((mut res, tx, read)) => {
+            // A final status before the app asked for the body: the client's
+            // body is never read, so this connection cannot carry another
+            // request, nor can the upstream one (it still owes a body).
+            let refused = gate.is_some_and(|g| g.refuse()) && res.status() != StatusCode::SWITCHING_PROTOCOLS;
             if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-                let Some(client_side) = upgrade else {
+                if !upgrade {
                     // A 101 nobody asked for cannot be relayed.
                     return reply(
                         metrics,
@@ -248,8 +264,8 @@ async fn respond<'w>(
                     parts.headers.insert(header::CONNECTION, UPGRADE_VALUE.clone());
                     parts.headers.insert(header::UPGRADE, v);
                 }
-                // The tunnel holds the connection (and its permit).
-                tokio::task::spawn_local(tunnel(client_side, app_side, busy.0.clone(), w.tunnel_idle_timeout));
+                // The connection task starts the tunnel once hyper wrote the 101.
+                busy.0.switched.set(Some(app_side));
                 drop(tx);
                 metrics.record(outcome, start.elapsed());
                 return Response::from_parts(parts, ResBody::full(Bytes::new(), busy));
@@ -265,7 +281,7 @@ async fn respond<'w>(
                     Outcome::UpstreamError,
                     StatusCode::BAD_GATEWAY,
                     BAD_GATEWAY_BODY,
-                    false,
+                    refused,
                 );
             }
             // Sent as HTTP/1.1 whatever the app spoke (RFC 9110 §6.2: an
@@ -285,14 +301,17 @@ async fn respond<'w>(
                     Outcome::UpstreamError,
                     StatusCode::BAD_GATEWAY,
                     BAD_GATEWAY_BODY,
-                    false,
+                    refused,
                 );
             };
+            let tx = if refused {
+                parts.headers.insert(header::CONNECTION, CLOSE_VALUE.clone());
+                None
+            } else {
+                Some(tx)
+            };
             metrics.record(outcome, start.elapsed());
-            Response::from_parts(
-                parts,
-                ResBody { kind: Kind::Upstream { body, first, tx: Some(tx), read, ended: false }, busy },
-            )
+            Response::from_parts(parts, ResBody { kind: Kind::Upstream { body, first, tx, read, ended: false }, busy })
         }
         Err(Fail::Timeout) => reply(
             metrics,
@@ -401,14 +420,18 @@ pub(super) async fn send(
 /// callback is boxed per request (hyper's API), which the ordinary path
 /// pays for.
 ///
-/// With `hyper_continues` (the client sent `Expect: 100-continue` with a
-/// body, which hyper's server answers itself), an app's `100` is not relayed
-/// a second time.
-pub(super) fn relay_informational<B>(req: &mut Request<B>, conn: &Conn, hyper_continues: bool) {
+/// For a request whose client waits for `100 Continue` (`gate`), the app's
+/// `100` opens the gate instead: hyper's server then sends its own `100` as
+/// the body is asked for, so it is not relayed twice. hyper keeps one
+/// informational callback per request; this is it.
+pub(super) fn relay_informational<B>(req: &mut Request<B>, conn: &Conn, gate: Option<Arc<Gate>>) {
     let state = conn.state.clone();
     let via = conn.worker.ctx.config.http.via;
     hyper::ext::on_informational(req, move |res| {
-        if hyper_continues && res.status() == StatusCode::CONTINUE {
+        if let Some(gate) = &gate
+            && res.status() == StatusCode::CONTINUE
+        {
+            gate.open();
             return;
         }
         state.queue_for_client(|b| encode_informational(res.status(), res.headers(), via, b));
@@ -439,7 +462,7 @@ pub const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// A bodyless copy of a request head, for a replay.
 pub(super) fn copy_head(req: &Request<ReqBody>) -> Request<ReqBody> {
-    let mut r = Request::new(ReqBody { inner: None, left: u64::MAX });
+    let mut r = Request::new(ReqBody { inner: None, left: u64::MAX, hold: None });
     *r.method_mut() = req.method().clone();
     *r.uri_mut() = req.uri().clone();
     *r.version_mut() = req.version();
@@ -481,21 +504,16 @@ pub(super) fn classify(e: hyper::Error) -> Fail {
 /// Relays an upgraded connection both ways until either side closes, or
 /// until nothing moved either way for the listener's `idle_timeout`: a peer
 /// that vanished without a FIN must not hold the tunnel (and the drain) forever.
-pub(super) async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    app: hyper::upgrade::OnUpgrade,
-    conn: Rc<Conn>,
-    idle: Option<Duration>,
-) {
-    let (client, app) = match (client.await, app.await) {
-        (Ok(c), Ok(a)) => (c, a),
-        (Err(e), _) | (_, Err(e)) => {
+pub(super) async fn tunnel(client: ClientIo, app: hyper::upgrade::OnUpgrade, conn: Rc<Conn>, idle: Option<Duration>) {
+    let app = match app.await {
+        Ok(a) => a,
+        Err(e) => {
             debug!(error = %e, "upgrade failed");
             return;
         }
     };
     let last = Rc::new(Cell::new(Instant::now()));
-    let mut client = Active { io: TokioIo::new(client), last: last.clone() };
+    let mut client = Active { io: client, last: last.clone() };
     let mut app = Active { io: TokioIo::new(app), last: last.clone() };
     let copy = tokio::io::copy_bidirectional(&mut client, &mut app);
     tokio::pin!(copy);

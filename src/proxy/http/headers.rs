@@ -39,9 +39,13 @@ pub(super) fn host_is_valid(h: &HeaderMap, version: Version) -> bool {
     }
 }
 
-/// `Connection: upgrade` plus an `Upgrade` header.
-pub(super) fn upgrade_requested(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE) && h.get_all(header::CONNECTION).iter().any(|v| has_token(v, "upgrade"))
+/// `Connection: upgrade` plus an `Upgrade` header, in an HTTP/1.1 request:
+/// `Upgrade` in an HTTP/1.0 request is ignored (RFC 9110 §7.8), and so is
+/// an `Upgrade` that `Connection` does not list.
+pub(super) fn upgrade_requested(h: &HeaderMap, version: Version) -> bool {
+    version == Version::HTTP_11
+        && h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| has_token(v, "upgrade"))
 }
 
 /// The fixed hop-by-hop headers (RFC 9110 §7.6.1 and the obsolete
@@ -113,7 +117,13 @@ fn strip_present(h: &mut HeaderMap, present: u16) {
         for v in h.get_all(header::CONNECTION) {
             for t in v.as_bytes().split(|b| *b == b',') {
                 let t = t.trim_ascii();
-                if t.is_empty() || t.eq_ignore_ascii_case(b"close") || t.eq_ignore_ascii_case(b"keep-alive") {
+                // `Host` is end to end whatever `Connection` says: every
+                // HTTP/1.1 request carries one (RFC 9112 §3.2).
+                if t.is_empty()
+                    || t.eq_ignore_ascii_case(b"close")
+                    || t.eq_ignore_ascii_case(b"keep-alive")
+                    || t.eq_ignore_ascii_case(b"host")
+                {
                     continue;
                 }
                 if let Ok(name) = HeaderName::from_bytes(t) {
@@ -347,10 +357,19 @@ mod tests {
     }
 
     #[test]
-    fn upgrade_needs_both_the_connection_token_and_the_header() {
-        assert!(upgrade_requested(&map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")])));
-        assert!(!upgrade_requested(&map(&[("upgrade", "websocket")])));
-        assert!(!upgrade_requested(&map(&[("connection", "upgrade")])));
+    fn upgrade_needs_both_the_connection_token_and_the_header_in_http11() {
+        let ws = map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        assert!(upgrade_requested(&ws, Version::HTTP_11));
+        assert!(!upgrade_requested(&ws, Version::HTTP_10), "ignored in HTTP/1.0");
+        assert!(!upgrade_requested(&map(&[("upgrade", "websocket")]), Version::HTTP_11));
+        assert!(!upgrade_requested(&map(&[("connection", "upgrade")]), Version::HTTP_11));
+    }
+
+    #[test]
+    fn connection_cannot_remove_host() {
+        let mut h = map(&[("connection", "host, x-a"), ("host", "a"), ("x-a", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), vec!["host"]);
     }
 
     #[test]

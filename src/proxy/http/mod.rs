@@ -70,12 +70,15 @@
 
 mod body;
 mod conn;
+mod expect;
 mod forward;
 mod headers;
 mod pool;
+mod target;
 
 pub use body::{BodyTooLarge, ClientBodyError};
 pub use conn::PARK_AFTER;
+pub use expect::CONTINUE_WAIT;
 pub use forward::REPLAY_AFTER_IDLE;
 pub use headers::strip_hop_by_hop;
 
@@ -102,7 +105,7 @@ use super::accept::{self, Permit, Permits, Serve};
 use super::{DrainSignal, ListenerCtx};
 use crate::metrics::Outcome;
 use conn::{ClientIo, Conn, DrainIdle, IoState, TimerAction, TimerConfig, decide, parked_until};
-use forward::handle;
+use forward::{handle, tunnel};
 use pool::{Pooled, sweep_pool};
 
 /// `502` body (RFC 9457, same shape as the short-circuit bodies).
@@ -175,6 +178,8 @@ struct Worker {
     /// every open client connection, upgraded tunnels included).
     permits: Rc<Permits>,
     retry_after: HeaderValue,
+    /// `Host` for a request that has none (HTTP/1.0): the upstream's authority.
+    upstream_host: HeaderValue,
     /// The client connection timer's limits.
     timer: TimerConfig,
     /// The listener's parked-connections gauge.
@@ -199,6 +204,14 @@ impl Worker {
         // Our own timer handles header and idle timeouts (see module doc),
         // so hyper needs none and allocates no timer per request.
         http.keep_alive(true).header_read_timeout(None).max_header_size(c.max_header_bytes.max(1));
+        // Not `half_close(true)`: with it hyper stops reading the client
+        // while a request is at the app, so a client that went away (FIN or
+        // reset) is noticed only when the answer is written: the app's work
+        // is not cancelled and the request is never counted `client_closed`.
+        // The cost: a client that half-closes after its request (`nc -N`)
+        // gets no answer. Telling the two apart needs the connection timer
+        // to watch the socket for a reset while hyper waits.
+        http.half_close(false);
         // Head and small bodies copied into one buffer and sent with one
         // `write`: fewer instructions than hyper's `writev` queue for the
         // small messages a sidecar mostly relays (callgrind: −3.3 % proxied,
@@ -229,6 +242,8 @@ impl Worker {
             pool: RefCell::new(VecDeque::new()),
             permits: Permits::new(&ctx),
             retry_after,
+            upstream_host: HeaderValue::from_str(&ctx.config.upstream.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             timer: TimerConfig { header_read_timeout, client_idle_timeout, tick },
             parked: ctx.registry.parked_connections(&ctx.config.name),
             connect_timeout: limit(c.upstream_connect_timeout),
@@ -262,6 +277,7 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
         peer,
         upstream_due: Cell::new(None),
         upstream_expired: Cell::new(false),
+        switched: Cell::new(None),
         _permit: permit,
     });
     let this = conn.clone();
@@ -280,7 +296,10 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
     loop {
         // Boxed: while parked, the connection's task then holds a pointer
         // rather than hyper's whole connection struct.
-        let mut http = Box::new(w.http.serve_connection(TokioIo::new(io), svc.clone()).with_upgrades());
+        // Without hyper's `with_upgrades`: a request carrying `Upgrade` makes
+        // hyper hold its socket for an upgrade even after a refusal, so the
+        // tunnel is started here instead, only after a relayed `101`.
+        let mut http = Box::new(w.http.serve_connection(TokioIo::new(io), svc.clone()));
         if stopped_without_drain(&w, drain_seen) {
             Pin::new(&mut *http).graceful_shutdown();
         }
@@ -345,9 +364,21 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
             debug!(error = %e, "client connection ended with an error");
             return;
         }
-        // Without parking, hyper finished the connection (closed it, or
-        // handed it to an upgrade).
-        let Some(parts) = (if parking { http.into_parts() } else { None }) else { return };
+        if let Some(app) = this.switched.take() {
+            // hyper wrote the `101` and let go: the socket, and any bytes
+            // read past the request, join the tunnel.
+            let hyper::server::conn::http1::Parts { io: tokio_io, read_buf, .. } = http.into_parts();
+            let mut client = tokio_io.into_inner();
+            client.prefix = read_buf;
+            state.parking.store(false, Relaxed);
+            tunnel(client, app, this.clone(), w.tunnel_idle_timeout).await;
+            return;
+        }
+        // Without parking, hyper finished the connection (closed it).
+        if !parking {
+            return;
+        }
+        let parts = http.into_parts();
         state.parking.store(false, Relaxed);
         debug!("connection parked");
         let hyper::server::conn::http1::Parts { io: tokio_io, read_buf, .. } = parts;
