@@ -154,13 +154,13 @@ fn ambiguous_or_invalid_message_framing_gets_400() {
 }
 
 #[test]
-fn too_many_headers_and_a_huge_request_line_get_431() {
+fn too_many_headers_get_431_and_a_huge_request_line_414() {
     let app = App::start();
     let hg = start(app.addr, "");
     let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
     let long_line = format!("GET /{} HTTP/1.1\r\nHost: h\r\n\r\n", "a".repeat(20_000));
-    for raw in [format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n"), long_line] {
-        assert_eq!(statuses(&exchange(hg.listeners[0], raw.as_bytes())), [431]);
+    for (raw, status) in [(format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n"), 431), (long_line, 414)] {
+        assert_eq!(statuses(&exchange(hg.listeners[0], raw.as_bytes())), [status]);
     }
     assert_eq!(app.requests(), 0);
     still_serving(&hg);

@@ -4,6 +4,8 @@
 
 use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -89,7 +91,12 @@ pub(super) enum Kind {
     /// the body was read to its end.
     Upstream {
         body: Incoming,
+        /// Body bytes read ahead with the head (see `forward::first_bytes`),
+        /// sent first.
+        first: Bytes,
         tx: Option<SendRequest<ReqBody>>,
+        /// The connection's read count, pooled with it.
+        read: Arc<AtomicU64>,
         ended: bool,
     },
 }
@@ -107,7 +114,10 @@ impl Body for ResBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream { body, ended, .. } => {
+            Kind::Upstream { body, first, ended, .. } => {
+                if !first.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(std::mem::take(first)))));
+                }
                 let r = ready!(Pin::new(body).poll_frame(cx));
                 if r.is_none() {
                     *ended = true;
@@ -120,25 +130,36 @@ impl Body for ResBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            Kind::Upstream { body, ended, .. } => *ended || body.is_end_stream(),
+            Kind::Upstream { body, first, ended, .. } => *ended || (first.is_empty() && body.is_end_stream()),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Upstream { body, first, .. } => {
+                let mut hint = body.size_hint();
+                if !first.is_empty() {
+                    let n = first.len() as u64;
+                    // Upper first: `set_lower` asserts lower <= upper.
+                    if let Some(upper) = hint.upper() {
+                        hint.set_upper(upper + n);
+                    }
+                    hint.set_lower(hint.lower() + n);
+                }
+                hint
+            }
         }
     }
 }
 
 impl Drop for ResBody {
     fn drop(&mut self) {
-        if let Kind::Upstream { body, tx, ended } = &mut self.kind
+        if let Kind::Upstream { body, tx, read, ended, .. } = &mut self.kind
             && (*ended || body.is_end_stream())
             && let Some(tx) = tx.take()
         {
-            self.busy.0.worker.checkin(tx);
+            self.busy.0.worker.checkin(tx, read.clone());
         }
         // A body dropped early (client gone) drops `tx` with it: hyper then
         // closes that upstream connection, which still has bytes in flight.

@@ -7,12 +7,13 @@ use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use hyper::Uri;
 use hyper::header::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -38,6 +39,29 @@ pub(super) struct IoState {
     /// Set while hyper is being shut down to park the connection: the
     /// socket's shutdown is then skipped, so the client sees nothing.
     pub(super) parking: AtomicBool,
+    /// While the request line of the head being read has not ended: how
+    /// many of its bytes arrived, plus one (0 = the line ended). See
+    /// [`IoState::scan_line`].
+    pub(super) line_open: AtomicU32,
+    /// The length of the last request line followed to its end.
+    pub(super) line_len: AtomicU32,
+    /// Where a `#` (a fragment, which no request-target carries) sits in the
+    /// request line of the head being read (0 = none): checked against the
+    /// parsed request by [`IoState::take_fragment`].
+    pub(super) fragment_at: AtomicU32,
+    /// Set while `informational` holds bytes to write (checked without the lock).
+    pub(super) informational_pending: AtomicBool,
+    /// The app's 1xx responses to the current request, encoded for the
+    /// client, and the connection task's waker (see `forward::relay_informational`).
+    pub(super) informational: Mutex<Informational>,
+}
+
+/// 1xx responses waiting to be written to the client.
+#[derive(Default)]
+pub(super) struct Informational {
+    bytes: Vec<u8>,
+    /// Wakes the connection's task, which writes them.
+    pub(super) waker: Option<Waker>,
 }
 
 /// The connection timer's limits, fixed per listener.
@@ -167,6 +191,11 @@ impl IoState {
             head_started: AtomicU64::new(1),
             idle_since: AtomicU64::new(0),
             parking: AtomicBool::new(false),
+            line_open: AtomicU32::new(1),
+            line_len: AtomicU32::new(0),
+            fragment_at: AtomicU32::new(0),
+            informational_pending: AtomicBool::new(false),
+            informational: Mutex::default(),
         }
     }
 
@@ -181,6 +210,7 @@ impl IoState {
     pub(super) fn begin_request(&self) {
         self.busy.store(self.busy.load(Relaxed) + 1, Relaxed);
         self.head_started.store(0, Relaxed);
+        self.line_open.store(0, Relaxed);
     }
 
     pub(super) fn end_request(&self) {
@@ -193,9 +223,72 @@ impl IoState {
 
     /// Bytes arrived: if no request is in progress, a head is starting.
     #[inline]
-    pub(super) fn on_read(&self) {
-        if self.busy.load(Relaxed) == 0 && self.head_started.load(Relaxed) == 0 {
+    pub(super) fn on_read(&self, bytes: &[u8]) {
+        if self.busy.load(Relaxed) != 0 {
+            return;
+        }
+        if self.head_started.load(Relaxed) == 0 {
             self.head_started.store(self.nanos(Instant::now()) + 1, Relaxed);
+            self.line_open.store(1, Relaxed);
+            self.fragment_at.store(0, Relaxed);
+        }
+        if self.line_open.load(Relaxed) != 0 {
+            self.scan_line(bytes);
+        }
+    }
+
+    /// Follows the request line of a head that started arriving while no
+    /// request was in progress (which is where hyper's buffer starts a new
+    /// head): notes a `#` in it and whether it ended. hyper does not expose
+    /// the raw line: its URI parser drops a fragment, and its limit on the
+    /// head's size answers `431` even when the request line alone is over
+    /// it. Costs a scan of the request line per request.
+    fn scan_line(&self, bytes: &[u8]) {
+        let seen = self.line_open.load(Relaxed) - 1;
+        // One pass to the LF, or to a `#` first (rare), then on to the LF.
+        let mut end = memchr::memchr2(b'\n', b'#', bytes);
+        if let Some(i) = end
+            && bytes[i] == b'#'
+        {
+            if self.fragment_at.load(Relaxed) == 0 {
+                self.fragment_at.store(seen.saturating_add(i as u32).max(1), Relaxed);
+            }
+            end = memchr::memchr(b'\n', &bytes[i..]).map(|j| i + j);
+        }
+        let line = &bytes[..end.unwrap_or(bytes.len())];
+        let len = seen.saturating_add(line.len() as u32);
+        if end.is_some() {
+            self.line_open.store(0, Relaxed);
+            self.line_len.store(len, Relaxed);
+        } else {
+            self.line_open.store(len.saturating_add(1), Relaxed);
+        }
+    }
+
+    /// Whether the request line of the request `method`/`uri` (as hyper
+    /// parsed it, fragment dropped) had a fragment: the `#` right after the
+    /// target. Taken once per request.
+    pub(super) fn take_fragment(&self, method: &str, uri: &Uri) -> bool {
+        let at = self.fragment_at.load(Relaxed);
+        if at == 0 {
+            return false;
+        }
+        self.fragment_at.store(0, Relaxed);
+        let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path_and_query().map_or(0, |p| p.as_str().len());
+        at as usize == method.len() + 1 + target
+    }
+
+    /// Appends bytes for the client (1xx responses) with `write` and wakes
+    /// the connection's task, whose socket wrapper writes them from
+    /// `poll_flush`.
+    pub(super) fn queue_for_client(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        let mut info = self.informational.lock().unwrap_or_else(PoisonError::into_inner);
+        write(&mut info.bytes);
+        self.informational_pending.store(true, Relaxed);
+        if let Some(w) = &info.waker {
+            w.wake_by_ref();
         }
     }
 
@@ -218,6 +311,8 @@ pub(super) struct ClientIo {
     /// Bytes hyper had read but not parsed when the connection was parked
     /// (normally none); served before the socket.
     pub(super) prefix: Bytes,
+    /// A request line this long is answered `414` (`max_header_bytes`).
+    pub(super) max_line: usize,
 }
 
 impl AsyncRead for ClientIo {
@@ -225,35 +320,51 @@ impl AsyncRead for ClientIo {
         let this = self.get_mut();
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            this.state.on_read();
+            let piece = this.prefix.split_to(n);
+            buf.put_slice(&piece);
+            this.state.on_read(&piece);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.state.on_read();
+            this.state.on_read(&buf.filled()[before..]);
         }
         r
     }
 }
 
 impl AsyncWrite for ClientIo {
+    /// hyper refuses a head over `max_header_bytes` with `431`; when the
+    /// request line alone is that long (or never ended), the answer is `414`
+    /// (RFC 9112 §3).
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if (this.state.line_open.load(Relaxed) != 0 || this.state.line_len.load(Relaxed) as usize >= this.max_line)
+            && let Some(rest) = buf.strip_prefix(HYPER_431)
+        {
+            // Written by `poll_flush`, which hyper calls next.
+            this.state.queue_for_client(|b| {
+                b.extend_from_slice(b"HTTP/1.1 414 URI Too Long\r\n");
+                b.extend_from_slice(rest);
+            });
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        // `writev(false)`: hyper writes one flattened buffer, which
+        // `poll_write` can look at as a whole.
+        false
     }
+    /// Also writes the app's 1xx responses: hyper calls this only with its
+    /// own write buffer empty, so they never land inside another message.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        if this.state.informational_pending.load(Relaxed) {
+            ready!(this.write_informational(cx))?;
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -263,6 +374,36 @@ impl AsyncWrite for ClientIo {
         }
         Pin::new(&mut this.stream).poll_shutdown(cx)
     }
+}
+
+/// The status line hyper writes for a head over `max_header_bytes`.
+const HYPER_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\n";
+
+impl ClientIo {
+    /// Writes the pending 1xx responses, then wakes the task: the request
+    /// handler waits for them before handing hyper its final response.
+    fn write_informational(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut info = self.state.informational.lock().unwrap_or_else(PoisonError::into_inner);
+        while !info.bytes.is_empty() {
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &info.bytes))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            info.bytes.drain(..n);
+        }
+        self.state.informational_pending.store(false, Relaxed);
+        cx.waker().wake_by_ref();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Resolves once the 1xx responses relayed so far are written to the client.
+pub(super) async fn informational_written(state: &IoState) {
+    std::future::poll_fn(|_| {
+        // Woken by `ClientIo::write_informational` (the same task).
+        if state.informational_pending.load(Relaxed) { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await
 }
 
 /// One client connection, shared by its requests (and an upgraded tunnel).
@@ -424,15 +565,37 @@ mod tests {
         let fresh = IoState::new(t0);
         assert_eq!(drain.close_at(&fresh), None, "a new connection's first head is held to header_read_timeout");
         let reading = idle_at(t0);
-        reading.on_read();
+        reading.on_read(b"GET / HTTP/1.1\r\n");
         assert_eq!(drain.close_at(&reading), None);
+    }
+
+    #[test]
+    fn a_fragment_is_found_in_the_request_line_only_and_matched_to_its_target() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        s.on_read(b"GET /x#fr");
+        s.on_read(b"ag HTTP/1.1\r\nReferer: /#top\r\n\r\n");
+        assert_eq!(s.line_open.load(Relaxed), 0, "the line ended");
+        assert_eq!(s.line_len.load(Relaxed), 21, "up to the LF");
+        let other: Uri = "/yy".parse().unwrap();
+        let this: Uri = "/x".parse().unwrap();
+        assert!(!s.take_fragment("GET", &other), "another target: not this request's line");
+        s.fragment_at.store(6, Relaxed);
+        assert!(s.take_fragment("GET", &this));
+        assert!(!s.take_fragment("GET", &this), "taken once");
+        let s = idle_at(t0);
+        s.on_read(b"GET /x HTTP/1.1\r\nReferer: /#top\r\n\r\n");
+        assert!(!s.take_fragment("GET", &this), "a # in a header is no fragment");
+        let s = idle_at(t0);
+        s.on_read(b"GET /aaaa");
+        assert_eq!(s.line_open.load(Relaxed), 10, "open: 9 bytes so far (+1)");
     }
 
     #[test]
     fn bytes_after_a_request_start_a_new_head() {
         let t0 = Instant::now();
         let s = idle_at(t0);
-        s.on_read();
+        s.on_read(b"GET / HTTP/1.1\r\n");
         let c = cfg(Some(300), Some(60_000));
         let started = s.head_started().expect("a head started");
         assert!(started >= t0);

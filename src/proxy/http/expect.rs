@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use hyper::Version;
 use hyper::header::{self, HeaderMap};
-use hyper::{Request, StatusCode, Version};
 use tokio::time::Sleep;
 
 /// How long the app may stay silent before the client's body is asked for anyway.
@@ -98,19 +98,12 @@ pub(super) fn expects_continue(h: &HeaderMap, version: Version, has_body: bool) 
         && h.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-/// Arms the gate for an upstream request: the app's `100` opens it. The
-/// returned [`Hold`] goes into the request body.
-///
-/// hyper keeps one informational callback per request; this is it. Other
-/// uses of the app's 1xx responses go into the same closure.
-pub(super) fn watch_continue<B>(req: &mut Request<B>) -> (Arc<Gate>, Hold) {
+/// A gate for an upstream request and the [`Hold`] that goes into its body.
+/// The app's `100` opens it: seen by the request's informational callback
+/// (`forward::relay_informational`, hyper keeps one per request, which also
+/// relays the other 1xx responses).
+pub(super) fn watch_continue() -> (Arc<Gate>, Hold) {
     let gate = Arc::new(Gate::default());
-    let g = gate.clone();
-    hyper::ext::on_informational(req, move |res| {
-        if res.status() == StatusCode::CONTINUE {
-            g.open();
-        }
-    });
     let hold = Hold { gate: gate.clone(), wait: Box::pin(tokio::time::sleep(CONTINUE_WAIT)) };
     (gate, hold)
 }

@@ -7,6 +7,8 @@ use std::error::Error as StdError;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +25,7 @@ use tracing::debug;
 use super::BAD_GATEWAY_BODY;
 use super::BAD_REQUEST_BODY;
 use super::GATEWAY_TIMEOUT_BODY;
+use super::NOT_IMPLEMENTED_BODY;
 use super::TOO_LARGE_BODY;
 use super::Worker;
 use super::body::BodyTooLarge;
@@ -32,13 +35,17 @@ use super::body::ReqBody;
 use super::body::ResBody;
 use super::conn::Busy;
 use super::conn::ClientIo;
-use super::conn::{Conn, UpstreamWait};
-use super::expect::{expects_continue, watch_continue};
+use super::conn::{Conn, UpstreamWait, informational_written};
+use super::expect::{Gate, expects_continue, watch_continue};
+use super::headers::CHUNKED_VALUE;
 use super::headers::CLOSE_VALUE;
+use super::headers::Codings;
 use super::headers::PROBLEM_VALUE;
 use super::headers::UPGRADE_VALUE;
+use super::headers::encode_informational;
 use super::headers::prepare_request;
 use super::headers::prepare_response;
+use super::headers::transfer_codings;
 use super::headers::upgrade_requested;
 use super::target::canonicalize;
 use crate::metrics::{Outcome, RouteMetrics};
@@ -125,6 +132,36 @@ async fn respond<'w>(
             true,
         );
     }
+    // RFC 9112 §3.2: a target is ASCII (hyper passes other bytes on, which
+    // the gate and the app could each decode their own way) and has no
+    // fragment (hyper drops it; the client socket noted it). RFC 9112 §3: an
+    // invalid request line is refused, not corrected.
+    let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+    if !target.is_ascii() || busy.0.state.take_fragment(req.method().as_str(), req.uri()) {
+        return reply(
+            &ctx.default_route.metrics,
+            busy,
+            start,
+            Outcome::BadRequest,
+            StatusCode::BAD_REQUEST,
+            BAD_REQUEST_BODY,
+            true,
+        );
+    }
+    // An unsized body is chunked (hyper refused one whose last coding is
+    // not): another coding under it would reach the app relabelled, so it is
+    // refused (RFC 9112 §6.1: 501 for a coding not understood; `chunked`
+    // twice is invalid: 400). The body is unread: the connection closes.
+    if req.body().size_hint().exact().is_none() {
+        let (status, body) = match transfer_codings(req.headers()) {
+            Codings::Chunked => (StatusCode::OK, ""),
+            Codings::ChunkedTwice => (StatusCode::BAD_REQUEST, BAD_REQUEST_BODY),
+            Codings::Other => (StatusCode::NOT_IMPLEMENTED, NOT_IMPLEMENTED_BODY),
+        };
+        if status != StatusCode::OK {
+            return reply(&ctx.default_route.metrics, busy, start, Outcome::BadRequest, status, body, true);
+        }
+    }
     // The route decides what the request needs, its short-circuit bodies and
     // its metric label (`bypass` prefixes are routes needing nothing).
     let route = ctx.route(req.method(), req.uri().path(), req.headers());
@@ -166,7 +203,8 @@ async fn respond<'w>(
     let (mut parts, body) = req.into_parts();
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
     let expects = expects_continue(&parts.headers, parts.version, !body.is_end_stream());
-    if parts.version == Version::HTTP_10 {
+    let version = parts.version;
+    if version == Version::HTTP_10 {
         // RFC 9110 §10.1.1: an HTTP/1.0 request's 100-continue is ignored,
         // and the app, spoken to in HTTP/1.1, must not act on it either.
         parts.headers.remove(header::EXPECT);
@@ -175,18 +213,30 @@ async fn respond<'w>(
             parts.headers.insert(header::HOST, w.upstream_host.clone());
         }
     }
-    prepare_request(&mut parts.headers, &busy.0, upgrade_value);
+    prepare_request(&mut parts.headers, &busy.0, upgrade_value, version);
+    if body.size_hint().exact().is_none() {
+        // Forwarded chunked whatever the method: hyper would send a GET or
+        // HEAD without its body (RFC 9112 §6: framing is method-independent).
+        parts.headers.insert(header::TRANSFER_ENCODING, CHUNKED_VALUE.clone());
+    }
     parts.version = Version::HTTP_11;
     let body = ReqBody { inner: Some(body), left: if max_body > 0 { max_body } else { u64::MAX }, hold: None };
     let mut req = Request::from_parts(parts, body);
     let gate = expects.then(|| {
-        let (gate, hold) = watch_continue(&mut req);
+        let (gate, hold) = watch_continue();
         req.body_mut().hold = Some(hold);
         gate
     });
-
-    match send(&busy.0, req, start).await {
-        Ok((mut res, tx)) => {
+    if version == Version::HTTP_11 {
+        relay_informational(&mut req, &busy.0, gate.clone());
+    }
+    let sent = send(&busy.0, req, start).await;
+    if busy.0.state.informational_pending.load(Relaxed) {
+        // The app's 1xx responses go out before whatever final answer.
+        informational_written(&busy.0.state).await;
+    }
+    match sent {
+        Ok((mut res, tx, read)) => {
             // A final status before the app asked for the body: the client's
             // body is never read, so this connection cannot carry another
             // request, nor can the upstream one (it still owes a body).
@@ -207,7 +257,9 @@ async fn respond<'w>(
                 let app_side = hyper::upgrade::on(&mut res);
                 let upgrade_value = res.headers().get(header::UPGRADE).cloned();
                 let (mut parts, _) = res.into_parts();
-                prepare_response(&mut parts.headers, w);
+                // A 101 has no body: its codings do not matter.
+                let _ = prepare_response(&mut parts.headers, w, parts.version);
+                parts.version = Version::HTTP_11;
                 if let Some(v) = upgrade_value {
                     parts.headers.insert(header::CONNECTION, UPGRADE_VALUE.clone());
                     parts.headers.insert(header::UPGRADE, v);
@@ -218,8 +270,40 @@ async fn respond<'w>(
                 metrics.record(outcome, start.elapsed());
                 return Response::from_parts(parts, ResBody::full(Bytes::new(), busy));
             }
-            let (mut parts, body) = res.into_parts();
-            prepare_response(&mut parts.headers, w);
+            let (mut parts, mut body) = res.into_parts();
+            if let Err(e) = prepare_response(&mut parts.headers, w, parts.version) {
+                // Dropping the body and `tx` closes that upstream connection.
+                debug!(error = %e, "response not relayed");
+                return reply(
+                    metrics,
+                    busy,
+                    start,
+                    Outcome::UpstreamError,
+                    StatusCode::BAD_GATEWAY,
+                    BAD_GATEWAY_BODY,
+                    refused,
+                );
+            }
+            // Sent as HTTP/1.1 whatever the app spoke (RFC 9110 §6.2: an
+            // intermediary sends its own version), so an HTTP/1.0 answer
+            // does not tell the client that the connection closes; hyper
+            // labels it HTTP/1.0 for an HTTP/1.0 client, with
+            // `Connection: keep-alive` when the connection stays open.
+            parts.version = Version::HTTP_11;
+            let Ok(first) = first_bytes(&mut body) else {
+                // Bad framing before the first body byte (an unparsable chunk
+                // size): nothing was relayed yet, so the client gets a 502
+                // rather than a head followed by a cut connection.
+                return reply(
+                    metrics,
+                    busy,
+                    start,
+                    Outcome::UpstreamError,
+                    StatusCode::BAD_GATEWAY,
+                    BAD_GATEWAY_BODY,
+                    refused,
+                );
+            };
             let tx = if refused {
                 parts.headers.insert(header::CONNECTION, CLOSE_VALUE.clone());
                 None
@@ -227,7 +311,7 @@ async fn respond<'w>(
                 Some(tx)
             };
             metrics.record(outcome, start.elapsed());
-            Response::from_parts(parts, ResBody { kind: Kind::Upstream { body, tx, ended: false }, busy })
+            Response::from_parts(parts, ResBody { kind: Kind::Upstream { body, first, tx, read, ended: false }, busy })
         }
         Err(Fail::Timeout) => reply(
             metrics,
@@ -271,22 +355,22 @@ pub(super) async fn send(
     conn: &Conn,
     mut req: Request<ReqBody>,
     start: Instant,
-) -> Result<(Response<Incoming>, SendRequest<ReqBody>), Fail> {
+) -> Result<(Response<Incoming>, SendRequest<ReqBody>, Arc<AtomicU64>), Fail> {
     let w = &*conn.worker;
     let _wait = UpstreamWait(conn);
     loop {
-        let (mut tx, replay) = match w.checkout() {
-            Some((tx, idle)) => {
+        let (mut tx, read, replay) = match w.checkout() {
+            Some((tx, idle, read)) => {
                 let replay = (idle >= REPLAY_AFTER_IDLE && req.method().is_idempotent() && req.body().is_end_stream())
-                    .then(|| copy_head(&req));
-                (tx, Some(replay))
+                    .then(|| (copy_head(&req), read.load(Relaxed)));
+                (tx, read, Some(replay))
             }
             // Boxed: connecting is rare on a warm pool, and inline it would
             // grow every request's future (moved by hyper) by ~500 bytes.
             None => {
-                let tx = Box::pin(w.connect()).await?;
+                let (tx, read) = Box::pin(w.connect()).await?;
                 conn.upstream_due.set(w.response_timeout.map(|t| Instant::now() + t));
-                (tx, None)
+                (tx, read, None)
             }
         };
         if conn.upstream_due.get().is_none() {
@@ -301,19 +385,73 @@ pub(super) async fn send(
         })
         .await?;
         match result {
-            Ok(res) => return Ok((res, tx)),
+            Ok(res) => return Ok((res, tx, read)),
             Err(mut e) => match (e.take_message(), replay) {
                 (Some(back), Some(_)) => {
                     debug!(error = %e.error(), "pooled upstream connection closed before use; retrying");
                     req = back;
                 }
-                (None, Some(Some(copy))) if closed_before_response(e.error()) => {
+                // Not one byte of an answer arrived (a partial status line
+                // is the app answering: the request is not sent twice).
+                (None, Some(Some((copy, before))))
+                    if read.load(Relaxed) == before && closed_before_response(e.error()) =>
+                {
                     debug!(error = %e.error(), "idle pooled upstream connection closed under the request; replaying");
                     req = copy;
                 }
                 _ => return Err(classify(e.into_error())),
             },
         }
+    }
+}
+
+/// Relays the app's 1xx responses to `req` (`103 Early Hints`, `100`,
+/// `102`, any other) to the client, as RFC 9110 §15.2 asks of a proxy.
+/// Called for HTTP/1.1 clients only: an HTTP/1.0 client gets none.
+///
+/// hyper's client reports them through a callback (`on_informational`),
+/// but its server has no way to send one: a service returns one response.
+/// So the callback encodes them into the connection's shared state and
+/// wakes the connection's task (`IoState::queue_for_client`); the client
+/// socket wrapper's `poll_flush`, which hyper calls only once everything it
+/// buffered is written, writes them on the socket; and the request handler
+/// waits until they are written (`conn::informational_written`) before it
+/// returns the final response, so they always come before its head. The
+/// callback is boxed per request (hyper's API), which the ordinary path
+/// pays for.
+///
+/// For a request whose client waits for `100 Continue` (`gate`), the app's
+/// `100` opens the gate instead: hyper's server then sends its own `100` as
+/// the body is asked for, so it is not relayed twice. hyper keeps one
+/// informational callback per request; this is it.
+pub(super) fn relay_informational<B>(req: &mut Request<B>, conn: &Conn, gate: Option<Arc<Gate>>) {
+    let state = conn.state.clone();
+    let via = conn.worker.ctx.config.http.via;
+    hyper::ext::on_informational(req, move |res| {
+        if let Some(gate) = &gate
+            && res.status() == StatusCode::CONTINUE
+        {
+            gate.open();
+            return;
+        }
+        state.queue_for_client(|b| encode_informational(res.status(), res.headers(), via, b));
+    });
+}
+
+/// The response body's first bytes if they already arrived (they usually
+/// come with the head), or an error if the app's framing already failed.
+/// Polled once, without waiting: a body that has not started is relayed as
+/// it comes.
+fn first_bytes(body: &mut Incoming) -> Result<Bytes, hyper::Error> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Pin::new(body).poll_frame(&mut cx) {
+        Poll::Ready(Some(Err(e))) => Err(e),
+        // Trailers are never relayed (the `Trailer` header is hop-by-hop).
+        Poll::Ready(Some(Ok(frame))) => Ok(frame.into_data().unwrap_or_default()),
+        Poll::Ready(None) | Poll::Pending => Ok(Bytes::new()),
     }
 }
 

@@ -2,8 +2,8 @@
 //! and the forwarding headers added on the way to the app and back.
 
 use bytes::{BufMut, BytesMut};
-use hyper::Version;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{StatusCode, Version};
 
 use super::Worker;
 use super::conn::Conn;
@@ -14,6 +14,9 @@ pub(super) static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-
 pub(super) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(super) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(super) static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 healthgate");
+/// `Via` names the protocol received (RFC 9110 §7.6.3): an HTTP/1.0 message says so.
+pub(super) static VIA_10_VALUE: HeaderValue = HeaderValue::from_static("1.0 healthgate");
+pub(super) static CHUNKED_VALUE: HeaderValue = HeaderValue::from_static("chunked");
 pub(super) static HTTP_VALUE: HeaderValue = HeaderValue::from_static("http");
 pub(super) static UPGRADE_VALUE: HeaderValue = HeaderValue::from_static("upgrade");
 pub(super) static CLOSE_VALUE: HeaderValue = HeaderValue::from_static("close");
@@ -95,6 +98,15 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             present |= 1 << i;
         }
     }
+    strip_present(h, present);
+}
+
+/// Bit of `Transfer-Encoding` in a [`strip_present`] mask.
+const TRANSFER_ENCODING_BIT: u16 = 1 << 5;
+
+/// Removes the hop-by-hop headers whose bits are set in `present` (found
+/// by the caller's pass over the names), and the headers `Connection` names.
+fn strip_present(h: &mut HeaderMap, present: u16) {
     if present == 0 {
         return;
     }
@@ -130,9 +142,41 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// How the transfer codings of a message stand (RFC 9112 §6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Codings {
+    /// `chunked` alone: the only coding healthgate decodes and re-encodes.
+    Chunked,
+    /// `chunked` applied more than once, which no sender may do: invalid.
+    ChunkedTwice,
+    /// Another coding (`gzip`, `identity`, ...): relayed under the label
+    /// `chunked` its payload would be misread, so it is refused instead.
+    Other,
+}
+
+/// The transfer codings of all `Transfer-Encoding` fields, in order.
+pub(super) fn transfer_codings(h: &HeaderMap) -> Codings {
+    let mut chunked = 0;
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        for t in v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            if t.eq_ignore_ascii_case(b"chunked") {
+                chunked += 1;
+            } else {
+                return Codings::Other;
+            }
+        }
+    }
+    if chunked > 1 { Codings::ChunkedTwice } else { Codings::Chunked }
+}
+
+/// A response from the app that cannot be relayed as it is: answered `502`.
+#[derive(Debug, thiserror::Error)]
+#[error("response from the app uses a transfer coding other than chunked")]
+pub struct UnsupportedCoding;
+
 /// Request headers for the app: hop-by-hop removed, the upgrade pair
 /// restored, `X-Forwarded-For`/`-Proto` and `Via` per config. `Host` is kept.
-pub(super) fn prepare_request(h: &mut HeaderMap, conn: &Conn, upgrade: Option<HeaderValue>) {
+pub(super) fn prepare_request(h: &mut HeaderMap, conn: &Conn, upgrade: Option<HeaderValue>, version: Version) {
     let cfg = &conn.worker.ctx.config.http;
     strip_hop_by_hop(h);
     if let Some(u) = upgrade {
@@ -147,8 +191,36 @@ pub(super) fn prepare_request(h: &mut HeaderMap, conn: &Conn, upgrade: Option<He
         h.insert(&X_FORWARDED_PROTO, HTTP_VALUE.clone());
     }
     if cfg.via {
-        h.append(header::VIA, VIA_VALUE.clone());
+        h.append(header::VIA, via(version));
     }
+}
+
+/// The `Via` element for a message received with `version`.
+fn via(version: Version) -> HeaderValue {
+    if version == Version::HTTP_10 { VIA_10_VALUE.clone() } else { VIA_VALUE.clone() }
+}
+
+/// Encodes an app's 1xx response for the client: hop-by-hop headers and any
+/// `Content-Length` removed (a 1xx has no content, RFC 9110 §8.6), `Via`
+/// added with `via`.
+pub(super) fn encode_informational(status: StatusCode, headers: &HeaderMap, via: bool, b: &mut Vec<u8>) {
+    let mut h = headers.clone();
+    strip_hop_by_hop(&mut h);
+    b.extend_from_slice(b"HTTP/1.1 ");
+    b.extend_from_slice(status.as_str().as_bytes());
+    b.push(b' ');
+    b.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    b.extend_from_slice(b"\r\n");
+    for (name, value) in h.iter().filter(|(n, _)| *n != header::CONTENT_LENGTH) {
+        b.extend_from_slice(name.as_str().as_bytes());
+        b.extend_from_slice(b": ");
+        b.extend_from_slice(value.as_bytes());
+        b.extend_from_slice(b"\r\n");
+    }
+    if via {
+        b.extend_from_slice(b"via: 1.1 healthgate\r\n");
+    }
+    b.extend_from_slice(b"\r\n");
 }
 
 /// Appends the client's address to `X-Forwarded-For`, merging any existing
@@ -173,12 +245,53 @@ pub(super) fn append_forwarded_for(h: &mut HeaderMap, peer: &HeaderValue) {
     }
 }
 
-/// Response headers for the client: hop-by-hop removed, `Via` per config.
-pub(super) fn prepare_response(h: &mut HeaderMap, w: &Worker) {
-    strip_hop_by_hop(h);
-    if w.ctx.config.http.via {
-        h.append(header::VIA, VIA_VALUE.clone());
+/// Response headers for the client: hop-by-hop removed, `Via` per config,
+/// and the framing settled so that hyper frames the body as the app did:
+/// - `Transfer-Encoding: chunked` overrides `Content-Length`, which an
+///   intermediary must then remove (RFC 9112 §6.3); kept, hyper would cut
+///   the body at that length;
+/// - a `Content-Length` list of one repeated value (`2, 2`), which hyper
+///   accepts, is sent as that one value (RFC 9110 §8.6);
+/// - any other transfer coding is refused ([`UnsupportedCoding`]): the body
+///   is re-framed chunked, and relayed without its codings it would be
+///   misread.
+///
+/// One pass over the names decides all of it; an ordinary response costs no
+/// extra lookup.
+pub(super) fn prepare_response(h: &mut HeaderMap, w: &Worker, version: Version) -> Result<(), UnsupportedCoding> {
+    let mut present = 0u16;
+    let mut length = false;
+    for name in h.keys() {
+        if let Some(i) = hop_index(name) {
+            present |= 1 << i;
+        } else if name == header::CONTENT_LENGTH {
+            length = true;
+        }
     }
+    if present & TRANSFER_ENCODING_BIT != 0 {
+        if transfer_codings(h) != Codings::Chunked {
+            return Err(UnsupportedCoding);
+        }
+        if length {
+            h.remove(header::CONTENT_LENGTH);
+        }
+    } else if length {
+        let mut all = h.get_all(header::CONTENT_LENGTH).iter();
+        if let (Some(first), more) = (all.next(), all.next())
+            && (more.is_some() || first.as_bytes().contains(&b','))
+        {
+            // A list of one repeated value (hyper checked that they agree).
+            let one = first.as_bytes().split(|b| *b == b',').next().unwrap_or_default();
+            if let Ok(v) = HeaderValue::from_bytes(one.trim_ascii()) {
+                h.insert(header::CONTENT_LENGTH, v);
+            }
+        }
+    }
+    strip_present(h, present);
+    if w.ctx.config.http.via {
+        h.append(header::VIA, via(version));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -229,6 +342,17 @@ mod tests {
         }
         for other in ["host", "user-agent", "content-type", "te-x", "x-upgrade", "connectionx"] {
             assert_eq!(hop_index(&HeaderName::from_static(other)), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn only_a_single_chunked_coding_is_relayed() {
+        assert_eq!(transfer_codings(&map(&[("transfer-encoding", "Chunked")])), Codings::Chunked);
+        assert_eq!(transfer_codings(&map(&[("transfer-encoding", "chunked, chunked")])), Codings::ChunkedTwice);
+        let two = map(&[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")]);
+        assert_eq!(transfer_codings(&two), Codings::ChunkedTwice);
+        for other in ["gzip, chunked", "identity", "chunked, gzip"] {
+            assert_eq!(transfer_codings(&map(&[("transfer-encoding", other)])), Codings::Other, "{other}");
         }
     }
 

@@ -8,7 +8,9 @@
 //!
 //! # Per request
 //! 1. URI checks: absolute-form, authority-form (`CONNECT`), a path not
-//!    starting with `/`, no `Host` (HTTP/1.1) or more than one → `400`; `Content-Length`
+//!    starting with `/`, no `Host` (HTTP/1.1) or more than one, a non-ASCII
+//!    target or one with a fragment → `400`; a transfer coding other than
+//!    `chunked` → `501` (`chunked` twice: `400`); `Content-Length`
 //!    over `max_body_bytes` → `413`.
 //! 2. Routing and admission: the listener's route table picks the route
 //!    (`bypass` prefixes are routes needing nothing: outcome `bypassed`);
@@ -48,6 +50,17 @@
 //! connection's lifetime. A keep-alive connection idle for [`PARK_AFTER`] is
 //! therefore parked: hyper is shut down without touching the socket, only
 //! the socket is watched, and the next request gets a fresh hyper connection.
+//!
+//! # 1xx responses
+//! hyper's client hands the app's 1xx responses to a per-request callback,
+//! and hyper's server has no way to send one. The callback encodes them into
+//! the connection's state and wakes its task; the client socket wrapper
+//! writes them from `poll_flush` (which hyper calls only with nothing of its
+//! own buffered), and the request waits for that before returning its final
+//! response (`conn::relay_informational`). The same wrapper follows each
+//! request line, which hyper does not expose: for a fragment (dropped by
+//! hyper's URI parser) and a request line over `max_header_bytes` (hyper's
+//! `431` becomes `414`).
 //!
 //! # Layout
 //! This file: [`serve`] and the per-connection driver. `conn`: what a
@@ -102,6 +115,9 @@ pub const GATEWAY_TIMEOUT_BODY: &str =
     r#"{"type":"about:blank","title":"Gateway Timeout","status":504,"cause":"GATEWAY TIMEOUT"}"#;
 /// `400` body.
 pub const BAD_REQUEST_BODY: &str = r#"{"type":"about:blank","title":"Bad Request","status":400,"cause":"BAD REQUEST"}"#;
+/// `501` body (a transfer coding healthgate does not implement).
+pub const NOT_IMPLEMENTED_BODY: &str =
+    r#"{"type":"about:blank","title":"Not Implemented","status":501,"cause":"NOT IMPLEMENTED"}"#;
 /// `413` body.
 pub const TOO_LARGE_BODY: &str =
     r#"{"type":"about:blank","title":"Content Too Large","status":413,"cause":"CONTENT TOO LARGE"}"#;
@@ -247,6 +263,9 @@ impl Worker {
 /// which gets a fresh hyper connection.
 async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: SocketAddr, mut drain: DrainSignal) {
     let state = Arc::new(IoState::new(Instant::now()));
+    // This task writes the app's 1xx responses (`conn::relay_informational`).
+    let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
+    state.informational.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waker = Some(waker);
     let ip = match peer.ip() {
         IpAddr::V6(v6) => v6.to_canonical(),
         ip => ip,
@@ -272,7 +291,8 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
         timer.as_mut().reset(t);
     }
     let mut drain_seen = drain.borrow_and_update().is_some();
-    let mut io = ClientIo { stream, state: state.clone(), prefix: Bytes::new() };
+    let max_line = w.ctx.config.http.max_header_bytes;
+    let mut io = ClientIo { stream, state: state.clone(), prefix: Bytes::new(), max_line };
     loop {
         // Boxed: while parked, the connection's task then holds a pointer
         // rather than hyper's whole connection struct.
