@@ -120,24 +120,21 @@ async fn respond<'w>(
 
     // Absolute-form becomes origin-form and the path is normalized: routing
     // and admission below, and the app, all read this same target.
-    if let Err(e) = canonicalize(&mut req) {
-        debug!(error = %e, "request target refused");
-        return reply(
-            &ctx.default_route.metrics,
-            busy,
-            start,
-            Outcome::BadRequest,
-            StatusCode::BAD_REQUEST,
-            BAD_REQUEST_BODY,
-            true,
-        );
-    }
     // RFC 9112 §3.2: a target is ASCII (hyper passes other bytes on, which
     // the gate and the app could each decode their own way) and has no
     // fragment (hyper drops it; the client socket noted it). RFC 9112 §3: an
     // invalid request line is refused, not corrected.
-    let target = req.uri().path_and_query().map_or("", |p| p.as_str());
-    if !target.is_ascii() || busy.0.state.take_fragment(req.method().as_str(), req.uri()) {
+    let refused = match canonicalize(&mut req) {
+        Err(e) => {
+            debug!(error = %e, "request target refused");
+            true
+        }
+        Ok(()) => {
+            let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+            !target.is_ascii() || busy.0.state.take_fragment(req.method().as_str(), req.uri())
+        }
+    };
+    if refused {
         return reply(
             &ctx.default_route.metrics,
             busy,
