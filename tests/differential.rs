@@ -27,7 +27,7 @@ mod recorder;
 mod wire;
 
 use std::collections::BTreeSet;
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -92,26 +92,7 @@ struct Client {
 
 impl Client {
     fn fill(&mut self, wait: Duration) -> bool {
-        if self.eof {
-            return false;
-        }
-        self.stream.set_read_timeout(Some(wait.max(Duration::from_millis(1)))).unwrap();
-        let mut chunk = [0u8; 65536];
-        match self.stream.read(&mut chunk) {
-            Ok(0) => {
-                self.eof = true;
-                false
-            }
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
-            Err(_) => {
-                self.eof = true;
-                false
-            }
-        }
+        support::read_some(&mut self.stream, &mut self.buf, &mut self.eof, wait)
     }
 }
 

@@ -16,7 +16,7 @@ mod recorder;
 #[allow(dead_code)]
 mod wire;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -70,24 +70,7 @@ impl Client {
 
     /// Reads once, up to `until`; false on EOF or timeout.
     fn fill(&mut self, until: Instant) -> bool {
-        let wait = until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        self.s.set_read_timeout(Some(wait)).unwrap();
-        let mut chunk = [0u8; 65536];
-        match self.s.read(&mut chunk) {
-            Ok(0) => {
-                self.eof = true;
-                false
-            }
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
-            Err(_) => {
-                self.eof = true;
-                false
-            }
-        }
+        support::read_some(&mut self.s, &mut self.buf, &mut self.eof, until.saturating_duration_since(Instant::now()))
     }
 
     /// The next response (1xx included) to a `method` request: (status, head text, body).

@@ -9,7 +9,7 @@
 //! and are not recorded.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -134,26 +134,7 @@ struct Conn {
 impl Conn {
     /// Reads once, waiting up to `wait`; false on timeout or EOF.
     fn fill(&mut self, wait: Duration) -> bool {
-        if self.eof {
-            return false;
-        }
-        self.stream.set_read_timeout(Some(wait)).unwrap();
-        let mut chunk = [0u8; 65536];
-        match self.stream.read(&mut chunk) {
-            Ok(0) => {
-                self.eof = true;
-                false
-            }
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
-            Err(_) => {
-                self.eof = true;
-                false
-            }
-        }
+        crate::support::read_some(&mut self.stream, &mut self.buf, &mut self.eof, wait)
     }
 }
 

@@ -17,6 +17,33 @@ pub mod relay;
 use std::future::Future;
 use std::time::Duration;
 
+/// Reads once from a blocking socket into `buf`, waiting at most `wait`
+/// (at least 1 ms). False when nothing came: a timeout, or the end of the
+/// stream (then `eof` is set; a read error counts as the end).
+pub fn read_some(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>, eof: &mut bool, wait: Duration) -> bool {
+    use std::io::{ErrorKind, Read};
+    if *eof {
+        return false;
+    }
+    stream.set_read_timeout(Some(wait.max(Duration::from_millis(1)))).unwrap();
+    let mut chunk = [0u8; 65536];
+    match stream.read(&mut chunk) {
+        Ok(0) => {
+            *eof = true;
+            false
+        }
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(_) => {
+            *eof = true;
+            false
+        }
+    }
+}
+
 /// Bound on any single await in a test, so a hang fails fast.
 pub const STEP: Duration = Duration::from_secs(10);
 
