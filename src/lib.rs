@@ -16,6 +16,7 @@
 //!   with TTLs and audit events; the control API's token check.
 //! * [`ctl`]: the `healthgate ctl` client of the control API.
 //! * [`metrics`]: the Prometheus registry.
+//! * [`reload`]: config reload on SIGHUP, the control API or a changed file.
 //! * [`server`]: wires the threads together and runs the drain on SIGTERM.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -30,6 +31,7 @@ pub mod monitor;
 pub mod net;
 pub mod oneshot;
 pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 use crate::check::{AnyCheck, Cause, Check, CheckError};
 use crate::config::DependencyConfig;
 use crate::metrics::{DepLabels, Metrics, NodeLabels, TransitionLabels};
-use crate::state::{DepHealth, Health, ServiceState};
+use crate::state::{DepHealth, DepSlot, Health, ServiceState};
 
 /// Slack past a check's deadline before the monitor cancels it. A
 /// well-behaved check returns by its deadline; this only catches one that
@@ -51,10 +51,10 @@ pub async fn run_once(check: &mut AnyCheck, timeout: Duration) -> (Result<(), Ch
     (result, started.elapsed())
 }
 
-/// Monitors dependency `index` until `stop` turns true, then closes the check's
+/// Monitors the dependency of `slot` until `stop` turns true, then closes the check's
 /// connection cleanly.
 pub async fn monitor(
-    index: usize,
+    slot: Arc<DepSlot>,
     dep: DependencyConfig,
     mut check: AnyCheck,
     health: Arc<Health>,
@@ -65,7 +65,7 @@ pub async fn monitor(
     let labels = DepLabels { dependency: dep.name.clone(), r#type: kind.into() };
     let up_gauge = metrics.dependency_up.get_or_create_owned(&labels);
     let duration = metrics.check_duration.get_or_create_owned(&labels);
-    let mut status = health.deps()[index].status();
+    let mut status = slot.status();
 
     loop {
         // Intervals run start to start: a check that takes its whole timeout
@@ -126,7 +126,7 @@ pub async fn monitor(
             status.state = next;
             status.since = SystemTime::now();
         }
-        health.publish(index, status.clone());
+        health.publish_to(&slot, status.clone());
 
         let base = if status.state == DepHealth::Down { dep.interval_down } else { dep.interval };
         let wake = started + jittered(base, dep.jitter);

@@ -14,6 +14,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -21,7 +23,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::check::{Cause, Details};
-use crate::config::{Config, Impact};
+use crate::config::{Config, DependencyConfig, Impact};
 
 /// A dependency's health verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -230,6 +232,11 @@ struct Facts {
     forced_up: u64,
     forced_down: u64,
     mode: Mode,
+    /// Bits of the dependencies of the config in force.
+    active: u64,
+    /// Bits given to the dependencies of a reload not yet committed
+    /// ([`Health::prepare`]); they count for nothing until [`Health::commit`].
+    pending: u64,
 }
 
 impl Facts {
@@ -239,9 +246,10 @@ impl Facts {
         (self.checked_not_up & !self.forced_up) | self.forced_down | maintenance
     }
 
-    /// A forced dependency has a verdict, whether or not it was checked yet.
+    /// A forced dependency has a verdict, whether or not it was checked yet;
+    /// a dependency of a reload not yet in force does not hold the start back.
     fn unknown(&self) -> u64 {
-        self.checked_unknown & !(self.forced_up | self.forced_down)
+        self.checked_unknown & self.active & !(self.forced_up | self.forced_down)
     }
 }
 
@@ -256,6 +264,9 @@ pub enum Admission {
 
 /// One dependency's slot.
 pub struct DepSlot {
+    /// Its bit in the request-path masks, fixed for the dependency's life
+    /// across reloads (the config index is not: a reload may reorder).
+    pub bit: usize,
     /// Name.
     pub name: String,
     /// `type` label.
@@ -280,7 +291,8 @@ impl DepSlot {
 
 /// The shared health state of the process.
 pub struct Health {
-    deps: Vec<DepSlot>,
+    /// The dependencies of the config in force, in config order; swapped whole by a reload.
+    deps: ArcSwap<Vec<Arc<DepSlot>>>,
     /// What the masks are computed from; held only while writing them.
     facts: Mutex<Facts>,
     /// Bit i set = dependency i is not up (down or unknown), overrides
@@ -288,10 +300,10 @@ pub struct Health {
     not_up: AtomicU64,
     /// Bit i set = dependency i has no verdict yet.
     unknown: AtomicU64,
-    /// Bits of the `out_of_service` dependencies.
-    oos_mask: u64,
-    /// Bits of the `degraded` dependencies.
-    degraded_mask: u64,
+    /// Bits of the `out_of_service` dependencies (changed only by a reload).
+    oos_mask: AtomicU64,
+    /// Bits of the `degraded` dependencies (changed only by a reload).
+    degraded_mask: AtomicU64,
     draining: AtomicBool,
     /// When draining began (set once, with `draining`).
     drain_began: OnceLock<Instant>,
@@ -299,6 +311,39 @@ pub struct Health {
     changed: Notify,
     service: watch::Sender<(ServiceState, SystemTime)>,
     started: SystemTime,
+    /// The slots of a reload between [`Health::prepare`] and [`Health::commit`].
+    staged: Mutex<Vec<Arc<DepSlot>>>,
+}
+
+impl DepSlot {
+    /// A slot for dependency `d` at `bit`, publishing into `tx`.
+    fn new(bit: usize, d: &DependencyConfig, tx: watch::Sender<DepStatus>) -> DepSlot {
+        DepSlot { bit, name: d.name.clone(), kind: d.kind.type_name(), impact: d.impact, tx }
+    }
+}
+
+/// How a reload keeps a dependency's slot ([`Health::prepare`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Same settings: the same slot, verdict, counters and check.
+    Same,
+    /// Changed settings: the same bit and verdict; the rise/fall counts start
+    /// over for the new check.
+    Restart,
+    /// Not in the old config: a new bit, no verdict yet.
+    New,
+}
+
+/// Why a reload cannot lay out its dependencies.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// Old and new dependencies together need more bits than the masks have
+    /// (a removed dependency's bit is only free once the reload is in force).
+    #[error(
+        "the old and the new config together have more than {} distinct dependencies; reload in two steps or restart",
+        crate::config::MAX_DEPENDENCIES
+    )]
+    NoFreeBit,
 }
 
 /// The mask with the first `n` bits set.
@@ -321,12 +366,8 @@ impl Health {
         let deps = config
             .dependencies
             .iter()
-            .map(|d| DepSlot {
-                name: d.name.clone(),
-                kind: d.kind.type_name(),
-                impact: d.impact,
-                tx: watch::Sender::new(DepStatus::unknown()),
-            })
+            .enumerate()
+            .map(|(bit, d)| Arc::new(DepSlot::new(bit, d, watch::Sender::new(DepStatus::unknown()))))
             .collect();
         let initial = if n == 0 { ServiceState::InService } else { ServiceState::Starting };
         let facts = Facts {
@@ -335,25 +376,121 @@ impl Health {
             forced_up: 0,
             forced_down: 0,
             mode: Mode::Normal,
+            active: low_bits(n),
+            pending: 0,
         };
         Arc::new(Health {
-            deps,
+            deps: ArcSwap::from_pointee(deps),
             facts: Mutex::new(facts),
             not_up: AtomicU64::new(low_bits(n)),
             unknown: AtomicU64::new(low_bits(n)),
-            oos_mask: mask_of(Impact::OutOfService),
-            degraded_mask: mask_of(Impact::Degraded),
+            oos_mask: AtomicU64::new(mask_of(Impact::OutOfService)),
+            degraded_mask: AtomicU64::new(mask_of(Impact::Degraded)),
             draining: AtomicBool::new(false),
             drain_began: OnceLock::new(),
             changed: Notify::new(),
             service: watch::Sender::new((initial, SystemTime::now())),
             started: SystemTime::now(),
+            staged: Mutex::new(Vec::new()),
         })
     }
 
-    /// The dependency slots, in config order.
-    pub fn deps(&self) -> &[DepSlot] {
-        &self.deps
+    /// First step of a reload: the slots of `config`'s dependencies, in its
+    /// order. `keep[i]` says how dependency `i` relates to the config in
+    /// force (matched by name). A kept dependency keeps its bit, so masks
+    /// built for the old config stay valid for requests still using it; a new
+    /// one gets a bit no dependency in force uses, and counts for nothing
+    /// (not in the start, the service state or any route) until [`Health::commit`].
+    pub fn prepare(&self, config: &Config, keep: &[Keep]) -> Result<Vec<Arc<DepSlot>>, LayoutError> {
+        let current = self.deps.load_full();
+        let mut facts = self.facts();
+        let mut taken = facts.active | facts.pending | MAINTENANCE_BIT;
+        let mut slots = Vec::with_capacity(config.dependencies.len());
+        let mut fresh = 0u64;
+        for (d, k) in config.dependencies.iter().zip(keep) {
+            let old = current.iter().find(|o| o.name == d.name);
+            let slot = match (k, old) {
+                (Keep::Same, Some(o)) if o.impact == d.impact => o.clone(),
+                (Keep::Same | Keep::Restart, Some(o)) => {
+                    if *k == Keep::Restart {
+                        o.tx.send_modify(|s| {
+                            s.consecutive_successes = 0;
+                            s.consecutive_failures = 0;
+                        });
+                    }
+                    Arc::new(DepSlot::new(o.bit, d, o.tx.clone()))
+                }
+                _ => {
+                    let bit = (!taken).trailing_zeros() as usize;
+                    if bit >= crate::config::MAX_DEPENDENCIES {
+                        facts.pending = 0;
+                        return Err(LayoutError::NoFreeBit);
+                    }
+                    taken |= 1 << bit;
+                    fresh |= 1 << bit;
+                    Arc::new(DepSlot::new(bit, d, watch::Sender::new(DepStatus::unknown())))
+                }
+            };
+            slots.push(slot);
+        }
+        // A fresh bit starts with no verdict and no override, whatever a
+        // dependency that held it before left there.
+        facts.pending = fresh;
+        facts.checked_not_up |= fresh;
+        facts.checked_unknown |= fresh;
+        facts.forced_up &= !fresh;
+        facts.forced_down &= !fresh;
+        self.not_up.store(facts.not_up(), Ordering::Relaxed);
+        self.unknown.store(facts.unknown(), Ordering::Relaxed);
+        drop(facts);
+        *self.staged.lock().unwrap_or_else(|e| e.into_inner()) = slots.clone();
+        Ok(slots)
+    }
+
+    /// Last step of a reload: `slots` (from [`Health::prepare`]) are the
+    /// dependencies in force. The bits of removed dependencies are cleared
+    /// (verdict and override): a request still under the old config that
+    /// needs one is no longer refused for it, and a later reload may reuse it.
+    pub fn commit(&self, slots: Vec<Arc<DepSlot>>) {
+        let bits = |f: &dyn Fn(&DepSlot) -> bool| slots.iter().filter(|d| f(d)).fold(0u64, |m, d| m | 1 << d.bit);
+        let active = bits(&|_| true);
+        let oos = bits(&|d| d.impact == Impact::OutOfService);
+        let degraded = bits(&|d| d.impact == Impact::Degraded);
+        let mut facts = self.facts();
+        let removed = facts.active & !active;
+        facts.active = active;
+        facts.pending = 0;
+        facts.checked_not_up &= !removed;
+        facts.checked_unknown &= !removed;
+        facts.forced_up &= !removed;
+        facts.forced_down &= !removed;
+        self.oos_mask.store(oos, Ordering::Relaxed);
+        self.degraded_mask.store(degraded, Ordering::Relaxed);
+        self.deps.store(Arc::new(slots));
+        self.not_up.store(facts.not_up(), Ordering::Relaxed);
+        self.unknown.store(facts.unknown(), Ordering::Relaxed);
+        drop(facts);
+        self.staged.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.changed.notify_one();
+    }
+
+    /// Drops a prepared reload that will not be committed.
+    pub fn abandon(&self) {
+        let mut facts = self.facts();
+        facts.pending = 0;
+        drop(facts);
+        self.staged.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// The dependency slots of the config in force, in config order (a
+    /// snapshot: a reload swaps the list, never changes it in place).
+    pub fn deps(&self) -> Arc<Vec<Arc<DepSlot>>> {
+        self.deps.load_full()
+    }
+
+    /// The slot of the dependency with this bit, if it is in force.
+    pub fn slot(&self, bit: usize) -> Option<Arc<DepSlot>> {
+        self.deps.load().iter().find(|d| d.bit == bit).cloned()
     }
 
     /// The request-path decision for a request needing the dependencies in `needs`.
@@ -373,9 +510,9 @@ impl Health {
     fn classify(&self, missing: u64) -> Reject {
         if missing & MAINTENANCE_BIT != 0 {
             Reject::Maintenance
-        } else if missing & (self.oos_mask | self.unknown.load(Ordering::Relaxed)) != 0 {
+        } else if missing & (self.oos_mask.load(Ordering::Relaxed) | self.unknown.load(Ordering::Relaxed)) != 0 {
             Reject::OutOfService
-        } else if missing & self.degraded_mask != 0 {
+        } else if missing & self.degraded_mask.load(Ordering::Relaxed) != 0 {
             Reject::Degraded
         } else {
             // Only `observe` dependencies are missing: they never gate. A
@@ -386,7 +523,7 @@ impl Health {
 
     /// Whether a set of missing dependencies should gate at all (ignores `observe`).
     pub fn gating_mask(&self) -> u64 {
-        self.oos_mask | self.degraded_mask
+        self.oos_mask.load(Ordering::Relaxed) | self.degraded_mask.load(Ordering::Relaxed)
     }
 
     /// Locks the facts (a poisoned lock still holds valid bit masks).
@@ -403,22 +540,42 @@ impl Health {
         self.unknown.store(facts.unknown(), Ordering::Relaxed);
     }
 
-    /// Publishes a dependency's status; called only by that dependency's monitor.
+    /// Publishes the status of the dependency with bit `index` ([`DepSlot::bit`]);
+    /// called only by that dependency's monitor.
     pub fn publish(&self, index: usize, status: DepStatus) {
-        let bit = 1u64 << index;
-        match status.state {
-            DepHealth::Up => self.update(|f| {
-                f.checked_unknown &= !bit;
-                f.checked_not_up &= !bit;
-            }),
-            DepHealth::Down => self.update(|f| {
-                f.checked_not_up |= bit;
-                f.checked_unknown &= !bit;
-            }),
-            DepHealth::Unknown => {}
+        if let Some(slot) = self.slot(index).or_else(|| self.pending_slot(index)) {
+            self.publish_to(&slot, status);
         }
-        let verdict_changed = self.deps[index].tx.borrow().state != status.state;
-        self.deps[index].tx.send_replace(status);
+    }
+
+    /// A slot of a reload not yet committed (its monitor already runs).
+    fn pending_slot(&self, bit: usize) -> Option<Arc<DepSlot>> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|d| d.bit == bit).cloned()
+    }
+
+    /// Publishes a dependency's status into its slot; called only by that
+    /// dependency's monitor. The status of a dependency a reload removed
+    /// (its monitor is being stopped) no longer touches the masks.
+    pub fn publish_to(&self, slot: &DepSlot, status: DepStatus) {
+        let bit = 1u64 << slot.bit;
+        self.update(|f| {
+            if (f.active | f.pending) & bit == 0 {
+                return;
+            }
+            match status.state {
+                DepHealth::Up => {
+                    f.checked_unknown &= !bit;
+                    f.checked_not_up &= !bit;
+                }
+                DepHealth::Down => {
+                    f.checked_not_up |= bit;
+                    f.checked_unknown &= !bit;
+                }
+                DepHealth::Unknown => {}
+            }
+        });
+        let verdict_changed = slot.tx.borrow().state != status.state;
+        slot.tx.send_replace(status);
         if verdict_changed {
             self.changed.notify_one();
         }
@@ -457,7 +614,7 @@ impl Health {
         match self.force(index) {
             Some(Force::Up) => DepHealth::Up,
             Some(Force::Down) => DepHealth::Down,
-            None => self.deps[index].tx.borrow().state,
+            None => self.slot(index).map_or(DepHealth::Unknown, |d| d.tx.borrow().state),
         }
     }
 
@@ -508,9 +665,9 @@ impl Health {
         let unknown = self.unknown.load(Ordering::Relaxed);
         if unknown != 0 {
             ServiceState::Starting
-        } else if not_up & self.oos_mask != 0 {
+        } else if not_up & self.oos_mask.load(Ordering::Relaxed) != 0 {
             ServiceState::OutOfService
-        } else if not_up & self.degraded_mask != 0 {
+        } else if not_up & self.degraded_mask.load(Ordering::Relaxed) != 0 {
             ServiceState::Degraded
         } else {
             ServiceState::InService
@@ -550,9 +707,9 @@ impl Health {
         self.started
     }
 
-    /// Names of the dependencies in a mask, for opt-in problem details.
-    pub fn names(&self, mask: u64) -> impl Iterator<Item = &str> {
-        self.deps.iter().enumerate().filter(move |(i, _)| mask & (1 << i) != 0).map(|(_, d)| d.name.as_str())
+    /// Names of the dependencies in a mask, in config order, for opt-in problem details.
+    pub fn names(&self, mask: u64) -> Vec<String> {
+        self.deps.load().iter().filter(|d| mask & (1 << d.bit) != 0).map(|d| d.name.clone()).collect()
     }
 
     /// The bit mask of a list of dependency indices.
@@ -566,6 +723,16 @@ impl Health {
     pub fn gate_mask(indices: &[usize]) -> u64 {
         Self::mask(indices) | MAINTENANCE_BIT
     }
+}
+
+/// The mask of the dependencies at config `indices`, `bits[i]` being the bit of dependency `i`.
+pub fn mask_of(bits: &[usize], indices: &[usize]) -> u64 {
+    indices.iter().fold(0, |m, i| m | 1 << bits[*i])
+}
+
+/// [`Health::gate_mask`] with the bits of a layout: the request-path mask of a gated route.
+pub fn gate_mask_of(bits: &[usize], indices: &[usize]) -> u64 {
+    mask_of(bits, indices) | MAINTENANCE_BIT
 }
 
 /// Uptime helper for `/status`.
@@ -691,7 +858,7 @@ mod tests {
         assert_eq!(h.admission(gated), Admission::Reject(Reject::Maintenance, MAINTENANCE_BIT));
         assert_eq!(h.admission(needs_nothing), Admission::Reject(Reject::Maintenance, MAINTENANCE_BIT));
         assert_eq!(h.compute_service_state(), ServiceState::Maintenance);
-        assert_eq!(h.names(MAINTENANCE_BIT).count(), 0);
+        assert!(h.names(MAINTENANCE_BIT).is_empty());
         h.set_mode(Mode::Normal);
         assert_eq!(h.admission(gated), Admission::Admit);
         assert_eq!(h.compute_service_state(), ServiceState::InService);

@@ -27,6 +27,7 @@ pub mod hostport;
 pub mod listener;
 pub mod node;
 pub mod problem;
+pub mod reload;
 pub mod route;
 pub mod secret;
 
@@ -47,6 +48,7 @@ pub use hostport::{HostPort, HostPortError};
 pub use listener::{HttpListenerConfig, ListenerConfig, ListenerProtocol, TcpListenerConfig, TcpOnOutage, TcpReject};
 pub use node::MAX_DURATION;
 pub use problem::{At, Pos, Problem};
+pub use reload::ReloadConfig;
 pub use route::{HeaderMatch, RouteConfig, RouteMatch};
 pub use secret::{Secret, SecretError, SecretSource};
 
@@ -54,7 +56,7 @@ use node::Map;
 use problem::Problems;
 
 /// Top-level keys.
-const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners", "dependencies"];
+const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners", "dependencies", "reload"];
 /// Keys of `drain`.
 const DRAIN_KEYS: &[&str] = &["delay", "timeout"];
 /// Keys of `short_circuit`.
@@ -126,10 +128,14 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Backing services to check.
     pub dependencies: Vec<DependencyConfig>,
+    /// How a changed file is noticed.
+    pub reload: ReloadConfig,
+    /// Hash of the file's text ([`reload::hash`]): which config is in force.
+    pub hash: u64,
 }
 
 /// Graceful shutdown settings (see README "Reliability").
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Copy)]
 pub struct DrainConfig {
     /// After SIGTERM, keep serving this long while readiness is already 503.
     pub delay: Duration,
@@ -138,7 +144,7 @@ pub struct DrainConfig {
 }
 
 /// What a short-circuited request receives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShortCircuitConfig {
     /// `Retry-After` on 503 responses (whole seconds).
     pub retry_after: Duration,
@@ -180,9 +186,14 @@ impl Config {
         let mut problems = Problems::default();
         let config = tree.map("", &mut problems).map(|m| parse(&m, path, &mut problems));
         match config {
-            Some(config) if problems.count() == 0 => Ok(config),
+            Some(config) if problems.count() == 0 => Ok(Config { hash: reload::hash(text), ..config }),
             _ => Err(invalid(problems.into_sorted())),
         }
+    }
+
+    /// The hash as `/status`, the logs and `healthgate validate` show it.
+    pub fn hash_hex(&self) -> String {
+        format!("{:014x}", self.hash)
     }
 
     /// Index of a dependency by name.
@@ -267,7 +278,8 @@ fn parse(top: &Map<'_>, path: &Path, p: &mut Problems) -> Config {
         p.at(top.get("listeners").map_or(Pos(1, 1), |l| l.pos), "listeners", "at least one listener is required");
     }
 
-    Config { path: path.to_path_buf(), workers, admin, drain, short_circuit, listeners, dependencies }
+    let reload = reload::reload(top.map("reload", p).as_ref(), p);
+    Config { path: path.to_path_buf(), workers, admin, drain, short_circuit, listeners, dependencies, reload, hash: 0 }
 }
 
 #[cfg(test)]

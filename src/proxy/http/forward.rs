@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{self, HeaderMap};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -28,6 +28,7 @@ use super::GATEWAY_TIMEOUT_BODY;
 use super::NOT_IMPLEMENTED_BODY;
 use super::TOO_LARGE_BODY;
 use super::Worker;
+use crate::proxy::ListenerCtx;
 use super::body::BodyTooLarge;
 use super::body::ClientBodyError;
 use super::body::Kind;
@@ -81,8 +82,10 @@ pub(super) enum Fail {
 pub(super) async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Response<ResBody> {
     let start = Instant::now();
     let w = conn.worker.clone();
-    let unanswered = Unanswered { metrics: Cell::new(&w.ctx.default_route.metrics), start, armed: Cell::new(true) };
-    let mut res = respond(conn, req, start, &w, &unanswered).await;
+    // The config in force as the request arrives: a reload during it applies to later requests.
+    let ctx = w.live.load_full();
+    let unanswered = Unanswered { metrics: Cell::new(&ctx.default_route.metrics), start, armed: Cell::new(true) };
+    let mut res = respond(conn, req, start, &w, &ctx, &unanswered).await;
     unanswered.armed.set(false);
     if w.ctx.health.is_draining() && res.status() != StatusCode::SWITCHING_PROTOCOLS {
         res.headers_mut().insert(header::CONNECTION, CLOSE_VALUE.clone());
@@ -113,10 +116,10 @@ async fn respond<'w>(
     mut req: Request<Incoming>,
     start: Instant,
     w: &'w Rc<Worker>,
+    ctx: &'w ListenerCtx,
     unanswered: &Unanswered<'w>,
 ) -> Response<ResBody> {
     let busy = Busy::begin(conn);
-    let ctx = &w.ctx;
 
     // Absolute-form becomes origin-form and the path is normalized: routing
     // and admission below, and the app, all read this same target.
@@ -186,7 +189,8 @@ async fn respond<'w>(
                 headers.clear();
                 let mut res = problem_with(headers, status, body, busy, !keep_alive);
                 if status == StatusCode::SERVICE_UNAVAILABLE {
-                    res.headers_mut().insert(header::RETRY_AFTER, w.retry_after.clone());
+                    let retry_after = HeaderValue::from_maybe_shared(route.responses.retry_after.clone());
+                    res.headers_mut().insert(header::RETRY_AFTER, retry_after.unwrap_or_else(|_| w.retry_after.clone()));
                 }
                 metrics.record(Outcome::ShortCircuited, start.elapsed());
                 return res;
