@@ -876,6 +876,66 @@ mod tests {
         assert_eq!(got[HISTORY_LEN - 1], (true, (HISTORY_LEN + 2) as f32));
     }
 
+    fn config(deps: &[(&str, &str)]) -> Config {
+        let mut yaml = String::from(
+            "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\ndependencies:\n",
+        );
+        for (name, impact) in deps {
+            yaml.push_str(&format!("  - name: {name}\n    type: tcp\n    address: x:1\n    impact: {impact}\n"));
+        }
+        Config::from_yaml(&yaml, Path::new("t")).unwrap()
+    }
+
+    #[test]
+    fn a_reload_keeps_the_bits_and_verdicts_of_kept_dependencies_and_remaps_the_rest() {
+        let h = health(&[("db", "out_of_service"), ("old", "out_of_service"), ("cache", "degraded")]);
+        set(&h, 0, DepHealth::Up);
+        set(&h, 1, DepHealth::Down);
+        set(&h, 2, DepHealth::Up);
+        let old_gate = Health::gate_mask(&[0, 1]);
+        // New order: a new dependency first, `cache` changed to out_of_service, `old` removed.
+        let next = config(&[("new", "out_of_service"), ("cache", "out_of_service"), ("db", "out_of_service")]);
+        let slots = h.prepare(&next, &[Keep::New, Keep::Restart, Keep::Same]).unwrap();
+        let bits: Vec<usize> = slots.iter().map(|s| s.bit).collect();
+        assert_eq!(&bits[1..], [2, 0], "kept dependencies keep their bits");
+        assert!(![0, 1, 2].contains(&bits[0]), "a new dependency takes no bit in force: {bits:?}");
+        // Before the commit: the new one does not hold the service back.
+        assert!(h.first_round_done());
+        assert_eq!(h.admission(old_gate), Admission::Reject(Reject::OutOfService, 0b10));
+        h.publish(bits[0], DepStatus { state: DepHealth::Up, ..DepStatus::unknown() });
+        h.commit(slots);
+        // A request still under the old config is not refused for the removed dependency.
+        assert_eq!(h.admission(old_gate), Admission::Admit);
+        let new_gate = gate_mask_of(&bits, &[0, 1, 2]);
+        assert_eq!(h.admission(new_gate), Admission::Admit);
+        assert_eq!(h.names(new_gate), ["new", "cache", "db"]);
+        // `cache` is now out_of_service: its outage is a 503.
+        set(&h, 2, DepHealth::Down);
+        assert_eq!(h.admission(new_gate), Admission::Reject(Reject::OutOfService, 0b100));
+        assert_eq!(h.compute_service_state(), ServiceState::OutOfService);
+    }
+
+    #[test]
+    fn a_removed_dependency_leaves_no_verdict_or_override_for_the_next_holder_of_its_bit() {
+        let h = health(&[("db", "out_of_service"), ("old", "out_of_service")]);
+        set(&h, 0, DepHealth::Up);
+        set(&h, 1, DepHealth::Up);
+        h.set_force(1, Some(Force::Up));
+        let one = config(&[("db", "out_of_service")]);
+        let slots = h.prepare(&one, &[Keep::Same]).unwrap();
+        h.commit(slots);
+        // A monitor of the removed dependency that publishes late changes nothing.
+        set(&h, 1, DepHealth::Down);
+        assert_eq!(h.compute_service_state(), ServiceState::InService);
+        let two = config(&[("db", "out_of_service"), ("fresh", "out_of_service")]);
+        let slots = h.prepare(&two, &[Keep::Same, Keep::New]).unwrap();
+        assert_eq!(slots[1].bit, 1, "a freed bit is reused by a later reload");
+        h.commit(slots);
+        assert_eq!(h.force(1), None);
+        assert_eq!(h.effective(1), DepHealth::Unknown);
+        assert_eq!(h.compute_service_state(), ServiceState::Starting);
+    }
+
     #[test]
     fn observe_dependencies_do_not_change_the_service_state() {
         let h = health(&[("db", "out_of_service"), ("audit", "observe")]);

@@ -506,7 +506,8 @@ mod tests {
 
     #[test]
     fn relay_buffers_are_reused_and_the_pool_is_bounded() {
-        let w = Worker::new(ctx(1));
+        let c = ctx(1);
+        let w = Worker::new(c.clone(), Arc::new(arc_swap::ArcSwap::new(c)));
         let bufs = w.take_buffers();
         let ptr = bufs[0].as_ptr();
         w.return_buffers(bufs);
