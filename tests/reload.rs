@@ -58,7 +58,8 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 // === Under load ===
 
 /// Config A: `/gated` needs `down` (refused port, out_of_service) and is
-/// answered 503 by healthgate; the listeners need `up1`.
+/// answered 503 by healthgate; the listeners need `up1` (so the service is
+/// out of service, yet everything but `/gated` is proxied).
 /// Config B: `down` is gone, `extra` is added before `up1` (every bit
 /// position moves), `/gated` needs nothing: the app answers it.
 fn load_configs(app: SocketAddr, up1: SocketAddr, extra: SocketAddr, down: u16) -> (String, String) {
@@ -213,7 +214,7 @@ fn twenty_reloads_under_keep_alive_load_lose_no_request_and_each_answer_follows_
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, &a).unwrap();
     let hg = Healthgate::start_at(&path, &[]);
-    hg.wait_state("in_service", WITHIN);
+    hg.wait_state("out_of_service", WITHIN);
     let (http, tcp) = (hg.listeners[0], hg.listeners[1]);
     assert_eq!(get(http, "/gated/x").0, 503);
 
@@ -257,7 +258,7 @@ fn an_invalid_config_changes_nothing_logs_its_position_and_counts_a_failure_unti
     let (up1, extra) = (always_up(), always_up());
     let (a, b) = load_configs(app.addr, up1, extra, free_port());
     let hg = Healthgate::start(&a);
-    hg.wait_state("in_service", WITHIN);
+    hg.wait_state("out_of_service", WITHIN);
     let before = hash_in_force(&hg);
     // Line 3 of the file: `poll_interval` misspelt.
     let broken = a.replacen("poll_interval", "poll_intervall", 1);
@@ -355,7 +356,7 @@ fn a_configmap_style_data_symlink_swap_is_applied_within_the_poll_interval() {
     let dir = tempfile::tempdir().unwrap();
     configmap_version(dir.path(), "..2026_11_30_05_00_00.1", &a);
     let hg = Healthgate::start_at(&dir.path().join("config.yaml"), &[]);
-    hg.wait_state("in_service", WITHIN);
+    hg.wait_state("out_of_service", WITHIN);
     assert_eq!(get(hg.listeners[0], "/gated/x").0, 503);
 
     let t = Instant::now();
@@ -405,7 +406,7 @@ fn post_control_reload_needs_the_token_applies_the_file_and_is_audited() {
     let (a, b) = load_configs(app.addr, always_up(), always_up(), free_port());
     let (a, b) = (with_control(&a, &token), with_control(&b, &token));
     let hg = Healthgate::start(&a);
-    hg.wait_state("in_service", WITHIN);
+    hg.wait_state("out_of_service", WITHIN);
     std::fs::write(&hg.config, &b).unwrap();
     assert_eq!(post_reload(&hg, None).0, 401);
     assert_eq!(post_reload(&hg, Some("wrong-token-0123456789abcdef00")).0, 401);
@@ -433,7 +434,7 @@ fn a_changed_listen_address_is_refused_naming_the_key_and_nothing_changes() {
     // B's routes, and the HTTP listener moved to another port.
     let moved = with_control(&b, &token).replacen("listen: 127.0.0.1:0\n    upstream", &format!("listen: 127.0.0.1:{}\n    upstream", free_port()), 1);
     let hg = Healthgate::start(&a);
-    hg.wait_state("in_service", WITHIN);
+    hg.wait_state("out_of_service", WITHIN);
     std::fs::write(&hg.config, &moved).unwrap();
     let (status, body) = post_reload(&hg, Some(TOKEN));
     assert_eq!(status, 422, "{body}");
