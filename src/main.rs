@@ -224,10 +224,11 @@ fn main() -> ExitCode {
         Command::Ctl(args) => Ok(ctl(args)),
         Command::Validate(c) => load(&c).map(|cfg| {
             println!(
-                "{}: ok ({} listeners, {} dependencies)",
+                "{}: ok ({} listeners, {} dependencies, hash {})",
                 cfg.path.display(),
                 cfg.listeners.len(),
-                cfg.dependencies.len()
+                cfg.dependencies.len(),
+                cfg.hash_hex()
             );
             ExitCode::SUCCESS
         }),

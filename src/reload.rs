@@ -139,7 +139,11 @@ pub fn diff(old: &Config, new: &Config) -> Plan {
     if old.listeners.len() != new.listeners.len() {
         refuse(
             "listeners".into(),
-            format!("{} listeners instead of {}: listeners cannot be added or removed", new.listeners.len(), old.listeners.len()),
+            format!(
+                "{} listeners instead of {}: listeners cannot be added or removed",
+                new.listeners.len(),
+                old.listeners.len()
+            ),
         );
     }
     for (i, (o, n)) in old.listeners.iter().zip(&new.listeners).enumerate() {
@@ -272,8 +276,7 @@ impl Reloader {
         let (stop, stop_rx) = watch::channel(false);
         let check = AnyCheck::new(&dep);
         let name = dep.name.clone();
-        let task =
-            tokio::spawn(monitor::monitor(slot, dep, check, self.health.clone(), self.metrics.clone(), stop_rx));
+        let task = tokio::spawn(monitor::monitor(slot, dep, check, self.health.clone(), self.metrics.clone(), stop_rx));
         self.monitors.insert(name, Monitor { stop, task });
     }
 
@@ -431,11 +434,8 @@ impl Reloader {
         self.admin.reconfigure(&new, &self.bound, &bits);
         self.control
             .set_max_ttl(new.admin.control.as_ref().map_or(crate::config::admin::DEFAULT_MAX_TTL, |c| c.max_ttl));
-        let removed: Vec<(usize, String)> = old_slots
-            .iter()
-            .filter(|s| plan.removed.contains(&s.name))
-            .map(|s| (s.bit, s.name.clone()))
-            .collect();
+        let removed: Vec<(usize, String)> =
+            old_slots.iter().filter(|s| plan.removed.contains(&s.name)).map(|s| (s.bit, s.name.clone())).collect();
         self.control.forget(&removed);
         for name in &plan.removed {
             if let Some(m) = self.monitors.remove(name) {

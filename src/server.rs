@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -153,9 +152,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     // Each worker reads its own copy of each listener's context; a reload swaps them.
     let lives: Vec<Vec<LiveCtx>> = (0..config.listeners.len())
         .map(|i| {
-            (0..workers)
-                .map(|_| Arc::new(ArcSwap::new(ListenerCtx::new(&config, i, health.clone(), metrics.clone()))))
-                .collect()
+            (0..workers).map(|_| proxy::live(ListenerCtx::new(&config, i, health.clone(), metrics.clone()))).collect()
         })
         .collect();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
@@ -303,8 +300,7 @@ pub fn run(config: Config) -> Result<i32, StartError> {
             signal(SignalKind::terminate()).map_err(|source| StartError::Runtime { what: "signals", source })?;
         let mut int =
             signal(SignalKind::interrupt()).map_err(|source| StartError::Runtime { what: "signals", source })?;
-        let mut hup =
-            signal(SignalKind::hangup()).map_err(|source| StartError::Runtime { what: "signals", source })?;
+        let mut hup = signal(SignalKind::hangup()).map_err(|source| StartError::Runtime { what: "signals", source })?;
         let running = start(config)?;
         let listeners: Vec<String> = running.listeners.iter().map(|a| a.to_string()).collect();
         info!(

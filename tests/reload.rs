@@ -73,7 +73,8 @@ fn load_configs(app: SocketAddr, up1: SocketAddr, extra: SocketAddr, down: u16) 
             "  - name: {name}\n    type: tcp\n    address: \"{addr}\"\n    interval: 100ms\n    timeout: 300ms\n    rise: 1\n    fall: 1\n"
         )
     };
-    let a = format!("{}{}{}", head("up1", "down"), dep("up1", up1.to_string()), dep("down", format!("127.0.0.1:{down}")));
+    let a =
+        format!("{}{}{}", head("up1", "down"), dep("up1", up1.to_string()), dep("down", format!("127.0.0.1:{down}")));
     let b = format!("{}{}{}", head("up1, extra", ""), dep("extra", extra.to_string()), dep("up1", up1.to_string()));
     (a, b)
 }
@@ -98,7 +99,10 @@ impl Tally {
 }
 
 /// One keep-alive exchange: (status, lower-cased headers, body), or what went wrong.
-async fn exchange(conn: &mut BufReader<TcpStream>, path: &str) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
+async fn exchange(
+    conn: &mut BufReader<TcpStream>,
+    path: &str,
+) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
     conn.get_mut().write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
     let mut line = String::new();
@@ -156,7 +160,13 @@ fn judge(tally: &Tally, path: &str, (status, headers, body): (u16, Vec<(String, 
 
 /// `clients` keep-alive clients on `addr` until `stop`; HTTP-listener
 /// clients alternate `/gated` and `/free`, TCP-listener ones ask `/free` only.
-fn load(addr: SocketAddr, clients: usize, gated: bool, tally: Arc<Tally>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+fn load(
+    addr: SocketAddr,
+    clients: usize,
+    gated: bool,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
@@ -177,7 +187,7 @@ fn load(addr: SocketAddr, clients: usize, gated: bool, tally: Arc<Tally>, stop: 
                             }
                         }
                         n += 1;
-                        let kind = if gated && n % 2 == 0 { "gated" } else { "free" };
+                        let kind = if gated && n.is_multiple_of(2) { "gated" } else { "free" };
                         let path = format!("/{kind}/c{c}/r{n}");
                         match tokio::time::timeout(STEP, exchange(conn.as_mut().unwrap(), &path)).await {
                             Ok(Ok(r)) => {
@@ -238,12 +248,16 @@ fn twenty_reloads_under_keep_alive_load_lose_no_request_and_each_answer_follows_
     let failures = tally.failures.load(Ordering::SeqCst);
     let examples = tally.examples.lock().unwrap().clone();
     assert_eq!(failures, 0, "failed requests: {examples:#?}");
-    let (ok, rejected, gated_app) =
-        (tally.app.load(Ordering::SeqCst), tally.rejected.load(Ordering::SeqCst), tally.gated_app.load(Ordering::SeqCst));
+    let (ok, rejected, gated_app) = (
+        tally.app.load(Ordering::SeqCst),
+        tally.rejected.load(Ordering::SeqCst),
+        tally.gated_app.load(Ordering::SeqCst),
+    );
     assert!(rejected > 0 && gated_app > 0, "both configs served /gated: app {gated_app}, 503 {rejected}");
     assert_eq!(metric(&hg, "healthgate_config_reloads_total{result=\"success\"}"), 20.0);
     // `up1` is the same dependency in both: it never went through a transition.
-    let up1_status = hg.status()["dependencies"].as_array().unwrap().iter().find(|d| d["name"] == "up1").cloned().unwrap();
+    let up1_status =
+        hg.status()["dependencies"].as_array().unwrap().iter().find(|d| d["name"] == "up1").cloned().unwrap();
     assert_eq!(up1_status["state"], "up");
     assert_eq!(metric(&hg, "healthgate_dependency_transitions_total{dependency=\"up1\",to=\"down\"}"), 0.0);
     let slowest = took.iter().max().unwrap();
@@ -432,7 +446,11 @@ fn a_changed_listen_address_is_refused_naming_the_key_and_nothing_changes() {
     let (a, b) = load_configs(app.addr, always_up(), always_up(), free_port());
     let a = with_control(&a, &token);
     // B's routes, and the HTTP listener moved to another port.
-    let moved = with_control(&b, &token).replacen("listen: 127.0.0.1:0\n    upstream", &format!("listen: 127.0.0.1:{}\n    upstream", free_port()), 1);
+    let moved = with_control(&b, &token).replacen(
+        "listen: 127.0.0.1:0\n    upstream",
+        &format!("listen: 127.0.0.1:{}\n    upstream", free_port()),
+        1,
+    );
     let hg = Healthgate::start(&a);
     hg.wait_state("out_of_service", WITHIN);
     std::fs::write(&hg.config, &moved).unwrap();

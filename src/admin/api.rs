@@ -109,7 +109,16 @@ pub async fn handle(control: &Control, auth: &Auth, req: Request<Incoming>, peer
                 Err(e) => Err(e),
             }
         }
-        ([] | ["reload"] | ["drain"] | ["maintenance"] | ["mode"] | ["dependencies", _] | ["dependencies", _, "up" | "down"], _) => {
+        (
+            []
+            | ["reload"]
+            | ["drain"]
+            | ["maintenance"]
+            | ["mode"]
+            | ["dependencies", _]
+            | ["dependencies", _, "up" | "down"],
+            _,
+        ) => {
             return super::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         }
         _ => return super::text(StatusCode::NOT_FOUND, "not found\n"),

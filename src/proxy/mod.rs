@@ -37,6 +37,11 @@ pub type DrainSignal = watch::Receiver<Option<Instant>>;
 /// listener, so that loading it touches no cache line another worker writes.
 pub type LiveCtx = Arc<ArcSwap<ListenerCtx>>;
 
+/// A [`LiveCtx`] holding `ctx` until a reload replaces it.
+pub fn live(ctx: Arc<ListenerCtx>) -> LiveCtx {
+    Arc::new(ArcSwap::new(ctx))
+}
+
 /// Everything a listener's workers share (read-only but for atomics).
 pub struct ListenerCtx {
     /// The listener's config.

@@ -203,8 +203,10 @@ impl Serve for Rc<Worker> {
     /// Admission at accept: out of service (or degraded with
     /// `admit_degraded: false`) ends the connection at once, per `reject`.
     fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
-        let tcp = &self.ctx.config.tcp;
-        match self.ctx.health.admission(self.live.load().default_route.needs) {
+        // What the config in force needs, and how it refuses (`reject`, `admit_degraded`).
+        let live = self.live.load();
+        let tcp = &live.config.tcp;
+        match self.ctx.health.admission(live.default_route.needs) {
             Admission::Admit => true,
             Admission::Reject(Reject::Degraded, _) if tcp.admit_degraded => true,
             Admission::Reject(reason, missing) => {
@@ -507,7 +509,7 @@ mod tests {
     #[test]
     fn relay_buffers_are_reused_and_the_pool_is_bounded() {
         let c = ctx(1);
-        let w = Worker::new(c.clone(), Arc::new(arc_swap::ArcSwap::new(c)));
+        let w = Worker::new(c.clone(), crate::proxy::live(c));
         let bufs = w.take_buffers();
         let ptr = bufs[0].as_ptr();
         w.return_buffers(bufs);

@@ -28,7 +28,6 @@ use super::GATEWAY_TIMEOUT_BODY;
 use super::NOT_IMPLEMENTED_BODY;
 use super::TOO_LARGE_BODY;
 use super::Worker;
-use crate::proxy::ListenerCtx;
 use super::body::BodyTooLarge;
 use super::body::ClientBodyError;
 use super::body::Kind;
@@ -50,6 +49,7 @@ use super::headers::transfer_codings;
 use super::headers::upgrade_requested;
 use super::target::canonicalize;
 use crate::metrics::{Outcome, RouteMetrics};
+use crate::proxy::ListenerCtx;
 use crate::state::Admission;
 
 /// Largest request body a short-circuited request is read to its end for, so
@@ -190,7 +190,8 @@ async fn respond<'w>(
                 let mut res = problem_with(headers, status, body, busy, !keep_alive);
                 if status == StatusCode::SERVICE_UNAVAILABLE {
                     let retry_after = HeaderValue::from_maybe_shared(route.responses.retry_after.clone());
-                    res.headers_mut().insert(header::RETRY_AFTER, retry_after.unwrap_or_else(|_| w.retry_after.clone()));
+                    res.headers_mut()
+                        .insert(header::RETRY_AFTER, retry_after.unwrap_or_else(|_| w.retry_after.clone()));
                 }
                 metrics.record(Outcome::ShortCircuited, start.elapsed());
                 return res;
