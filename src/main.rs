@@ -133,6 +133,12 @@ enum CtlAction {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Reload the config file now: validated, then applied, or refused with the reason.
+    Reload {
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Show the service state, the active overrides and each dependency.
     Status,
 }
@@ -154,6 +160,7 @@ impl CtlAction {
                 Action::Override { dependency, up: matches!(verdict, Verdict::Up), ttl, reason }
             }
             CtlAction::Clear { dependency, reason } => Action::Clear { dependency, reason },
+            CtlAction::Reload { reason } => Action::Reload { reason },
             CtlAction::Status => Action::Status,
         }
     }

@@ -460,3 +460,36 @@ fn a_changed_listen_address_is_refused_naming_the_key_and_nothing_changes() {
     assert_eq!(get(hg.listeners[0], "/gated/x").0, 503, "the routes of the refused config were applied");
     assert_eq!(metric(&hg, "healthgate_config_reloads_total{result=\"failure\"}"), 1.0);
 }
+
+#[test]
+fn healthgate_ctl_reload_applies_the_file_and_exits_1_when_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let app = App::start();
+    let (a, b) = load_configs(app.addr, always_up(), always_up(), free_port());
+    let (a, b) = (with_control(&a, &token), with_control(&b, &token));
+    let hg = Healthgate::start(&a);
+    hg.wait_state("out_of_service", WITHIN);
+    let ctl = |reason: &str| {
+        let out = std::process::Command::new(support::healthgate::binary())
+            .args(["ctl", "--admin", &hg.admin.to_string(), "--token-file"])
+            .arg(&token)
+            .args(["--config"])
+            .arg(&hg.config)
+            .args(["reload", "--reason", reason])
+            .env_remove("HEALTHGATE_CONTROL_TOKEN")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    std::fs::write(&hg.config, &b).unwrap();
+    let (code, out) = ctl("rollout 2");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(hash_in_force(&hg), hash_of(&b));
+    std::fs::write(&hg.config, b.replacen("workers: 2", "workers: 1", 1)).unwrap();
+    let (code, out) = ctl("fewer workers");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("workers") && out.contains("restart"), "{out}");
+    assert_eq!(hash_in_force(&hg), hash_of(&b));
+}
