@@ -937,6 +937,21 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_needing_more_bits_than_the_masks_have_is_refused_and_changes_nothing() {
+        let names: Vec<String> = (0..crate::config::MAX_DEPENDENCIES).map(|i| format!("d{i}")).collect();
+        let full: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "out_of_service")).collect();
+        let h = health(&full);
+        // One removed, one added: the removed bit is only free after the swap.
+        let mut next = full[1..].to_vec();
+        next.push(("new", "out_of_service"));
+        let mut keep = vec![Keep::Same; next.len() - 1];
+        keep.push(Keep::New);
+        assert!(matches!(h.prepare(&config(&next), &keep), Err(LayoutError::NoFreeBit)));
+        assert_eq!(h.deps().len(), crate::config::MAX_DEPENDENCIES);
+        assert_eq!(h.names(1).as_slice(), ["d0"]);
+    }
+
+    #[test]
     fn observe_dependencies_do_not_change_the_service_state() {
         let h = health(&[("db", "out_of_service"), ("audit", "observe")]);
         set(&h, 0, DepHealth::Up);
