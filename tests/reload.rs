@@ -493,3 +493,44 @@ fn healthgate_ctl_reload_applies_the_file_and_exits_1_when_refused() {
     assert!(out.contains("workers") && out.contains("restart"), "{out}");
     assert_eq!(hash_in_force(&hg), hash_of(&b));
 }
+
+/// The ids of the Redis clients other than the one asking (`CLIENT LIST`).
+fn redis_checker_ids(redis: &support::redis::Redis) -> Vec<String> {
+    let list = redis.command(&["CLIENT", "LIST"]);
+    let mut ids: Vec<String> = list
+        .lines()
+        .filter(|l| l.contains("id=") && !l.contains("cmd=client|list"))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")).map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn an_unchanged_redis_dependency_keeps_the_same_server_side_connection_across_a_reload() {
+    let redis = support::redis::Redis::start(&[]);
+    let app = App::start();
+    let config = |route: &str, extra: &str| {
+        format!(
+            "workers: 1\nreload:\n  poll_interval: 0s\nadmin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: \"{}\"\n    routes:\n      - name: {route}\n        match: {{path_prefix: /{route}}}\n        needs: [cache]\ndependencies:\n  - name: cache\n    type: redis\n    address: \"{}\"\n    interval: 100ms\n    timeout: 1s\n{extra}",
+            app.addr,
+            redis.address()
+        )
+    };
+    let hg = Healthgate::start(&config("one", ""));
+    hg.wait_state("in_service", WITHIN);
+    let checks = || {
+        hg.status()["dependencies"].as_array().unwrap().iter().find(|d| d["name"] == "cache").unwrap()["checks_total"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = redis_checker_ids(&redis);
+    assert_eq!(before.len(), 1, "one checker connection: {before:?}");
+    // Other routes and one more dependency: `cache` itself is unchanged.
+    let extra = format!("  - name: other\n    type: tcp\n    address: \"{}\"\n    interval: 100ms\n", always_up());
+    reload_with(&hg, &config("two", &extra), "HUP");
+    let n = checks();
+    eventually_blocking("more checks of cache", WITHIN, || (checks() >= n + 3).then_some(()));
+    assert_eq!(redis_checker_ids(&redis), before, "the checker's Redis connection changed across the reload");
+    assert_eq!(get(hg.listeners[0], "/two/x").0, 200);
+}
