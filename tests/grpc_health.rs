@@ -455,3 +455,41 @@ fn a_bad_preface_or_a_silent_h2_client_leaves_the_admin_port_serving() {
     assert!(goaway, "the idle connection was told GOAWAY");
     assert_eq!(check(hg.admin, &["", "startup"]), serde_json::json!({"": "SERVING", "startup": "SERVING"}));
 }
+
+#[test]
+fn the_grpc_probes_component_renders_grpc_probes_that_a_live_healthgate_answers() {
+    // An overlay of the native-sidecar example with the component, as a user writes it.
+    let dir = tempfile::tempdir().unwrap();
+    let up = "../".repeat(dir.path().components().count() - 1);
+    let root = env!("CARGO_MANIFEST_DIR").trim_start_matches('/');
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {up}{root}/deploy/kubernetes\ncomponents:\n  - {up}{root}/deploy/kubernetes/grpc-probes\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("kubectl").arg("kustomize").arg(dir.path()).output().expect("kubectl");
+    assert!(out.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&out.stderr));
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let pod = &docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"];
+    let hg = pod["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "healthgate").unwrap();
+    let config = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap()["data"]["healthgate.yaml"].as_str().unwrap();
+    let mut services = Vec::new();
+    for (probe, service) in [("startupProbe", "startup"), ("livenessProbe", "liveness"), ("readinessProbe", "readiness")]
+    {
+        let p = &hg[probe];
+        assert!(p["httpGet"].is_null(), "{probe} still has an httpGet: {p}");
+        assert_eq!(p["grpc"]["service"], service, "{probe}");
+        let port = p["grpc"]["port"].as_u64().unwrap();
+        assert!(config.contains(&format!(":{port}\"")), "{probe} port {port} is not admin.listen's in:\n{config}");
+        services.push(service);
+    }
+    // Every service name the manifests use is one healthgate answers.
+    let hg = start("", &[dep("db", "out_of_service", support::always_up())]);
+    hg.wait_state("in_service", WITHIN);
+    let got = check(hg.admin, &services);
+    for s in services {
+        assert_eq!(got[s], "SERVING", "{got}");
+    }
+}

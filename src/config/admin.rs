@@ -252,7 +252,7 @@ mod tests {
         assert_eq!(c.admin.grpc, super::GrpcConfig { enabled: false, max_watch_streams: 3 });
         let p = problems(&format!("admin:\n  grpc:\n    max_watch_streams: 0\n    watches: 2\n{MINIMAL}"));
         let got: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
-        assert_eq!(got, [("admin.grpc.watches", 4), ("admin.grpc.max_watch_streams", 3)], "{p:?}");
+        assert_eq!(got, [("admin.grpc.max_watch_streams", 3), ("admin.grpc.watches", 4)], "{p:?}");
     }
 
     #[test]
