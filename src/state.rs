@@ -731,6 +731,32 @@ mod tests {
     }
 
     #[test]
+    fn watchers_see_every_change_of_a_verdict_override_mode_or_service_state() {
+        let h = health(&[("db", "out_of_service")]);
+        let mut rx = h.subscribe_changes();
+        let mut changed = || {
+            let c = rx.has_changed().unwrap();
+            rx.borrow_and_update();
+            c
+        };
+        assert!(!changed());
+        set(&h, 0, DepHealth::Up);
+        assert!(changed(), "a new verdict");
+        set(&h, 0, DepHealth::Up);
+        assert!(!changed(), "the same verdict again is no change");
+        h.set_force(0, Some(Force::Down));
+        assert!(changed(), "an override");
+        h.set_mode(Mode::Maintenance);
+        assert!(changed(), "a mode");
+        assert!(h.set_service_state(ServiceState::Maintenance));
+        assert!(changed(), "a service state");
+        assert!(!h.set_service_state(ServiceState::Maintenance));
+        assert!(!changed(), "the same service state again is no change");
+        h.start_draining();
+        assert!(changed(), "draining");
+    }
+
+    #[test]
     fn observe_dependencies_do_not_change_the_service_state() {
         let h = health(&[("db", "out_of_service"), ("audit", "observe")]);
         set(&h, 0, DepHealth::Up);

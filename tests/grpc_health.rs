@@ -15,13 +15,15 @@ use support::healthgate::{Healthgate, http_request};
 
 const WITHIN: Duration = Duration::from_secs(15);
 /// The check interval of the dependencies in these tests.
-const INTERVAL: Duration = Duration::from_millis(500);
+const INTERVAL: Duration = Duration::from_secs(1);
 
 /// The gRPC client: `check ADDR SERVICE...` prints a JSON object of service
 /// → status name (or gRPC code name); `watch ADDR SERVICE SECONDS` prints
 /// each status as it arrives; `call ADDR PATH [HEX]` makes a unary call with
 /// these raw message bytes (default none) and prints the code; `watches ADDR N` opens N Watch streams
-/// at once and prints the first answer of each.
+/// at once and prints the first answer of each; `probes ADDR N` makes N
+/// `Check("")` calls on a new connection each and prints their p50 and max
+/// seconds.
 const CLIENT: &str = r#"
 import json, sys, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,6 +52,19 @@ elif mode == "call":
         print("OK")
     except grpc.RpcError as e:
         print(e.code().name)
+elif mode == "probes":
+    # Probes as the kubelet makes them: a new connection each, `Check("")`.
+    import time
+    times = []
+    for _ in range(int(sys.argv[3])):
+        t = time.monotonic()
+        with grpc.insecure_channel(addr) as c:
+            status = name(health_pb2_grpc.HealthStub(c).Check(req(""), timeout=10).status)
+        times.append(time.monotonic() - t)
+        assert status == "SERVING", status
+        time.sleep(0.02)
+    times.sort()
+    print(json.dumps({"n": len(times), "p50": times[len(times) // 2], "max": times[-1]}))
 elif mode == "watches":
     calls, out = [], []
     for _ in range(int(sys.argv[3])):
@@ -476,7 +491,8 @@ fn the_grpc_probes_component_renders_grpc_probes_that_a_live_healthgate_answers(
     let hg = pod["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "healthgate").unwrap();
     let config = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap()["data"]["healthgate.yaml"].as_str().unwrap();
     let mut services = Vec::new();
-    for (probe, service) in [("startupProbe", "startup"), ("livenessProbe", "liveness"), ("readinessProbe", "readiness")]
+    for (probe, service) in
+        [("startupProbe", "startup"), ("livenessProbe", "liveness"), ("readinessProbe", "readiness")]
     {
         let p = &hg[probe];
         assert!(p["httpGet"].is_null(), "{probe} still has an httpGet: {p}");
@@ -492,4 +508,33 @@ fn the_grpc_probes_component_renders_grpc_probes_that_a_live_healthgate_answers(
     for s in services {
         assert_eq!(got[s], "SERVING", "{got}");
     }
+}
+
+#[test]
+fn grpc_probes_answer_while_thousands_of_clients_hold_partial_requests() {
+    let hg = start(
+        "  max_connections: 32\n  header_read_timeout: 30s\n",
+        &[dep("db", "out_of_service", support::always_up())],
+    );
+    hg.wait_state("in_service", WITHIN);
+    let admin = hg.admin;
+    // Half HTTP/1.1 heads, half HTTP/2 prefaces with nothing after them.
+    let flood = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for i in 0..2000 {
+            if let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_secs(2)) {
+                let bytes: &[u8] =
+                    if i % 2 == 0 { b"GET /readyz HTTP/1.1\r\nX-Slow: " } else { b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" };
+                let _ = s.write_all(bytes);
+                held.push(s);
+            }
+        }
+        held
+    });
+    let got: serde_json::Value = serde_json::from_str(&client(&["probes", &admin.to_string(), "40"])).unwrap();
+    let held = flood.join().unwrap();
+    assert!(held.len() >= 1500, "only {} clients connected", held.len());
+    let slowest = got["max"].as_f64().unwrap();
+    assert!(slowest < 2.0, "slowest gRPC probe took {slowest} s: {got}");
+    eprintln!("gRPC probes during a flood of {} partial clients: {got}", held.len());
 }
