@@ -538,3 +538,11 @@ fn grpc_probes_answer_while_thousands_of_clients_hold_partial_requests() {
     assert!(slowest < 2.0, "slowest gRPC probe took {slowest} s: {got}");
     eprintln!("gRPC probes during a flood of {} partial clients: {got}", held.len());
 }
+
+#[test]
+fn with_grpc_disabled_the_admin_port_speaks_http1_only() {
+    let hg = start("  grpc:\n    enabled: false\n", &[dep("db", "out_of_service", support::always_up())]);
+    hg.wait_state("in_service", WITHIN);
+    assert_eq!(check(hg.admin, &[""])[""], "UNAVAILABLE", "no HTTP/2: the client cannot connect");
+    assert_eq!(hg.admin_get("/readyz"), (200, "in_service\n".into()));
+}
