@@ -139,6 +139,13 @@ fn check_answers_each_service_name_like_its_probe_or_dependency() {
             "db": "SERVING", "audit": "NOT_SERVING", "nope": "NOT_FOUND",
         })
     );
+    let metrics = hg.admin_get("/metrics").1;
+    for series in [
+        "healthgate_grpc_health_requests_total{method=\"check\",code=\"ok\"} 6",
+        "healthgate_grpc_health_requests_total{method=\"check\",code=\"not_found\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series} not in:\n{metrics}");
+    }
     // Readiness fails while draining (an operator drain is the same state).
     hg.signal("TERM");
     support::eventually_blocking("readiness NOT_SERVING after SIGTERM", WITHIN, || {

@@ -30,6 +30,7 @@ use super::conns::{self, Busy, Slot, Table};
 use super::{Admin, text};
 use crate::config::AdminConfig;
 use crate::grpc::health::{self, GrpcBody, Limits};
+use crate::metrics::GrpcLabels;
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -163,7 +164,10 @@ async fn dispatch(
     open: Busy,
 ) -> AdminResponse {
     if req.version() == Version::HTTP_2 && health::is_grpc(&req) {
-        return health::handle(admin, req, &limits, open).await.map(Either::Right);
+        let (response, call) = health::handle(admin.clone(), req, &limits, open).await;
+        let labels = GrpcLabels { method: call.method.into(), code: call.outcome.into() };
+        admin.metrics.grpc_health_requests.get_or_create(&labels).inc();
+        return response.map(Either::Right);
     }
     if req.uri().path().starts_with(health::SERVICE_PREFIX) {
         return text(StatusCode::HTTP_VERSION_NOT_SUPPORTED, "gRPC needs HTTP/2 (h2c with prior knowledge)\n")

@@ -371,6 +371,31 @@ fn decode_message(e: &DecodeError) -> &'static str {
     }
 }
 
+/// What a call was, for the metrics (bounded label values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Call {
+    /// `check`, `watch` or `other`.
+    pub method: &'static str,
+    /// The gRPC status (`ok`, `not_found`, ...; for `watch`, of its start),
+    /// or `http_error` when the request was not a gRPC call (not POST, not
+    /// gRPC content).
+    pub outcome: &'static str,
+}
+
+impl Code {
+    /// The label value: the status name in lower case.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Ok => "ok",
+            Code::DeadlineExceeded => "deadline_exceeded",
+            Code::NotFound => "not_found",
+            Code::ResourceExhausted => "resource_exhausted",
+            Code::Unimplemented => "unimplemented",
+            Code::Internal => "internal",
+        }
+    }
+}
+
 /// Answers one gRPC request (see [`is_grpc`]) over HTTP/2. `guard` lives as
 /// long as the call does: for `Watch`, as long as its stream.
 pub async fn handle<S: Source, G: Send + 'static>(
@@ -378,41 +403,49 @@ pub async fn handle<S: Source, G: Send + 'static>(
     req: Request<Incoming>,
     limits: &Limits,
     guard: G,
-) -> Response<GrpcBody> {
+) -> (Response<GrpcBody>, Call) {
     let (head, body) = req.into_parts();
+    let method = match head.uri.path() {
+        CHECK_PATH => "check",
+        WATCH_PATH => "watch",
+        _ => "other",
+    };
+    let call = |outcome: &'static str| Call { method, outcome };
     let body = read_body(body, limits.request_timeout).await;
     if head.method != Method::POST {
         let mut r = http_error(StatusCode::METHOD_NOT_ALLOWED, "gRPC calls are POST requests\n");
         r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
-        return r;
+        return (r, call("http_error"));
     }
     if !is_grpc_content_type(&head.headers) {
-        return http_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content-type must be application/grpc\n");
+        let r = http_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content-type must be application/grpc\n");
+        return (r, call("http_error"));
     }
-    let watch = match head.uri.path() {
-        CHECK_PATH => false,
-        WATCH_PATH => true,
-        _ => return status_only(Code::Unimplemented, "unknown service or method"),
-    };
+    let failed = |code: Code, message| (status_only(code, message), call(code.as_str()));
+    if method == "other" {
+        return failed(Code::Unimplemented, "unknown service or method");
+    }
     let service = match body.and_then(|b| read_service(&b)) {
         Ok(s) => s,
-        Err((code, message)) => return status_only(code, message),
+        Err((code, message)) => return failed(code, message),
     };
-    if !watch {
+    if method == "check" {
         return match verdict(&service, &*source) {
-            Some(status) => grpc_head(GrpcBody::frames([response_frame(status), ok_trailers()])),
-            None => status_only(Code::NotFound, "unknown service"),
+            Some(status) => {
+                (grpc_head(GrpcBody::frames([response_frame(status), ok_trailers()])), call(Code::Ok.as_str()))
+            }
+            None => failed(Code::NotFound, "unknown service"),
         };
     }
     let Ok(permit) = limits.watches.clone().try_acquire_owned() else {
-        return status_only(Code::ResourceExhausted, "too many Watch streams");
+        return failed(Code::ResourceExhausted, "too many Watch streams");
     };
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let _held = (permit, guard);
         watch_loop(&*source, &service, tx).await;
     });
-    grpc_head(GrpcBody { queued: VecDeque::new(), rx: Some(rx) })
+    (grpc_head(GrpcBody { queued: VecDeque::new(), rx: Some(rx) }), call(Code::Ok.as_str()))
 }
 
 /// Sends the current status at once, then one message per change, until the
