@@ -553,3 +553,30 @@ fn with_grpc_disabled_the_admin_port_speaks_http1_only() {
     assert_eq!(check(hg.admin, &[""])[""], "UNAVAILABLE", "no HTTP/2: the client cannot connect");
     assert_eq!(hg.admin_get("/readyz"), (200, "in_service\n".into()));
 }
+
+#[test]
+fn an_operators_forced_verdict_reaches_check_and_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "s3cr3t-token-0123456789abcdef";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let hg = start(
+        &format!("  control:\n    token_file: {}\n", token_file.display()),
+        &[dep("db", "out_of_service", support::always_up())],
+    );
+    hg.wait_state("in_service", WITHIN);
+    let w = Watch::start(hg.admin, "db");
+    assert_eq!(w.next(WITHIN).1, "SERVING");
+    let body = r#"{"ttl":"1h","reason":"test"}"#;
+    let (status, _, _) = http_request(
+        hg.admin,
+        &format!(
+            "PUT /control/dependencies/db/down HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert_eq!(status, 200);
+    // The check still passes; the forced verdict is the one gating uses, and the one told.
+    assert_eq!(check(hg.admin, &["db", ""]), serde_json::json!({"db": "NOT_SERVING", "": "NOT_SERVING"}));
+    assert_eq!(w.next(WITHIN).1, "NOT_SERVING");
+}
