@@ -345,7 +345,10 @@ fn http1_endpoints_still_work_on_the_same_port_and_over_h2() {
     let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
     assert!(text.starts_with("http/2 200"), "{text}");
     assert!(text.contains("content-type: application/grpc"), "{text}");
-    assert!(raw.windows(7).any(|w| w == [0, 0, 0, 0, 2, 0x08, 0x01]), "one framed SERVING: {raw:?}");
+    let message = raw.windows(7).position(|w| w == [0, 0, 0, 0, 2, 0x08, 0x01]);
+    let status = raw.windows(14).position(|w| w == b"grpc-status: 0");
+    // curl writes the trailers after the body: grpc-status comes after the message.
+    assert!(matches!((message, status), (Some(m), Some(s)) if s > m), "framed SERVING, then grpc-status 0: {text}");
 }
 
 /// One HTTP/2 frame.
