@@ -583,3 +583,44 @@ fn an_operators_forced_verdict_reaches_check_and_watch() {
     assert_eq!(check(hg.admin, &["db", ""]), serde_json::json!({"db": "NOT_SERVING", "": "NOT_SERVING"}));
     assert_eq!(w.next(WITHIN).1, "NOT_SERVING");
 }
+
+#[test]
+fn random_frames_after_the_preface_never_stop_the_admin_port() {
+    let hg = start("  header_read_timeout: 1s\n", &[dep("db", "out_of_service", support::always_up())]);
+    hg.wait_state("in_service", WITHIN);
+    // A fixed-seed xorshift: the same 150 cases every run.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for case in 0..150 {
+        let mut s = h2_connect(hg.admin);
+        let mut bytes = Vec::new();
+        for _ in 0..(1 + next() % 6) {
+            // Frame types 0-9 (DATA .. CONTINUATION), any flags, small stream ids,
+            // payloads mostly well framed: HPACK and payload contents are noise.
+            let kind = (next() % 10) as u8;
+            let payload: Vec<u8> = (0..next() % 40).map(|_| next() as u8).collect();
+            let stream = (next() % 6) as u32;
+            bytes.extend(h2_frame(kind, next() as u8, stream, &payload));
+            if kind == 1 && next() % 2 == 0 {
+                bytes.extend(h2_frame(1, 0x5, 2 * stream + 1, &watch_head()));
+            }
+        }
+        let _ = s.write_all(&bytes);
+        let mut buf = Vec::new();
+        let mut eof = false;
+        let until = Instant::now() + Duration::from_millis(300);
+        while !eof && Instant::now() < until {
+            support::read_some(&mut s, &mut buf, &mut eof, Duration::from_millis(50));
+        }
+        if case % 50 == 49 {
+            assert_eq!(check(hg.admin, &[""])[""], "SERVING", "after case {case}");
+        }
+    }
+    assert_eq!(hg.admin_get("/livez").0, 200);
+    assert_eq!(check(hg.admin, &["liveness", "db"]), serde_json::json!({"liveness": "SERVING", "db": "SERVING"}));
+}
