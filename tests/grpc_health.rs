@@ -211,6 +211,11 @@ fn wait_dep(hg: &Healthgate, name: &str, state: &str) -> Instant {
     })
 }
 
+/// `a - b` in milliseconds, negative when `a` came first.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b { (a - b).as_secs_f64() * 1e3 } else { -(b - a).as_secs_f64() * 1e3 }
+}
+
 #[test]
 fn watch_pushes_the_down_and_up_transitions_within_one_check_interval() {
     let mut db = Dep::up();
@@ -228,6 +233,7 @@ fn watch_pushes_the_down_and_up_transitions_within_one_check_interval() {
         assert_eq!(status, "NOT_SERVING");
         // Pushed, not polled: at most one check interval after /status showed it.
         assert!(at < seen + INTERVAL, "NOT_SERVING came {:?} after /status showed the outage", at - seen);
+        eprintln!("NOT_SERVING {:+.0} ms from /status", signed_ms(at, seen));
     }
     db.revive();
     let seen = wait_dep(&hg, "db", "up");
@@ -235,6 +241,7 @@ fn watch_pushes_the_down_and_up_transitions_within_one_check_interval() {
         let (at, status) = w.next(WITHIN);
         assert_eq!(status, "SERVING");
         assert!(at < seen + INTERVAL, "SERVING came {:?} after /status showed the recovery", at - seen);
+        eprintln!("SERVING {:+.0} ms from /status", signed_ms(at, seen));
     }
     // One message per change: nothing more while nothing changes.
     assert!(dep.lines.recv_timeout(3 * INTERVAL).is_err(), "a message without a change");
