@@ -188,7 +188,13 @@ pub async fn serve(
 ) {
     let config = admin.config.clone();
     let (protocol, prefix) = if config.grpc.enabled {
-        match sniff(&mut stream, config.header_read_timeout).await {
+        // A connection shed before it said anything is closed now, not at
+        // the timeout: a flood of silent connects must not pile up sockets.
+        let sniffed = tokio::select! {
+            s = sniff(&mut stream, config.header_read_timeout) => s,
+            _ = slot.close.notified() => None,
+        };
+        match sniffed {
             Some(p) => p,
             None => {
                 table.remove(slot.id);
