@@ -269,7 +269,7 @@ fn watch_streams_beyond_the_cap_are_refused_resource_exhausted() {
 }
 
 #[test]
-fn other_methods_are_unimplemented() {
+fn other_methods_are_unimplemented_and_a_malformed_message_is_internal() {
     let hg = start("", &[dep("db", "out_of_service", support::always_up())]);
     let admin = hg.admin.to_string();
     assert_eq!(client(&["call", &admin, "/grpc.health.v1.Health/List"]), "UNIMPLEMENTED");
