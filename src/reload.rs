@@ -130,6 +130,9 @@ pub fn diff(old: &Config, new: &Config) -> Plan {
     if oa.header_read_timeout != na.header_read_timeout {
         refuse("admin.header_read_timeout".into(), "changed".into());
     }
+    if oa.grpc != na.grpc {
+        refuse("admin.grpc".into(), "changed".into());
+    }
     if oa.control.as_ref().map(|c| &c.token_file) != na.control.as_ref().map(|c| &c.token_file) {
         refuse("admin.control.token_file".into(), "added, removed or changed".into());
     }
@@ -555,5 +558,7 @@ mod tests {
         assert_eq!(diff(&a, &c).refused[0].key, "admin.listen");
         let d = config(&format!("drain:\n  delay: 1s\n{LISTENER}"));
         assert_eq!(diff(&a, &d).refused[0].key, "drain");
+        let g = config(&format!("admin:\n  grpc:\n    enabled: false\n{LISTENER}"));
+        assert_eq!(diff(&a, &g).refused[0].key, "admin.grpc");
     }
 }

@@ -309,6 +309,10 @@ pub struct Health {
     drain_began: OnceLock<Instant>,
     /// Woken on every change of a dependency's verdict or of the lifecycle.
     changed: Notify,
+    /// Bumped on the same changes and on every new service state, for any
+    /// number of watchers (the gRPC health `Watch` streams); `changed` has
+    /// one waiter, the aggregator.
+    epoch: watch::Sender<u64>,
     service: watch::Sender<(ServiceState, SystemTime)>,
     started: SystemTime,
     /// The slots of a reload between [`Health::prepare`] and [`Health::commit`].
@@ -389,6 +393,7 @@ impl Health {
             draining: AtomicBool::new(false),
             drain_began: OnceLock::new(),
             changed: Notify::new(),
+            epoch: watch::Sender::new(0),
             service: watch::Sender::new((initial, SystemTime::now())),
             started: SystemTime::now(),
             staged: Mutex::new(Vec::new()),
@@ -471,7 +476,7 @@ impl Health {
         self.unknown.store(facts.unknown(), Ordering::Relaxed);
         drop(facts);
         self.staged.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// Drops a prepared reload that will not be committed.
@@ -577,7 +582,7 @@ impl Health {
         let verdict_changed = slot.tx.borrow().state != status.state;
         slot.tx.send_replace(status);
         if verdict_changed {
-            self.changed.notify_one();
+            self.touch();
         }
     }
 
@@ -593,7 +598,7 @@ impl Health {
                 None => {}
             }
         });
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// The verdict forced on dependency `index`, if any.
@@ -621,7 +626,7 @@ impl Health {
     /// Sets the operator's mode for the pod.
     pub fn set_mode(&self, mode: Mode) {
         self.update(|f| f.mode = mode);
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// The operator's mode for the pod.
@@ -633,7 +638,7 @@ impl Health {
     pub fn start_draining(&self) {
         let _ = self.drain_began.set(Instant::now());
         self.draining.store(true, Ordering::SeqCst);
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// Whether SIGTERM was received.
@@ -674,6 +679,18 @@ impl Health {
         }
     }
 
+    /// Wakes the aggregator and every watcher of [`Health::subscribe_changes`].
+    fn touch(&self) {
+        self.changed.notify_one();
+        self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// A receiver that sees a new value whenever a verdict, an override, the
+    /// lifecycle or the service state changed: cheap to hold, any number of them.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
     /// Waits until something changed that may change the service state.
     pub async fn changed(&self) {
         self.changed.notified().await
@@ -681,7 +698,7 @@ impl Health {
 
     /// Records a new service state (called by the aggregator only).
     pub fn set_service_state(&self, state: ServiceState) -> bool {
-        self.service.send_if_modified(|(s, since)| {
+        let modified = self.service.send_if_modified(|(s, since)| {
             if *s == state {
                 false
             } else {
@@ -689,7 +706,11 @@ impl Health {
                 *since = SystemTime::now();
                 true
             }
-        })
+        });
+        if modified {
+            self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+        }
+        modified
     }
 
     /// The current service state and since when.
@@ -949,6 +970,32 @@ mod tests {
         assert!(matches!(h.prepare(&config(&next), &keep), Err(LayoutError::NoFreeBit)));
         assert_eq!(h.deps().len(), crate::config::MAX_DEPENDENCIES);
         assert_eq!(h.names(1).as_slice(), ["d0"]);
+    }
+
+    #[test]
+    fn watchers_see_every_change_of_a_verdict_override_mode_or_service_state() {
+        let h = health(&[("db", "out_of_service")]);
+        let mut rx = h.subscribe_changes();
+        let mut changed = || {
+            let c = rx.has_changed().unwrap();
+            rx.borrow_and_update();
+            c
+        };
+        assert!(!changed());
+        set(&h, 0, DepHealth::Up);
+        assert!(changed(), "a new verdict");
+        set(&h, 0, DepHealth::Up);
+        assert!(!changed(), "the same verdict again is no change");
+        h.set_force(0, Some(Force::Down));
+        assert!(changed(), "an override");
+        h.set_mode(Mode::Maintenance);
+        assert!(changed(), "a mode");
+        assert!(h.set_service_state(ServiceState::Maintenance));
+        assert!(changed(), "a service state");
+        assert!(!h.set_service_state(ServiceState::Maintenance));
+        assert!(!changed(), "the same service state again is no change");
+        h.start_draining();
+        assert!(changed(), "draining");
     }
 
     #[test]
