@@ -350,6 +350,25 @@ pub enum LayoutError {
     NoFreeBit,
 }
 
+/// The bits of the `out_of_service` and of the `degraded` dependencies of one config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Classes {
+    /// Bits of the `out_of_service` dependencies.
+    pub oos: u64,
+    /// Bits of the `degraded` dependencies.
+    pub degraded: u64,
+}
+
+impl Classes {
+    /// The classes of `config`'s dependencies, `bits[i]` being the bit of dependency `i`.
+    pub fn of(config: &Config, bits: &[usize]) -> Classes {
+        let mask = |impact| {
+            config.dependencies.iter().zip(bits).filter(|(d, _)| d.impact == impact).fold(0u64, |m, (_, b)| m | 1 << b)
+        };
+        Classes { oos: mask(Impact::OutOfService), degraded: mask(Impact::Degraded) }
+    }
+}
+
 /// The mask with the first `n` bits set.
 fn low_bits(n: usize) -> u64 {
     if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
@@ -510,14 +529,37 @@ impl Health {
         Admission::Reject(self.classify(missing), missing)
     }
 
+    /// [`Health::admission`] with the impact classes of the config the
+    /// request runs under (its listener context), so that a reload that
+    /// changes or removes a dependency never answers a request of the old
+    /// config with the new config's class.
+    #[inline]
+    pub fn admission_in(&self, needs: u64, classes: Classes) -> Admission {
+        let missing = self.not_up.load(Ordering::Relaxed) & needs;
+        if missing == 0 {
+            return Admission::Admit;
+        }
+        Admission::Reject(self.classify_in(missing, classes), missing)
+    }
+
+    /// The impact classes of the config in force.
+    pub fn classes(&self) -> Classes {
+        Classes { oos: self.oos_mask.load(Ordering::Relaxed), degraded: self.degraded_mask.load(Ordering::Relaxed) }
+    }
+
     /// The class of a rejection for a non-empty set of missing dependencies.
     #[cold]
     fn classify(&self, missing: u64) -> Reject {
+        self.classify_in(missing, self.classes())
+    }
+
+    #[cold]
+    fn classify_in(&self, missing: u64, classes: Classes) -> Reject {
         if missing & MAINTENANCE_BIT != 0 {
             Reject::Maintenance
-        } else if missing & (self.oos_mask.load(Ordering::Relaxed) | self.unknown.load(Ordering::Relaxed)) != 0 {
+        } else if missing & (classes.oos | self.unknown.load(Ordering::Relaxed)) != 0 {
             Reject::OutOfService
-        } else if missing & self.degraded_mask.load(Ordering::Relaxed) != 0 {
+        } else if missing & classes.degraded != 0 {
             Reject::Degraded
         } else {
             // Only `observe` dependencies are missing: they never gate. A
@@ -934,6 +976,23 @@ mod tests {
         set(&h, 2, DepHealth::Down);
         assert_eq!(h.admission(new_gate), Admission::Reject(Reject::OutOfService, 0b100));
         assert_eq!(h.compute_service_state(), ServiceState::OutOfService);
+    }
+
+    #[test]
+    fn a_request_is_classified_with_the_impacts_of_its_own_config_across_a_reload() {
+        let old = config(&[("db", "out_of_service")]);
+        let h = Health::new(&old);
+        set(&h, 0, DepHealth::Down);
+        let old_classes = Classes::of(&old, &[0]);
+        let new = config(&[("db", "degraded")]);
+        let slots = h.prepare(&new, &[Keep::Restart]).unwrap();
+        h.commit(slots);
+        let gate = Health::gate_mask(&[0]);
+        // A request that loaded the old context before the swap: 503, as the old config says.
+        assert_eq!(h.admission_in(gate, old_classes), Admission::Reject(Reject::OutOfService, 1));
+        // One under the new context: 500.
+        assert_eq!(h.admission_in(gate, Classes::of(&new, &[0])), Admission::Reject(Reject::Degraded, 1));
+        assert_eq!(h.admission(gate), Admission::Reject(Reject::Degraded, 1));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::config::{Config, ListenerConfig, ListenerProtocol, ShortCircuitConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::{RouteConfig, RouteTable};
-use crate::state::{Health, Reject, gate_mask_of};
+use crate::state::{Admission, Classes, Health, Reject, gate_mask_of};
 
 /// The drain signal: `None` while running; `Some(deadline)` once the listener
 /// must stop accepting and finish in-flight work by `deadline`.
@@ -58,6 +58,8 @@ pub struct ListenerCtx {
     pub route_data: Vec<Route>,
     /// What a request matching no route gets.
     pub default_route: Route,
+    /// The impact classes of the dependencies of this context's config.
+    pub classes: Classes,
     /// `drain.delay`: during a drain, how long an idle HTTP client
     /// connection is left for its client's next request before it is closed.
     pub drain_delay: Duration,
@@ -125,10 +127,18 @@ impl ListenerCtx {
             routes: RouteTable::new(l.routes.clone()),
             route_data,
             default_route,
+            classes: Classes::of(config, bits),
             drain_delay: config.drain.delay,
             health,
             registry,
         })
+    }
+
+    /// The admission of a request or connection needing `needs` under this
+    /// context's config (its impact classes, the verdicts in force).
+    #[inline]
+    pub fn admission(&self, needs: u64) -> Admission {
+        self.health.admission_in(needs, self.classes)
     }
 
     /// The route a request takes: first match wins, else the default. Allocation-free.

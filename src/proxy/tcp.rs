@@ -171,9 +171,8 @@ impl Worker {
         if self.permits.held() == 0 {
             return;
         }
-        if let Admission::Reject(Reject::OutOfService, missing) =
-            self.ctx.health.admission(self.live.load().default_route.needs)
-        {
+        let live = self.live.load();
+        if let Admission::Reject(Reject::OutOfService, missing) = live.admission(live.default_route.needs) {
             debug!(listener = %self.ctx.config.name, connections = self.permits.held(), missing, "tcp outage: closing existing connections");
             self.cut.send_modify(|epoch| *epoch += 1);
         }
@@ -206,7 +205,7 @@ impl Serve for Rc<Worker> {
         // What the config in force needs, and how it refuses (`reject`, `admit_degraded`).
         let live = self.live.load();
         let tcp = &live.config.tcp;
-        match self.ctx.health.admission(live.default_route.needs) {
+        match live.admission(live.default_route.needs) {
             Admission::Admit => true,
             Admission::Reject(Reject::Degraded, _) if tcp.admit_degraded => true,
             Admission::Reject(reason, missing) => {

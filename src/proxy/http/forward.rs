@@ -175,7 +175,7 @@ async fn respond<'w>(
     let outcome = if route.bypass {
         Outcome::Bypassed
     } else {
-        match ctx.health.admission(route.needs) {
+        match ctx.admission(route.needs) {
             Admission::Admit => Outcome::Proxied,
             Admission::Reject(class, missing) => {
                 let (status, body) = route.responses.body(class, missing, &ctx.health);
