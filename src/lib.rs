@@ -24,6 +24,7 @@ pub mod admin;
 pub mod check;
 pub mod config;
 pub mod control;
+pub mod grpc;
 pub mod ctl;
 pub mod metrics;
 pub mod monitor;

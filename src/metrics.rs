@@ -68,6 +68,15 @@ pub struct RequestLabels {
     pub route: String,
 }
 
+/// Labels of gRPC statuses healthgate answered itself.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    /// Listener name.
+    pub listener: String,
+    /// The gRPC status code (a number, 1–16).
+    pub grpc_status: String,
+}
+
 /// Labels with only the listener.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
@@ -268,6 +277,8 @@ pub struct Metrics {
     pub control_auth_failures: Counter,
     /// `healthgate_admin_connections_shed_total`.
     pub admin_connections_shed: Counter,
+    /// `healthgate_grpc_local_responses_total`.
+    pub grpc_local_responses: Family<GrpcLabels, Counter>,
 }
 
 impl Metrics {
@@ -294,6 +305,7 @@ impl Metrics {
         let overrides_active = Family::<KindLabels, Gauge>::default();
         let control_auth_failures = Counter::default();
         let admin_connections_shed = Counter::default();
+        let grpc_local_responses = Family::<GrpcLabels, Counter>::default();
 
         registry.register(
             "dependency_up",
@@ -336,6 +348,11 @@ impl Metrics {
             "Admin connections closed to make room at admin.max_connections",
             admin_connections_shed.clone(),
         );
+        registry.register(
+            "grpc_local_responses",
+            "gRPC calls healthgate answered itself (short-circuits, upstream failures) by gRPC status",
+            grpc_local_responses.clone(),
+        );
         for kind in OVERRIDE_KINDS {
             overrides_active.get_or_create(&KindLabels { kind: kind.into() }).set(0);
         }
@@ -356,6 +373,9 @@ impl Metrics {
             let _ = active_connections.get_or_create(&ListenerLabels { listener: l.name.clone() });
             if l.protocol == ListenerProtocol::Http {
                 let _ = parked_connections.get_or_create(&ListenerLabels { listener: l.name.clone() });
+                // UNAVAILABLE, the default short-circuit status, so dashboards see a zero.
+                let _ = grpc_local_responses
+                    .get_or_create(&GrpcLabels { listener: l.name.clone(), grpc_status: "14".into() });
             }
         }
 
@@ -377,6 +397,7 @@ impl Metrics {
             overrides_active,
             control_auth_failures,
             admin_connections_shed,
+            grpc_local_responses,
         })
     }
 
@@ -408,6 +429,13 @@ impl Metrics {
     /// The open-connections gauge of a listener.
     pub fn active_connections(&self, listener: &str) -> Gauge {
         self.active_connections.get_or_create_owned(&ListenerLabels { listener: listener.into() })
+    }
+
+    /// Counts a gRPC status healthgate answered itself on `listener`.
+    pub fn grpc_local_response(&self, listener: &str, grpc_status: &'static str) {
+        self.grpc_local_responses
+            .get_or_create(&GrpcLabels { listener: listener.into(), grpc_status: grpc_status.into() })
+            .inc();
     }
 
     /// The parked-connections gauge of an HTTP listener.

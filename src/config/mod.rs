@@ -44,7 +44,9 @@ pub use dependency::tcp::TcpSettings;
 pub use dependency::tls::TlsSettings;
 pub use dependency::{DependencyConfig, DependencyKind, Impact, MAX_DEPENDENCIES};
 pub use hostport::{HostPort, HostPortError};
-pub use listener::{HttpListenerConfig, ListenerConfig, ListenerProtocol, TcpListenerConfig, TcpOnOutage, TcpReject};
+pub use listener::{
+    HttpListenerConfig, ListenerConfig, ListenerProtocol, TcpListenerConfig, TcpOnOutage, TcpReject, UpstreamProtocol,
+};
 pub use node::MAX_DURATION;
 pub use problem::{At, Pos, Problem};
 pub use route::{HeaderMatch, RouteConfig, RouteMatch};
@@ -59,7 +61,32 @@ const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners
 const DRAIN_KEYS: &[&str] = &["delay", "timeout"];
 /// Keys of `short_circuit`.
 const SHORT_CIRCUIT_KEYS: &[&str] =
-    &["retry_after", "expose_dependencies", "out_of_service_body", "degraded_body", "maintenance_body"];
+    &["retry_after", "expose_dependencies", "out_of_service_body", "degraded_body", "maintenance_body", "grpc"];
+/// Keys of `short_circuit.grpc`.
+const GRPC_KEYS: &[&str] = &["out_of_service_status", "degraded_status"];
+
+/// The gRPC status names a short-circuit may answer with, and their codes
+/// (`OK` is not one: a short-circuit is an error).
+pub const GRPC_STATUS_CHOICES: &[(&str, u8)] = &[
+    ("CANCELLED", 1),
+    ("UNKNOWN", 2),
+    ("INVALID_ARGUMENT", 3),
+    ("DEADLINE_EXCEEDED", 4),
+    ("NOT_FOUND", 5),
+    ("ALREADY_EXISTS", 6),
+    ("PERMISSION_DENIED", 7),
+    ("RESOURCE_EXHAUSTED", 8),
+    ("FAILED_PRECONDITION", 9),
+    ("ABORTED", 10),
+    ("OUT_OF_RANGE", 11),
+    ("UNIMPLEMENTED", 12),
+    ("INTERNAL", 13),
+    ("UNAVAILABLE", 14),
+    ("DATA_LOSS", 15),
+    ("UNAUTHENTICATED", 16),
+];
+/// Default gRPC status of a short-circuited gRPC call (both impacts): UNAVAILABLE.
+pub const DEFAULT_GRPC_SHORT_CIRCUIT_STATUS: u8 = 14;
 
 /// Most data-plane worker threads.
 pub const MAX_WORKERS: usize = 256;
@@ -150,6 +177,10 @@ pub struct ShortCircuitConfig {
     pub degraded_body: String,
     /// Body of the 503 every gated request gets while the pod is in maintenance.
     pub maintenance_body: String,
+    /// gRPC status of a gRPC call short-circuited out of service (and in maintenance).
+    pub grpc_out_of_service_status: u8,
+    /// gRPC status of a gRPC call short-circuited while degraded.
+    pub grpc_degraded_status: u8,
 }
 
 /// The default 503 problem+json body (its `cause` names the state).
@@ -259,7 +290,19 @@ fn parse(top: &Map<'_>, path: &Path, p: &mut Problems) -> Config {
             .as_ref()
             .and_then(|s| route::problem_body(s, "maintenance_body", p))
             .unwrap_or_else(|| DEFAULT_MAINTENANCE_BODY.to_string()),
+        grpc_out_of_service_status: DEFAULT_GRPC_SHORT_CIRCUIT_STATUS,
+        grpc_degraded_status: DEFAULT_GRPC_SHORT_CIRCUIT_STATUS,
     };
+    let mut short_circuit = short_circuit;
+    if let Some(g) = sc.as_ref().and_then(|s| s.map("grpc", p)) {
+        g.deny_unknown(GRPC_KEYS, p);
+        if let Some(v) = g.choice("out_of_service_status", GRPC_STATUS_CHOICES, p) {
+            short_circuit.grpc_out_of_service_status = v.value;
+        }
+        if let Some(v) = g.choice("degraded_status", GRPC_STATUS_CHOICES, p) {
+            short_circuit.grpc_degraded_status = v.value;
+        }
+    }
 
     let (dependencies, declared) = dependency::dependencies(top.get("dependencies"), p);
     let listeners = listener::listeners(top.get("listeners"), &declared, p);

@@ -197,6 +197,16 @@ async fn respond<'w>(
     // Upgrade (WebSocket): forward `Connection: upgrade` + `Upgrade` and
     // take over both connections after a 101.
     let upgrade = upgrade_requested(req.headers(), req.version());
+    if w.h2.upstream_h2c {
+        // An h2c app: the request is translated to HTTP/2 (`h2::forward`),
+        // which has no `Upgrade` (RFC 9113 §8.6).
+        if upgrade {
+            let status = StatusCode::NOT_IMPLEMENTED;
+            return reply(metrics, busy, start, Outcome::BadRequest, status, NOT_IMPLEMENTED_BODY, true);
+        }
+        req.headers_mut().remove(header::EXPECT);
+        return super::h2::forward(busy, req, metrics, outcome, start).await;
+    }
     let (mut parts, body) = req.into_parts();
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
     let expects = expects_continue(&parts.headers, parts.version, !body.is_end_stream());

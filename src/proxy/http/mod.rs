@@ -72,6 +72,7 @@ mod body;
 mod conn;
 mod expect;
 mod forward;
+mod h2;
 mod headers;
 mod pool;
 mod target;
@@ -189,6 +190,8 @@ struct Worker {
     upstream_idle_timeout: Option<Duration>,
     /// An upgraded tunnel with no traffic for this long is closed.
     tunnel_idle_timeout: Option<Duration>,
+    /// HTTP/2: client settings and the h2c connection to the app.
+    h2: h2::H2,
 }
 
 /// A zero duration means "no limit". Huge values are capped at a year so
@@ -250,6 +253,7 @@ impl Worker {
             response_timeout: limit(c.upstream_response_timeout),
             upstream_idle_timeout: limit(c.upstream_idle_timeout),
             tunnel_idle_timeout: limit(ctx.config.idle_timeout),
+            h2: h2::H2::new(c),
             ctx,
         }
     }
@@ -262,6 +266,14 @@ impl Worker {
 /// client sees nothing) and the bare socket waits for the next request,
 /// which gets a fresh hyper connection.
 async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: SocketAddr, mut drain: DrainSignal) {
+    if w.h2.enabled {
+        // HTTP/2 with prior knowledge shares the port: told apart by its preface.
+        match h2::sniff(&stream, w.timer.header_read_timeout.map(|t| Instant::now() + t)).await {
+            h2::Sniffed::Http2 => return h2::connection(w, permit, stream, h2::peer_value(peer), drain).await,
+            h2::Sniffed::Closed => return,
+            h2::Sniffed::Http1 => {}
+        }
+    }
     let state = Arc::new(IoState::new(Instant::now()));
     // This task writes the app's 1xx responses (`conn::relay_informational`).
     let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
