@@ -346,6 +346,36 @@ mod tests {
     }
 
     #[test]
+    fn http2_and_grpc_settings_load_and_mistakes_are_errors_at_their_keys() {
+        let c = Config::from_yaml(
+            &format!(
+                "short_circuit:\n  grpc:\n    degraded_status: RESOURCE_EXHAUSTED\n{MINIMAL}    upstream_protocol: h2c\n    \
+                 http2_max_concurrent_streams: 8\n"
+            ),
+            Path::new("t"),
+        )
+        .unwrap();
+        let l = &c.listeners[0].http;
+        assert_eq!(l.upstream_protocol, UpstreamProtocol::H2c);
+        assert_eq!((l.http2, l.http2_max_concurrent_streams), (true, 8));
+        assert_eq!(l.http2_max_header_list_size as usize, l.max_header_bytes, "defaults to max_header_bytes");
+        assert_eq!((c.short_circuit.grpc_out_of_service_status, c.short_circuit.grpc_degraded_status), (14, 8));
+        // OK is no short-circuit status; `h2` is no upstream protocol.
+        let p = problems(&format!(
+            "short_circuit:\n  grpc:\n    out_of_service_status: OK\n{MINIMAL}    upstream_protocol: h2\n"
+        ));
+        let keys: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(keys, [("short_circuit.grpc.out_of_service_status", 3), ("listeners[0].upstream_protocol", 8)], "{p:?}");
+        assert!(p[1].message.contains("h2c"), "the near miss is suggested: {p:?}");
+        // An h2c app behind a TCP listener can never be spoken to in HTTP/2.
+        let p = problems(
+            "listeners:\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    \
+             upstream_protocol: h2c\n",
+        );
+        assert_eq!(p.iter().map(|p| (p.key.as_str(), p.line)).collect::<Vec<_>>(), [("listeners[0].upstream_protocol", 6)]);
+    }
+
+    #[test]
     fn the_shipped_example_config_is_valid() {
         let c = Config::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"))).expect("config.yaml");
         assert!(!c.listeners.is_empty());
