@@ -46,6 +46,13 @@ if ! python3 -c "import prometheus_client.openmetrics.parser" >/dev/null 2>&1; t
   python3 -m pip install -q prometheus-client
 fi
 
+# The real gRPC app and client of tests/grpc.rs (grpcio-status brings the
+# google.rpc protos the client decodes the status details with).
+if ! python3 -c "import grpc, grpc_status" >/dev/null 2>&1; then
+  echo "== installing: grpcio grpcio-status (PyPI)"
+  python3 -m pip install -q grpcio grpcio-status
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

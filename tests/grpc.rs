@@ -100,9 +100,7 @@ fn start(upstream: SocketAddr, listener_extra: &str, top_extra: &str, dep: &str)
 
 fn metric(hg: &Healthgate, series: &str) -> f64 {
     let (_, text) = hg.admin_get("/metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or(0.0)
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
 }
 
 #[test]
@@ -149,7 +147,9 @@ fn a_call_while_the_critical_dependency_is_down_gets_unavailable_with_details_an
     // (`Calls` does not count itself.)
     assert_eq!(app.calls(), before, "no short-circuited call reached the app");
     assert_eq!(metric(&hg, "healthgate_grpc_local_responses_total{listener=\"web\",grpc_status=\"14\"}"), 2.0);
-    assert!(metric(&hg, "healthgate_requests_total{listener=\"web\",outcome=\"short_circuited\",route=\"default\"}") >= 2.0);
+    assert!(
+        metric(&hg, "healthgate_requests_total{listener=\"web\",outcome=\"short_circuited\",route=\"default\"}") >= 2.0
+    );
 
     db.revive();
     hg.wait_state("in_service", WITHIN);
@@ -238,8 +238,7 @@ fn http2_prior_knowledge_and_http1_clients_share_the_listener_in_front_of_an_htt
     assert_eq!((body.as_str(), status.as_str()), ("app:POST /orders/1", "200 2"), "a request body crosses");
     let (body, status) = curl(&["--http1.1", &url]);
     assert_eq!((body.as_str(), status.as_str()), ("app:GET /orders/1", "200 1.1"));
-    let (status, _, body) =
-        http_request(hg.listeners[0], "GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n");
+    let (status, _, body) = http_request(hg.listeners[0], "GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n");
     assert_eq!((status, body.as_str()), (200, "app:GET /x"));
 }
 

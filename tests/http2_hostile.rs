@@ -301,7 +301,8 @@ fn an_oversized_header_list_is_refused_and_the_connection_survives_it() {
     }
     assert_eq!(app.requests(), 0, "never forwarded");
     c.s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 3, &get_block("/small"))).unwrap();
-    let ok = c.next_frame(WITHIN, |f| f.stream == 3 && f.ty == HEADERS).expect("a normal request on the same connection");
+    let ok =
+        c.next_frame(WITHIN, |f| f.stream == 3 && f.ty == HEADERS).expect("a normal request on the same connection");
     assert_eq!(ok.payload[0], 0x88, ":status 200 (static index 8)");
     still_serving(&hg);
 }

@@ -365,14 +365,21 @@ mod tests {
             "short_circuit:\n  grpc:\n    out_of_service_status: OK\n{MINIMAL}    upstream_protocol: h2\n"
         ));
         let keys: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
-        assert_eq!(keys, [("short_circuit.grpc.out_of_service_status", 3), ("listeners[0].upstream_protocol", 8)], "{p:?}");
+        assert_eq!(
+            keys,
+            [("short_circuit.grpc.out_of_service_status", 3), ("listeners[0].upstream_protocol", 8)],
+            "{p:?}"
+        );
         assert!(p[1].message.contains("h2c"), "the near miss is suggested: {p:?}");
         // An h2c app behind a TCP listener can never be spoken to in HTTP/2.
         let p = problems(
             "listeners:\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    \
              upstream_protocol: h2c\n",
         );
-        assert_eq!(p.iter().map(|p| (p.key.as_str(), p.line)).collect::<Vec<_>>(), [("listeners[0].upstream_protocol", 6)]);
+        assert_eq!(
+            p.iter().map(|p| (p.key.as_str(), p.line)).collect::<Vec<_>>(),
+            [("listeners[0].upstream_protocol", 6)]
+        );
     }
 
     #[test]

@@ -126,7 +126,10 @@ mod tests {
     #[test]
     fn retry_info_matches_known_bytes() {
         assert_eq!(retry_info(Duration::from_secs(5)), [0x0a, 0x02, 0x08, 0x05]);
-        assert_eq!(retry_info(Duration::from_millis(1500)), [0x0a, 0x08, 0x08, 0x01, 0x10, 0x80, 0xca, 0xb5, 0xee, 0x01]);
+        assert_eq!(
+            retry_info(Duration::from_millis(1500)),
+            [0x0a, 0x08, 0x08, 0x01, 0x10, 0x80, 0xca, 0xb5, 0xee, 0x01]
+        );
         assert_eq!(retry_info(Duration::ZERO), [0x0a, 0x00], "an explicit zero delay");
     }
 

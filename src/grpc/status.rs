@@ -167,7 +167,8 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc_4648_vectors_without_padding() {
-        for (input, out) in [("", ""), ("f", "Zg"), ("fo", "Zm8"), ("foo", "Zm9v"), ("foob", "Zm9vYg"), ("fooba", "Zm9vYmE")]
+        for (input, out) in
+            [("", ""), ("f", "Zg"), ("fo", "Zm8"), ("foo", "Zm9v"), ("foob", "Zm9vYg"), ("fooba", "Zm9vYmE")]
         {
             assert_eq!(base64_unpadded(input.as_bytes()), out);
         }
@@ -192,14 +193,17 @@ mod tests {
         assert_eq!(h["content-type"], "application/grpc");
         assert_eq!(h["grpc-status"], "14");
         assert_eq!(h["grpc-message"], "OUT OF SERVICE");
-        let want: Vec<u8> =
-            (0..PYTHON_STATUS_HEX.len()).step_by(2).map(|i| u8::from_str_radix(&PYTHON_STATUS_HEX[i..i + 2], 16).unwrap()).collect();
+        let want: Vec<u8> = (0..PYTHON_STATUS_HEX.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&PYTHON_STATUS_HEX[i..i + 2], 16).unwrap())
+            .collect();
         assert_eq!(h["grpc-status-details-bin"].to_str().unwrap(), base64_unpadded(&want));
     }
 
     #[test]
     fn without_a_reason_there_are_no_details() {
-        let s = LocalStatus { code: DEADLINE_EXCEEDED, message: "x", reason: None, dependencies: "", retry_after: None };
+        let s =
+            LocalStatus { code: DEADLINE_EXCEEDED, message: "x", reason: None, dependencies: "", retry_after: None };
         let mut h = HeaderMap::new();
         s.headers(&mut h);
         assert_eq!(h["grpc-status"], "4");

@@ -251,8 +251,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
     let busy = Busy::begin(conn);
     let mut unanswered = Unanswered { metrics: &ctx.default_route.metrics, start, armed: true };
     let is_grpc = grpc::is_grpc(req.headers().get(header::CONTENT_TYPE));
-    let refused = canonicalize(&mut req).is_err()
-        || !req.uri().path_and_query().is_none_or(|p| p.as_str().is_ascii());
+    let refused = canonicalize(&mut req).is_err() || !req.uri().path_and_query().is_none_or(|p| p.as_str().is_ascii());
     let res = if refused {
         local_error(&ctx.default_route.metrics, busy, start, is_grpc, Outcome::BadRequest, Fail::ClientBody)
     } else {
@@ -313,13 +312,8 @@ fn short_circuit(
         } else {
             String::new()
         };
-        let status = LocalStatus {
-            code,
-            message,
-            reason: Some(reason),
-            dependencies: &names,
-            retry_after: Some(r.retry_delay),
-        };
+        let status =
+            LocalStatus { code, message, reason: Some(reason), dependencies: &names, retry_after: Some(r.retry_delay) };
         return grpc_response(&w, busy, &status);
     }
     let (status, body) = route.responses.body(class, missing, &ctx.health);
@@ -446,13 +440,18 @@ pub(super) async fn forward(
         }
     };
     let (mut parts, body) = res.into_parts();
-    if parts.status == StatusCode::SWITCHING_PROTOCOLS || prepare_response(&mut parts.headers, &w, parts.version).is_err() {
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS
+        || prepare_response(&mut parts.headers, &w, parts.version).is_err()
+    {
         // Dropping the body and `tx` closes that upstream connection.
         return local_error(metrics, busy, start, is_grpc, Outcome::UpstreamError, Fail::Upstream);
     }
     parts.version = if client_version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     metrics.record(outcome, start.elapsed());
-    Response::from_parts(parts, ResBody { kind: Kind::Upstream { body, first: Bytes::new(), tx, read, ended: false }, busy })
+    Response::from_parts(
+        parts,
+        ResBody { kind: Kind::Upstream { body, first: Bytes::new(), tx, read, ended: false }, busy },
+    )
 }
 
 /// `uri` (origin-form) made absolute for an HTTP/2 request: `http`, the
@@ -604,7 +603,11 @@ mod tests {
         assert_eq!(classify_prefix(b"PRI * HTTP/2.0\r\n"), None);
         assert_eq!(classify_prefix(b"POST / HTTP/1.1"), Some(Sniffed::Http1));
         assert_eq!(classify_prefix(PREFACE), Some(Sniffed::Http2));
-        assert_eq!(classify_prefix(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"), Some(Sniffed::Http1), "a bad preface is no HTTP/2");
+        assert_eq!(
+            classify_prefix(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"),
+            Some(Sniffed::Http1),
+            "a bad preface is no HTTP/2"
+        );
     }
 
     #[test]
