@@ -41,9 +41,9 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
+use super::answer::{Fail, classify, problem, reply};
 use super::body::{Kind, ReqBody, ResBody};
 use super::conn::{Busy, Conn, IoState};
-use super::forward::{Fail, classify, problem, reply};
 use super::headers::{CHUNKED_VALUE, prepare_request, prepare_response};
 use super::target::canonicalize;
 use super::{BAD_GATEWAY_BODY, BAD_REQUEST_BODY, GATEWAY_TIMEOUT_BODY, TOO_LARGE_BODY, Worker};

@@ -1,4 +1,5 @@
-//! The HTTP/1.1 data plane: a reverse proxy gated by the shared health state.
+//! The HTTP data plane (HTTP/1.1, and HTTP/2 in `h2`): a reverse proxy gated
+//! by the shared health state.
 //!
 //! One [`serve`] runs per worker thread (a current-thread runtime with its
 //! own `SO_REUSEPORT` socket), so everything here is worker-local: `Rc`,
@@ -66,8 +67,12 @@
 //! This file: [`serve`] and the per-connection driver. `conn`: what a
 //! connection notes and its timer's pure decision. `forward`: one request,
 //! from admission to the app's response. `pool`: idle upstream connections.
-//! `headers` and `body`: header rules and the streamed bodies.
+//! `headers` and `body`: header rules and the streamed bodies. `answer`:
+//! healthgate's own problem+json answers and forwarding failures. `h2`:
+//! HTTP/2 clients (told apart by their preface when a connection opens),
+//! the h2c app connection and gRPC status answers (docs/grpc.md).
 
+mod answer;
 mod body;
 mod conn;
 mod expect;
