@@ -1,4 +1,5 @@
-//! Hostile HTTP/2 clients against the real binary, written as raw frames
+//! HTTP/2 against the real binary, written as raw frames: the drain's
+//! graceful GOAWAY, and hostile clients
 //! (a small frame writer and reader below): rapid reset (CVE-2023-44487), a
 //! CONTINUATION flood, SETTINGS and PING floods from a client that never
 //! reads, an oversized header list, more streams than
@@ -210,6 +211,7 @@ fn rapid_reset_ends_the_connection_with_enhance_your_calm_and_the_app_sees_few_r
     assert!(c.closed_within(WITHIN), "the connection is closed");
     still_serving(&hg);
     let reached = app.requests();
+    eprintln!("rapid reset: {reached} of 2000 reset streams reached the app");
     assert!(reached < 200, "a bounded number of reset streams reached the app: {reached} of 2000");
 }
 
@@ -237,6 +239,7 @@ fn a_continuation_flood_is_cut_before_it_is_buffered() {
     assert!(c.closed_within(WITHIN), "the connection is closed");
     still_serving(&hg);
     let grown = rss_kib(hg.pid()).saturating_sub(before);
+    eprintln!("CONTINUATION flood: cut after {sent} bytes; RSS grew {grown} KiB");
     assert!(grown < 32 * 1024, "memory bounded: grew {grown} KiB after {sent} bytes of CONTINUATION");
 }
 
@@ -263,6 +266,7 @@ fn flood_without_reading(flood: Vec<u8>) {
     assert!(sent < 256 << 20, "the server read 256 MiB of frames without ever being read from");
     still_serving(&hg);
     let grown = rss_kib(hg.pid()).saturating_sub(before);
+    eprintln!("flood of frame type {}: writes blocked after {sent} bytes; RSS grew {grown} KiB", flood[3]);
     assert!(grown < 32 * 1024, "memory bounded: grew {grown} KiB after {sent} bytes");
     drop(c);
     still_serving(&hg);
@@ -361,4 +365,27 @@ fn a_bad_preface_is_closed_and_a_stalled_preface_times_out() {
     let mut raw = Raw { s, buf: Vec::new(), eof: false };
     assert!(raw.closed_within(WITHIN), "a malformed first frame ends the connection");
     still_serving(&hg);
+}
+
+#[test]
+fn drain_sends_a_graceful_goaway_after_the_delay_and_closes_an_idle_connection() {
+    let app = App::start();
+    let db = always_up();
+    let cfg = format!(
+        "workers: 1\nadmin:\n  listen: 127.0.0.1:0\ndrain:\n  delay: 1s\n  timeout: 10s\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: \"{}\"\ndependencies:\n  - name: db\n    type: tcp\n    address: \"{db}\"\n    interval: 100ms\n    rise: 1\n",
+        app.addr
+    );
+    let mut hg = Healthgate::start(&cfg);
+    hg.wait_state("in_service", WITHIN);
+    let mut c = Raw::open(hg.listeners[0]);
+    c.handshake();
+    c.s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &get_block("/before"))).unwrap();
+    c.next_frame(WITHIN, |f| f.stream == 1 && f.ty == HEADERS).expect("served before the drain");
+    let t0 = Instant::now();
+    hg.signal("TERM");
+    let goaway = c.next_frame(WITHIN, |f| f.ty == GOAWAY).expect("GOAWAY");
+    assert!(t0.elapsed() >= Duration::from_millis(900), "not before drain.delay: {:?}", t0.elapsed());
+    assert_eq!(goaway.code(), 0, "NO_ERROR: a graceful GOAWAY");
+    assert!(c.closed_within(WITHIN), "an idle connection closes after its GOAWAY");
+    assert!(hg.wait_exit(WITHIN).success());
 }

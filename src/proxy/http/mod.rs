@@ -271,15 +271,18 @@ impl Worker {
 /// client sees nothing) and the bare socket waits for the next request,
 /// which gets a fresh hyper connection.
 async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: SocketAddr, mut drain: DrainSignal) {
+    let opened = Instant::now();
     if w.h2.enabled {
         // HTTP/2 with prior knowledge shares the port: told apart by its preface.
-        match h2::sniff(&stream, w.timer.header_read_timeout.map(|t| Instant::now() + t)).await {
+        match h2::sniff(&stream, w.timer.header_read_timeout.map(|t| opened + t)).await {
             h2::Sniffed::Http2 => return h2::connection(w, permit, stream, h2::peer_value(peer), drain).await,
             h2::Sniffed::Closed => return,
             h2::Sniffed::Http1 => {}
         }
     }
-    let state = Arc::new(IoState::new(Instant::now()));
+    // The first head's `header_read_timeout` counts from the accept, the
+    // wait for the first bytes included.
+    let state = Arc::new(IoState::new(opened));
     // This task writes the app's 1xx responses (`conn::relay_informational`).
     let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
     state.informational.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waker = Some(waker);
