@@ -66,6 +66,7 @@ const HTTP_KEYS: &[&str] = &[
     "http2_max_header_list_size",
     "http2_max_pending_accept_reset_streams",
     "http2_max_local_error_reset_streams",
+    "abort_on_client_close",
 ];
 /// Keys of `protocol: tcp` listeners only.
 const TCP_KEYS: &[&str] = &["reject", "on_outage", "admit_degraded", "connect_timeout"];
@@ -163,6 +164,10 @@ pub struct HttpListenerConfig {
     pub http2_max_pending_accept_reset_streams: usize,
     /// Streams reset for a client's errors before the connection ends.
     pub http2_max_local_error_reset_streams: usize,
+    /// A client closing its sending side while its request is at the app
+    /// cancels the request (`client_closed`), as nginx does; otherwise
+    /// (default, as HAProxy) it is a half-close and still gets its answer.
+    pub abort_on_client_close: bool,
 }
 
 /// What a TCP listener does with a connection it does not admit.
@@ -318,6 +323,7 @@ fn listener(l: &Map<'_>, deps: &[Declared], p: &mut Problems) -> Option<Listener
             DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS,
             p,
         ),
+        abort_on_client_close: flag("abort_on_client_close", false, p),
     };
 
     let idle_timeout = dur("idle_timeout", DEFAULT_IDLE_TIMEOUT, p);
