@@ -75,7 +75,7 @@ const TCP_KEYS: &[&str] = &["reject", "on_outage", "admit_degraded", "connect_ti
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ListenerProtocol {
-    /// HTTP/1.1 reverse proxy.
+    /// HTTP reverse proxy (HTTP/1.1, and HTTP/2 with prior knowledge).
     Http,
     /// Raw TCP (L4) proxy.
     Tcp,
