@@ -238,6 +238,12 @@ fn http2_prior_knowledge_and_http1_clients_share_the_listener_in_front_of_an_htt
     assert_eq!((body.as_str(), status.as_str()), ("app:POST /orders/1", "200 2"), "a request body crosses");
     let (body, status) = curl(&["--http1.1", &url]);
     assert_eq!((body.as_str(), status.as_str()), ("app:GET /orders/1", "200 1.1"));
+    let above = format!("http://{}/../x", hg.listeners[0]);
+    let (body, status) = curl(&["--http2-prior-knowledge", "--path-as-is", &above]);
+    assert_eq!(status, "400 2", "a path above the root is refused per stream: {body}");
+    let (body, status) = curl(&["--http2-prior-knowledge", &url]);
+    assert_eq!((body.as_str(), status.as_str()), ("app:GET /orders/1", "200 2"));
+    assert_eq!(app.requests(), 4, "the refused request never reached the app");
     let (status, _, body) = http_request(hg.listeners[0], "GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n");
     assert_eq!((status, body.as_str()), (200, "app:GET /x"));
 }

@@ -253,13 +253,13 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
     let is_grpc = grpc::is_grpc(req.headers().get(header::CONTENT_TYPE));
     let refused = canonicalize(&mut req).is_err() || !req.uri().path_and_query().is_none_or(|p| p.as_str().is_ascii());
     let res = if refused {
-        local_error(&ctx.default_route.metrics, busy, start, is_grpc, Outcome::BadRequest, Fail::ClientBody)
+        local_error(&ctx.default_route.metrics, busy, start, (is_grpc, false), Outcome::BadRequest, Fail::ClientBody)
     } else {
         let route = ctx.route(req.method(), req.uri().path(), req.headers());
         unanswered.metrics = &route.metrics;
         let max_body = ctx.config.http.max_body_bytes;
         if max_body > 0 && req.body().size_hint().exact().is_some_and(|n| n > max_body) {
-            local_error(&route.metrics, busy, start, is_grpc, Outcome::BadRequest, Fail::TooLarge)
+            local_error(&route.metrics, busy, start, (is_grpc, false), Outcome::BadRequest, Fail::TooLarge)
         } else {
             match admit(&w, route) {
                 Ok(outcome) => forward(busy, req, &route.metrics, outcome, start).await,
@@ -337,12 +337,14 @@ fn grpc_response(w: &Worker, busy: Busy, status: &LocalStatus<'_>) -> Response<R
 /// The answer to a failure healthgate reports itself: problem+json, or for
 /// a gRPC call its gRPC status (connect failure and a broken exchange 14
 /// UNAVAILABLE, no response in time 4 DEADLINE_EXCEEDED, a body over the
-/// limit 8 RESOURCE_EXHAUSTED, a bad request 13 INTERNAL).
+/// limit 8 RESOURCE_EXHAUSTED, a bad request 13 INTERNAL). `h1_client`:
+/// the client speaks HTTP/1.1, whose connection cannot carry another
+/// request after a body left unread (HTTP/2 resets just the stream).
 fn local_error(
     metrics: &RouteMetrics,
     busy: Busy,
     start: Instant,
-    is_grpc: bool,
+    (is_grpc, h1_client): (bool, bool),
     outcome: Outcome,
     fail: Fail,
 ) -> Response<ResBody> {
@@ -365,8 +367,7 @@ fn local_error(
         Fail::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_BODY),
         Fail::ClientBody => (StatusCode::BAD_REQUEST, BAD_REQUEST_BODY),
     };
-    let close = busy.0.worker.ctx.config.http.upstream_protocol == UpstreamProtocol::Http1
-        && matches!(fail, Fail::TooLarge | Fail::ClientBody);
+    let close = h1_client && matches!(fail, Fail::TooLarge | Fail::ClientBody);
     reply(metrics, busy, start, outcome, status, body, close)
 }
 
@@ -384,6 +385,7 @@ pub(super) async fn forward(
     let w = busy.0.worker.clone();
     let is_grpc = grpc::is_grpc(req.headers().get(header::CONTENT_TYPE));
     let client_version = req.version();
+    let h1_client = client_version != Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
     let te_trailers = parts.headers.get_all(header::TE).iter().any(|v| super::headers::has_token(v, "trailers"));
     let max_body = w.ctx.config.http.max_body_bytes;
@@ -436,7 +438,7 @@ pub(super) async fn forward(
                 Fail::TooLarge | Fail::ClientBody => Outcome::BadRequest,
                 _ => Outcome::UpstreamError,
             };
-            return local_error(metrics, busy, start, is_grpc, outcome, fail);
+            return local_error(metrics, busy, start, (is_grpc, h1_client), outcome, fail);
         }
     };
     let (mut parts, body) = res.into_parts();
@@ -444,7 +446,7 @@ pub(super) async fn forward(
         || prepare_response(&mut parts.headers, &w, parts.version).is_err()
     {
         // Dropping the body and `tx` closes that upstream connection.
-        return local_error(metrics, busy, start, is_grpc, Outcome::UpstreamError, Fail::Upstream);
+        return local_error(metrics, busy, start, (is_grpc, h1_client), Outcome::UpstreamError, Fail::Upstream);
     }
     parts.version = if client_version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     metrics.record(outcome, start.elapsed());
