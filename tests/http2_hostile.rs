@@ -389,3 +389,14 @@ fn drain_sends_a_graceful_goaway_after_the_delay_and_closes_an_idle_connection()
     assert!(c.closed_within(WITHIN), "an idle connection closes after its GOAWAY");
     assert!(hg.wait_exit(WITHIN).success());
 }
+
+#[test]
+fn with_http2_off_the_preface_is_not_answered_in_http2() {
+    let app = App::start();
+    let hg = start(&app, "    http2: false\n");
+    let mut c = Raw::open(hg.listeners[0]);
+    let settings = c.next_frame(Duration::from_secs(3), |f| f.ty == SETTINGS);
+    assert!(settings.is_none(), "no HTTP/2 SETTINGS from a listener with http2: false");
+    assert!(c.closed_within(WITHIN), "the preface is a bad HTTP/1.1 request: closed");
+    still_serving(&hg);
+}
