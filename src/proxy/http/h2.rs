@@ -58,6 +58,9 @@ use crate::state::{Admission, Reject};
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Response bytes buffered per HTTP/2 stream beyond the client's window.
+const MAX_SEND_BUF: usize = 64 * 1024;
+
 static TE_TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
 static HTTP_SCHEME: &str = "http";
 
@@ -96,7 +99,10 @@ impl H2 {
             .max_concurrent_streams(c.http2_max_concurrent_streams)
             .max_header_list_size(c.http2_max_header_list_size)
             .max_pending_accept_reset_streams(c.http2_max_pending_accept_reset_streams)
-            .max_local_error_reset_streams(c.http2_max_local_error_reset_streams);
+            .max_local_error_reset_streams(c.http2_max_local_error_reset_streams)
+            // What a stream may hold for a client that does not read (a
+            // zero window): the app's body waits beyond it (hyper: 400 KiB).
+            .max_send_buf_size(MAX_SEND_BUF);
         let mut client = hyper::client::conn::http2::Builder::new(LocalExec);
         client.max_header_list_size(c.http2_max_header_list_size.max(64 * 1024));
         H2 {
