@@ -350,3 +350,32 @@ fn drain_sends_goaway_and_an_open_stream_finishes() {
     let status = hg.wait_exit(WITHIN + STEP);
     assert!(status.success(), "clean exit after the drain: {status:?}");
 }
+
+#[test]
+fn maintenance_answers_calls_unavailable_with_reason_maintenance_and_no_dependency_names() {
+    const TOKEN: &str = "s3cr3t-token-0123456789abcdef";
+    let app = GrpcApp::start();
+    let db = Dep::up();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    // Continues the `admin` block, then the top-level `short_circuit`.
+    let top = format!(
+        "  control:\n    token_file: {}\n    max_ttl: 1h\nshort_circuit:\n  expose_dependencies: true\n",
+        token.display()
+    );
+    let hg = start(app.addr, "    upstream_protocol: h2c\n", &top, &dep_yaml(db.addr, "out_of_service"));
+    hg.wait_state("in_service", WITHIN);
+    let body = r#"{"ttl":"10m","reason":"migration"}"#;
+    let raw = format!(
+        "POST /control/maintenance HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, _, _) = http_request(hg.admin, &raw);
+    assert_eq!(status, 200);
+    hg.wait_state("maintenance", WITHIN);
+    let v = call(hg.listeners[0], "unary", "/svc.Echo/Say", "x");
+    assert_eq!((v["code"].as_str(), v["details"].as_str()), (Some("UNAVAILABLE"), Some("MAINTENANCE")), "{v}");
+    assert_eq!(v["status"]["error_info"]["reason"], "MAINTENANCE");
+    assert_eq!(v["status"]["error_info"]["metadata"], serde_json::json!({}), "no dependency is the cause");
+}
