@@ -185,8 +185,42 @@ fn listener_changes(o: &ListenerConfig, n: &ListenerConfig) -> Vec<(&'static str
     check("upstream_pool_max_idle", oh.upstream_pool_max_idle == nh.upstream_pool_max_idle);
     check("max_header_bytes", oh.max_header_bytes == nh.max_header_bytes);
     check("max_headers", oh.max_headers == nh.max_headers);
+    check("upstream_protocol", oh.upstream_protocol == nh.upstream_protocol);
+    check("http2", oh.http2 == nh.http2);
+    check("http2_max_concurrent_streams", oh.http2_max_concurrent_streams == nh.http2_max_concurrent_streams);
+    check("http2_max_header_list_size", oh.http2_max_header_list_size == nh.http2_max_header_list_size);
+    check(
+        "http2_max_pending_accept_reset_streams",
+        oh.http2_max_pending_accept_reset_streams == nh.http2_max_pending_accept_reset_streams,
+    );
+    check(
+        "http2_max_local_error_reset_streams",
+        oh.http2_max_local_error_reset_streams == nh.http2_max_local_error_reset_streams,
+    );
+    check("abort_on_client_close", oh.abort_on_client_close == nh.abort_on_client_close);
     check("on_outage", o.tcp.on_outage == n.tcp.on_outage);
     check("connect_timeout", o.tcp.connect_timeout == n.tcp.connect_timeout);
+    // Any other connection-level option (one added later and not named
+    // above) is refused too, never silently ignored.
+    let named = out.len();
+    let mut check = |key: &'static str, same: bool| {
+        if !same {
+            out.push((key, "changed".to_string()));
+        }
+    };
+    if named == 0 {
+        let http = |h: &crate::config::HttpListenerConfig| crate::config::HttpListenerConfig {
+            max_body_bytes: 0,
+            ..h.clone()
+        };
+        let tcp = |t: &crate::config::TcpListenerConfig| crate::config::TcpListenerConfig {
+            reject: crate::config::TcpReject::Close,
+            admit_degraded: true,
+            ..t.clone()
+        };
+        check("http options", http(oh) == http(nh));
+        check("tcp options", tcp(&o.tcp) == tcp(&n.tcp));
+    }
     out
 }
 
