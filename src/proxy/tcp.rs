@@ -168,7 +168,7 @@ impl Worker {
             return;
         }
         if let Admission::Reject(Reject::OutOfService, missing) =
-            self.ctx.health.admission(self.ctx.default_route.needs)
+            self.ctx.health.gate(self.ctx.default_route.needs)
         {
             debug!(listener = %self.ctx.config.name, connections = self.permits.held(), missing, "tcp outage: closing existing connections");
             self.cut.send_modify(|epoch| *epoch += 1);
