@@ -144,6 +144,10 @@ async fn a_failure_one_pod_sees_unreadies_only_it_and_a_shared_outage_keeps_ever
     // It keeps short-circuiting while it is still in the Service.
     let (status, ctype, body) = request(&fleet, 0);
     assert_eq!((status, ctype.as_str()), (503, "application/problem+json"), "{body}");
+    // The fleet loop logs the change at its next evaluation (every 250 ms at most).
+    support::eventually_blocking("the local failure event", SLACK, || {
+        (!fleet.nodes[0].events("fleet verdict: local failure").is_empty()).then_some(())
+    });
     let verdicts = fleet.nodes[0].events("fleet verdict: local failure");
     assert_eq!(verdicts.len(), 1, "one event per verdict change: {verdicts:?}");
     assert_eq!(verdicts[0]["dependency"], "db", "{verdicts:?}");
@@ -328,7 +332,7 @@ dependencies:
         let got = share_between(from, to);
         let want = ramp((from + to) / 2.0);
         eprintln!("admitted {:.1} % at {:.0} % of the window (ramp {:.1} %)", got * 100.0, (from + to) * 50.0, want * 100.0);
-        assert!((got - want).abs() <= 0.12, "admitted {got:.3} between {from} and {to} of the window; ramp {want:.3}");
+        assert!((got - want).abs() <= 0.05, "admitted {got:.3} between {from} and {to} of the window; ramp {want:.3}");
     }
     let metrics = hg.admin_get("/metrics").1;
     assert!(metrics.contains("healthgate_slow_start_admitted_ratio{dependency=\"db\"} 1"), "{metrics}");
