@@ -30,6 +30,11 @@ import tempfile
 import time
 
 BIN_MS = 100
+# The relay timestamps arrivals from a Python event loop: on a loaded machine a starved loop
+# reads a backlog at once and fakes a burst. The bench raises its own priority when it may
+# (root) and starts the database and the healthgates back at the normal one.
+PRIORITY = -15
+NEUTRAL = []
 PASSWORD = "hg-Bench-123"
 
 
@@ -65,7 +70,7 @@ class MariaDb:
     def start(self):
         user = ["--user=root"] if os.geteuid() == 0 else []
         self.proc = subprocess.Popen(
-            [which("mariadbd", "mysqld"), "--no-defaults", *user, f"--datadir={self.root}/data",
+            [*NEUTRAL, which("mariadbd", "mysqld"), "--no-defaults", *user, f"--datadir={self.root}/data",
              f"--socket={self.sock}", f"--tmpdir={self.root}/tmp", f"--pid-file={self.root}/mariadbd.pid",
              f"--log-error={self.root}/error.log", "--bind-address=127.0.0.1", f"--port={self.port}",
              "--skip-name-resolve", "--innodb-buffer-pool-size=16M", f"--max-connections={self.max_connections}"],
@@ -156,6 +161,22 @@ class Relay:
         await asyncio.gather(up(), down())
 
 
+class Lag:
+    """The relay loop's worst scheduling delay: how late its timestamps can be."""
+
+    def __init__(self):
+        self.max_ms = 0.0
+
+    async def watch(self):
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.01)
+            self.max_ms = max(self.max_ms, (time.monotonic() - t - 0.01) * 1000)
+
+
+lag = Lag()
+
+
 def bins(times, start, end):
     n = max(1, int((end - start) * 1000 // BIN_MS))
     counts = [0] * n
@@ -192,6 +213,12 @@ dependencies:
 
 
 async def main():
+    global NEUTRAL
+    try:
+        os.nice(PRIORITY)
+        NEUTRAL = ["nice", "-n", str(-PRIORITY)]
+    except PermissionError:
+        pass
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--binary", default=None)
@@ -214,15 +241,19 @@ async def main():
         pw = os.path.join(root, "password")
         open(pw, "w").write(PASSWORD + "\n")
         env = dict(os.environ, RUST_LOG="warn")
-        t0 = time.monotonic()
         for i in range(args.n):
-            path = os.path.join(root, f"hg-{i}.yaml")
-            open(path, "w").write(config(i, relay.port, pw))
-            procs.append(subprocess.Popen([binary, "run", "--config", path], env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            # Spread the starts evenly over one second.
-            await asyncio.sleep(max(0.0, t0 + (i + 1) / args.n - time.monotonic()))
+            open(os.path.join(root, f"hg-{i}.yaml"), "w").write(config(i, relay.port, pw))
+        # One shell forks them all (a fork returns at once; Python's spawn waits for each exec),
+        # in its own process group, killed as a group at the end.
+        script = f'for i in $(seq 0 {args.n - 1}); do "{binary}" run --config "{root}/hg-$i.yaml" 2> "{root}/hg-$i.log" & done; ' \
+                 f'echo started >&2; wait'
+        t0 = time.monotonic()
+        launcher = subprocess.Popen([*NEUTRAL, "bash", "-c", script], env=env, start_new_session=True,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(launcher)
+        await asyncio.to_thread(launcher.stderr.readline)
         started_in = time.monotonic() - t0
+        lag_task = asyncio.create_task(lag.watch())
         await asyncio.sleep(3 + args.steady)
         t_end = time.monotonic()
         first_arrival = min(t for t, _ in relay.arrivals) if relay.arrivals else t0
@@ -232,6 +263,8 @@ async def main():
         every = bins([t for t, _ in relay.arrivals], first_arrival, t_end)
         result = {
             "processes": args.n, "started_within_s": round(started_in, 3), "binary": binary,
+            "load_average_at_start": os.getloadavg(),
+            "relay_loop_lag_ms_max": round(lag.max_ms, 1),
             "startup_connects_per_100ms": {"max": max(startup), "mean": round(statistics.mean(startup), 2)},
             "steady_checks_per_100ms": {"max": max(steady), "mean": round(statistics.mean(steady), 2),
                                         "max_over_mean": round(max(steady) / statistics.mean(steady), 2)},
@@ -239,14 +272,18 @@ async def main():
                                      "max_over_mean": round(max(every) / statistics.mean(every), 2)},
         }
         # Outage: kill the server, let every check see it, start it again.
+        lag.max_ms = 0.0
         errors_before = dict(relay.errors)
-        db.kill()
+        await asyncio.to_thread(db.kill)
         t_kill = time.monotonic()
         await asyncio.sleep(6)
         ok_before = len(relay.upstream_ok)
-        db.start()
+        # Started from a thread: the relay's loop must keep running meanwhile.
+        await asyncio.to_thread(db.start)
         t_back = time.monotonic()
-        await asyncio.sleep(8)
+        # Bounded: until every process reconnected, or 20 s.
+        while len({c for _, c in relay.upstream_ok[ok_before:]}) < args.n and time.monotonic() - t_back < 20:
+            await asyncio.sleep(0.5)
         reconnects = relay.upstream_ok[ok_before:]
         firsts = {}
         for t, cid in reconnects:
@@ -255,10 +292,12 @@ async def main():
         first_times = sorted(firsts.values())[: args.n]
         spread = first_times[-1] - first_times[0] if first_times else 0
         rb = bins(first_times, t_back, t_back + 4)
-        status = db.sql("SHOW GLOBAL STATUS WHERE Variable_name IN "
+        status = await asyncio.to_thread(db.sql, "SHOW GLOBAL STATUS WHERE Variable_name IN "
                         "('Connection_errors_max_connections','Aborted_connects','Max_used_connections')")
         result["restart"] = {
+            "relay_loop_lag_ms_max": round(lag.max_ms, 1),
             "down_for_s": round(t_back - t_kill, 2),
+            "all_reconnected_after_s": round(max(first_times) - t_back, 2) if first_times else None,
             "reconnects": len(reconnects),
             "first_reconnect_spread_s": round(spread, 3),
             "reconnects_per_100ms_max": max(rb) if rb else 0,
@@ -269,10 +308,17 @@ async def main():
         result["mysql_errors"] = {str(k): v for k, v in relay.errors.items()}
         result["mysql_errors_before_restart"] = {str(k): v for k, v in errors_before.items()}
         print(json.dumps(result, indent=2))
+        if os.environ.get("FLEET_SIM_DEBUG"):
+            for i in (0, args.n // 2, args.n - 1):
+                print(f"--- hg-{i}.log", file=sys.stderr)
+                print(open(os.path.join(root, f"hg-{i}.log")).read()[-3000:], file=sys.stderr)
+        lag_task.cancel()
     finally:
         for p in procs:
-            p.send_signal(signal.SIGKILL)
-        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             p.wait()
         db.kill()
         shutil.rmtree(root, ignore_errors=True)
