@@ -80,9 +80,9 @@ pub async fn monitor(
     let up_gauge = metrics.dependency_up.get_or_create_owned(&labels);
     let duration = metrics.check_duration.get_or_create_owned(&labels);
     let mut status = health.deps()[index].status();
-    let admitted = dep.slow_start.map(|_| {
-        metrics.fleet.admitted_ratio.get_or_create_owned(&DependencyLabels { dependency: dep.name.clone() })
-    });
+    let admitted = dep
+        .slow_start
+        .map(|_| metrics.fleet.admitted_ratio.get_or_create_owned(&DependencyLabels { dependency: dep.name.clone() }));
 
     // The first check at a random point of the first interval (at most
     // `MAX_FIRST_CHECK_DELAY`), so replicas started together spread out.
@@ -175,7 +175,11 @@ pub async fn monitor(
 
 /// Keeps the slow-start gauge on dependency `index`'s ramp and ends the
 /// ramp when its window is over (so the request path never writes the mask).
-async fn follow_ramp(index: usize, health: Arc<Health>, gauge: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>) {
+async fn follow_ramp(
+    index: usize,
+    health: Arc<Health>,
+    gauge: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+) {
     while health.ramping(index) {
         let share = health.admitted_share(index);
         gauge.set(share);

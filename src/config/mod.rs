@@ -60,8 +60,14 @@ const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners
 /// Keys of `drain`.
 const DRAIN_KEYS: &[&str] = &["delay", "timeout"];
 /// Keys of `short_circuit`.
-const SHORT_CIRCUIT_KEYS: &[&str] =
-    &["retry_after", "retry_after_spread", "expose_dependencies", "out_of_service_body", "degraded_body", "maintenance_body"];
+const SHORT_CIRCUIT_KEYS: &[&str] = &[
+    "retry_after",
+    "retry_after_spread",
+    "expose_dependencies",
+    "out_of_service_body",
+    "degraded_body",
+    "maintenance_body",
+];
 
 /// Most data-plane worker threads.
 pub const MAX_WORKERS: usize = 256;

@@ -156,7 +156,8 @@ impl Fleet {
         if self.config.readiness != FleetReadiness::SharedOutage {
             return fallback;
         }
-        let verdicts = (0..self.critical.len()).filter(|&i| self.critical[i]).map(|i| self.verdict(i, self.consensus(i)));
+        let verdicts =
+            (0..self.critical.len()).filter(|&i| self.critical[i]).map(|i| self.verdict(i, self.consensus(i)));
         policy::ready_out_of_service(verdicts, fallback)
     }
 
@@ -236,9 +237,9 @@ impl Fleet {
         fleet.peers.get_or_create(&PeerCountLabels { state: "fresh".into() }).set(fresh.len() as i64);
         let mut tallies = Vec::with_capacity(self.consensus.len());
         for (i, d) in self.health.deps().iter().enumerate() {
-            let views = fresh.values().filter_map(|(at, v)| {
-                v.dependencies.iter().find(|vd| vd.name == d.name).map(|vd| (*at, vd.state))
-            });
+            let views = fresh
+                .values()
+                .filter_map(|(at, v)| v.dependencies.iter().find(|vd| vd.name == d.name).map(|vd| (*at, vd.state)));
             let tally = policy::tally(views, now, self.config.freshness);
             let prev = Consensus::from_u8(self.consensus[i].load(Ordering::Relaxed));
             let c = policy::consensus(prev, tally, self.config.min_views, self.config.hysteresis);
@@ -317,7 +318,8 @@ impl Fleet {
     /// One round: asks a random sample of at most `max_peers_per_round`
     /// peers (itself excluded) concurrently, each call bounded by `timeout`.
     async fn poll_round(self: Arc<Self>) {
-        let candidates: Vec<SocketAddr> = self.table().peers.iter().filter(|(_, p)| !p.is_self).map(|(a, _)| *a).collect();
+        let candidates: Vec<SocketAddr> =
+            self.table().peers.iter().filter(|(_, p)| !p.is_self).map(|(a, _)| *a).collect();
         let chosen: Vec<SocketAddr> = if candidates.len() > self.config.max_peers_per_round {
             let mut rng = rand::rng();
             rand::seq::index::sample(&mut rng, candidates.len(), self.config.max_peers_per_round)
@@ -423,7 +425,9 @@ mod tests {
             dependencies: vec![view::ViewDep { name: "db".into(), state, since: String::new() }],
         };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        f.table().peers.insert(addr, Peer { instance: Some(instance.into()), view: Some((Instant::now(), v)), ..Peer::default() });
+        f.table()
+            .peers
+            .insert(addr, Peer { instance: Some(instance.into()), view: Some((Instant::now(), v)), ..Peer::default() });
     }
 
     #[test]

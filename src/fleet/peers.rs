@@ -157,7 +157,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_view_is_read_from_a_peer() {
-        let body = br#"{"instance":"pod-b","dependencies":[{"name":"db","state":"down","since":"2026-01-01T00:00:00Z"}]}"#;
+        let body =
+            br#"{"instance":"pod-b","dependencies":[{"name":"db","state":"down","since":"2026-01-01T00:00:00Z"}]}"#;
         let reply: &'static [u8] = Box::leak(
             [format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes(), body].concat().into(),
         );

@@ -215,7 +215,9 @@ mod tests {
             seen.insert(r.retry_after_value().to_str().unwrap().parse::<u64>().unwrap());
         }
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![5, 6, 7, 8, 9]);
-        let plain = Responses::new(&Config::from_yaml(&yaml.replace("  retry_after_spread: 4s\n", ""), Path::new("t")).unwrap().short_circuit);
+        let plain = Responses::new(
+            &Config::from_yaml(&yaml.replace("  retry_after_spread: 4s\n", ""), Path::new("t")).unwrap().short_circuit,
+        );
         assert!((0..100).all(|_| plain.retry_after_value() == "5"));
     }
 
