@@ -231,6 +231,8 @@ struct Facts {
     forced_up: u64,
     forced_down: u64,
     mode: Mode,
+    /// Bit i: dependency i came back up and is in its slow-start window.
+    ramping: u64,
 }
 
 impl Facts {
@@ -243,6 +245,11 @@ impl Facts {
     /// A forced dependency has a verdict, whether or not it was checked yet.
     fn unknown(&self) -> u64 {
         self.checked_unknown & !(self.forced_up | self.forced_down)
+    }
+
+    /// The ramps in force: an operator's forced "up" admits everything.
+    fn ramping(&self) -> u64 {
+        self.ramping & !self.forced_up
     }
 }
 
@@ -287,6 +294,9 @@ pub struct Health {
     /// Bit i set = dependency i is not up (down or unknown), overrides
     /// applied; [`MAINTENANCE_BIT`] set in maintenance.
     not_up: AtomicU64,
+    /// What the request path loads: `not_up` plus the ramping dependencies,
+    /// so that a request needing none of them is admitted after one load.
+    gate_mask: AtomicU64,
     /// Bit i set = dependency i has no verdict yet.
     unknown: AtomicU64,
     /// Bits of the `out_of_service` dependencies.
@@ -302,6 +312,7 @@ pub struct Health {
     started: SystemTime,
     /// Bit i set = dependency i came back up and is still in its slow-start
     /// window: the request path admits only a share of what needs it.
+    /// Written with the other masks, under the facts lock.
     ramping: AtomicU64,
     /// Per dependency: its slow start, if configured.
     ramps: Vec<Option<SlowStart>>,
@@ -345,11 +356,13 @@ impl Health {
             forced_up: 0,
             forced_down: 0,
             mode: Mode::Normal,
+            ramping: 0,
         };
         Arc::new(Health {
             deps,
             facts: Mutex::new(facts),
             not_up: AtomicU64::new(low_bits(n)),
+            gate_mask: AtomicU64::new(low_bits(n)),
             unknown: AtomicU64::new(low_bits(n)),
             oos_mask: mask_of(Impact::OutOfService),
             degraded_mask: mask_of(Impact::Degraded),
@@ -372,20 +385,20 @@ impl Health {
 
     /// The request-path decision for a request needing the dependencies in `needs`.
     ///
-    /// Two relaxed atomic loads when everything is up; no lock, no
+    /// One relaxed atomic load when everything is up; no lock, no
     /// allocation. While a needed dependency ramps up after an outage
     /// (`slow_start`), only its current share of requests is admitted and the
     /// rest are rejected as if it were still down.
     #[inline]
     pub fn admission(&self, needs: u64) -> Admission {
-        let missing = self.not_up.load(Ordering::Relaxed) & needs;
-        if missing == 0 {
-            if self.ramping.load(Ordering::Relaxed) & needs == 0 {
-                return Admission::Admit;
-            }
-            return self.ramp_admission(needs);
+        if self.gate_mask.load(Ordering::Relaxed) & needs == 0 {
+            return Admission::Admit;
         }
-        Admission::Reject(self.classify(missing), missing)
+        let missing = self.not_up.load(Ordering::Relaxed) & needs;
+        if missing != 0 {
+            return Admission::Reject(self.classify(missing), missing);
+        }
+        self.ramp_admission(needs)
     }
 
     /// The decision from the verdicts alone, without the slow-start draw:
@@ -437,13 +450,15 @@ impl Health {
 
     /// Whether dependency `index` is in its slow-start window.
     pub fn ramping(&self, index: usize) -> bool {
-        self.ramping.load(Ordering::Relaxed) & (1 << index) != 0
+        // The ramp itself, even while an operator's forced "up" suspends it:
+        // its monitor must still end it.
+        self.facts().ramping & (1 << index) != 0
     }
 
     /// Ends dependency `index`'s ramp once its window is over (called by
     /// its monitor, so the request path never writes the mask).
     pub fn end_ramp(&self, index: usize) {
-        self.ramping.fetch_and(!(1u64 << index), Ordering::Release);
+        self.update(|f| f.ramping &= !(1u64 << index));
     }
 
     /// The class of a rejection for a non-empty set of missing dependencies.
@@ -479,6 +494,9 @@ impl Health {
         f(&mut facts);
         self.not_up.store(facts.not_up(), Ordering::Relaxed);
         self.unknown.store(facts.unknown(), Ordering::Relaxed);
+        // Release: a reader that sees a ramp's bit also sees when it began.
+        self.ramping.store(facts.ramping(), Ordering::Release);
+        self.gate_mask.store(facts.not_up() | facts.ramping(), Ordering::Release);
     }
 
     /// Publishes a dependency's status; called only by that dependency's monitor.
@@ -491,23 +509,25 @@ impl Health {
         let before = self.deps[index].tx.borrow().state;
         match status.state {
             DepHealth::Up => {
-                if before == DepHealth::Down && self.ramps[index].is_some() {
+                let ramp = before == DepHealth::Down && self.ramps[index].is_some();
+                if ramp {
                     let now = self.clock.elapsed().as_millis() as u64;
                     self.ramp_began_ms[index].store(now, Ordering::Relaxed);
-                    self.ramping.fetch_or(bit, Ordering::Release);
                 }
+                // One update: no request sees it up without its ramp.
                 self.update(|f| {
                     f.checked_unknown &= !bit;
                     f.checked_not_up &= !bit;
+                    if ramp {
+                        f.ramping |= bit;
+                    }
                 })
             }
-            DepHealth::Down => {
-                self.update(|f| {
-                    f.checked_not_up |= bit;
-                    f.checked_unknown &= !bit;
-                });
-                self.end_ramp(index);
-            }
+            DepHealth::Down => self.update(|f| {
+                f.checked_not_up |= bit;
+                f.checked_unknown &= !bit;
+                f.ramping &= !bit;
+            }),
             DepHealth::Unknown => {}
         }
         let verdict_changed = before != status.state;
