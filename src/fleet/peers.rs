@@ -19,6 +19,10 @@ use crate::config::{HostPort, PeerSource};
 pub const VIEW_PATH: &str = "/fleet/view";
 /// Largest view accepted: a view lists dependency names and verdicts only.
 pub const MAX_VIEW_BYTES: usize = 64 * 1024;
+/// Bound on one resolution of the peer list (a resolver that does not
+/// answer keeps the last list; the system resolver's own retries can last
+/// longer than this).
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the peers could not be found or a peer did not give its view.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +35,9 @@ pub enum PeerError {
         /// The resolver's error.
         source: std::io::Error,
     },
+    /// The resolver did not answer within [`RESOLVE_TIMEOUT`].
+    #[error("peer list not resolved within {0:?}")]
+    ResolveTimeout(Duration),
     /// The peer file could not be read.
     #[error("cannot read peer file: {0}")]
     File(std::io::Error),
@@ -58,7 +65,9 @@ impl PeerError {
             PeerError::Timeout(_) => "timeout",
             PeerError::Connect(_) => "refused",
             PeerError::Status(_) | PeerError::Json(_) => "bad_view",
-            PeerError::Http(_) | PeerError::Resolve { .. } | PeerError::File(_) => "error",
+            PeerError::Http(_) | PeerError::Resolve { .. } | PeerError::ResolveTimeout(_) | PeerError::File(_) => {
+                "error"
+            }
         }
     }
 }
@@ -66,6 +75,12 @@ impl PeerError {
 /// Resolves the peer list to addresses (sorted, without duplicates);
 /// `problems` receives the entries that were skipped, for one log event.
 pub async fn resolve(source: &PeerSource, problems: &mut Vec<String>) -> Result<Vec<SocketAddr>, PeerError> {
+    tokio::time::timeout(RESOLVE_TIMEOUT, resolve_now(source, problems))
+        .await
+        .map_err(|_| PeerError::ResolveTimeout(RESOLVE_TIMEOUT))?
+}
+
+async fn resolve_now(source: &PeerSource, problems: &mut Vec<String>) -> Result<Vec<SocketAddr>, PeerError> {
     let mut out = BTreeSet::new();
     match source {
         PeerSource::Dns { name, port } => {
@@ -192,6 +207,16 @@ mod tests {
         assert!(matches!(fetch_view(missing, T).await.unwrap_err(), PeerError::Status(404)));
         let huge = server(b"HTTP/1.1 200 OK\r\ncontent-length: 99999999\r\n\r\n{", Duration::ZERO).await;
         assert!(fetch_view(huge, T).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dns_name_gives_every_address_at_the_port() {
+        let dns = PeerSource::Dns { name: "localhost".into(), port: 9901 };
+        let addrs = resolve(&dns, &mut Vec::new()).await.unwrap();
+        assert!(addrs.contains(&"127.0.0.1:9901".parse().unwrap()), "{addrs:?}");
+        assert!(addrs.iter().all(|a| a.port() == 9901), "{addrs:?}");
+        let missing = PeerSource::Dns { name: "no-such-host.invalid".into(), port: 1 };
+        assert!(matches!(resolve(&missing, &mut Vec::new()).await, Err(PeerError::Resolve { .. })));
     }
 
     #[tokio::test]
