@@ -281,6 +281,9 @@ fn after_a_recovery_the_admitted_share_ramps_from_the_floor_to_every_request() {
         "workers: 1
 admin:
   listen: 127.0.0.1:0
+short_circuit:
+  retry_after: 2s
+  retry_after_spread: 3s
 listeners:
   - name: web
     listen: 127.0.0.1:0
@@ -309,12 +312,22 @@ dependencies:
     // A constant request stream, timestamped; the ramp's start is when the
     // dependency turned up (the log event), read after the run.
     let mut results: Vec<(SystemTime, bool)> = Vec::new();
+    let mut retry_after = std::collections::BTreeSet::new();
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(WINDOW_MS * 13 / 10) + Duration::from_secs(2) {
-        let (code, _) = http_get(hg.listeners[0], "/");
+        let (code, head, body) =
+            http_request(hg.listeners[0], "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
         assert!(code == 200 || code == 503, "{code}");
+        if code == 503 {
+            // The usual short-circuit answer, its Retry-After spread over 2..=5 s.
+            let head = head.to_ascii_lowercase();
+            assert!(head.contains("content-type: application/problem+json") && body.contains("OUT OF SERVICE"));
+            let value = head.lines().find_map(|l| l.strip_prefix("retry-after:")).expect("Retry-After");
+            retry_after.insert(value.trim().parse::<u64>().unwrap());
+        }
         results.push((SystemTime::now(), code == 200));
     }
+    assert!(retry_after.len() > 1 && retry_after.iter().all(|s| (2..=5).contains(s)), "{retry_after:?}");
     let up = hg.events("dependency up");
     let up_at = up.last().expect("an up event")["timestamp"].as_str().unwrap().to_string();
     let up_at = humantime::parse_rfc3339(&up_at).unwrap();
