@@ -38,6 +38,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_MAX_PEERS_PER_ROUND: usize = 8;
 /// Highest `max_peers_per_round` accepted.
 pub const MAX_MAX_PEERS_PER_ROUND: usize = 64;
+/// Highest `min_views` accepted.
+pub const MAX_MIN_VIEWS: usize = 1000;
 /// Default hysteresis band around the majority, in share points.
 pub const DEFAULT_HYSTERESIS: f64 = 0.1;
 /// Highest hysteresis band accepted (above it no majority could ever win).
@@ -166,8 +168,8 @@ pub(super) fn fleet(f: &Map<'_>, admin_port: u16, p: &mut Problems) -> Option<Fl
         None => DEFAULT_MAX_PEERS_PER_ROUND,
     };
     let min_views = match f.int::<usize>("min_views", p) {
-        Some(n) if n.value == 0 || n.value > max_peers_per_round.max(1) * 16 => {
-            p.at(n.pos, f.key("min_views"), "must be at least 1 (and not absurdly large)");
+        Some(n) if n.value == 0 || n.value > MAX_MIN_VIEWS => {
+            p.at(n.pos, f.key("min_views"), format!("must be between 1 and {MAX_MIN_VIEWS}"));
             1
         }
         Some(n) => n.value,
