@@ -29,7 +29,7 @@ pub const CANCEL_GRACE: Duration = Duration::from_millis(250);
 pub const MAX_FIRST_CHECK_DELAY: Duration = Duration::from_secs(1);
 
 /// Spread of the checks while a dependency is down (±50 % of
-/// `interval_down`, or `jitter` when larger): every down check lands at a
+/// `interval_down`, or `jitter` when larger; none with `jitter: 0`): every down check lands at a
 /// fresh random point of a whole interval, so replicas that an outage lined
 /// up (all released by the same timeout, say) do not reconnect together
 /// when the dependency returns.
@@ -87,7 +87,7 @@ pub async fn monitor(
     // The first check at a random point of the first interval (at most
     // `MAX_FIRST_CHECK_DELAY`), so replicas started together spread out.
     tokio::select! {
-        _ = tokio::time::sleep(first_check_delay(dep.interval)) => {}
+        _ = tokio::time::sleep(first_check_delay(dep.interval, dep.jitter)) => {}
         _ = stop.wait_for(|s| *s) => return,
     }
 
@@ -160,7 +160,8 @@ pub async fn monitor(
         }
 
         let (base, jitter) = match status.state {
-            DepHealth::Down => (dep.interval_down, dep.jitter.max(DOWN_JITTER)),
+            DepHealth::Down if dep.jitter > 0.0 => (dep.interval_down, dep.jitter.max(DOWN_JITTER)),
+            DepHealth::Down => (dep.interval_down, 0.0),
             _ => (dep.interval, dep.jitter),
         };
         let wake = started + jittered(base, jitter);
@@ -192,8 +193,12 @@ async fn follow_ramp(
     gauge.set(health.admitted_share(index));
 }
 
-/// A random delay within `min(interval, MAX_FIRST_CHECK_DELAY)`.
-fn first_check_delay(interval: Duration) -> Duration {
+/// A random delay within `min(interval, MAX_FIRST_CHECK_DELAY)`; none with
+/// `jitter: 0`, which asks for a schedule without any randomness.
+fn first_check_delay(interval: Duration, jitter: f64) -> Duration {
+    if jitter <= 0.0 {
+        return Duration::ZERO;
+    }
     let bound = interval.min(MAX_FIRST_CHECK_DELAY);
     bound.mul_f64(rand::rng().random_range(0.0..1.0))
 }
@@ -281,11 +286,12 @@ mod tests {
     #[test]
     fn the_first_check_waits_at_most_one_interval_or_one_second() {
         for _ in 0..1000 {
-            assert!(first_check_delay(Duration::from_millis(200)) < Duration::from_millis(200));
-            assert!(first_check_delay(Duration::from_secs(30)) < MAX_FIRST_CHECK_DELAY);
+            assert!(first_check_delay(Duration::from_millis(200), 0.1) < Duration::from_millis(200));
+            assert!(first_check_delay(Duration::from_secs(30), 0.1) < MAX_FIRST_CHECK_DELAY);
         }
+        assert_eq!(first_check_delay(Duration::from_secs(30), 0.0), Duration::ZERO);
         // Spread, not constant: the delays of a thousand replicas cover the bound.
-        let ms: Vec<u128> = (0..1000).map(|_| first_check_delay(Duration::from_secs(1)).as_millis()).collect();
+        let ms: Vec<u128> = (0..1000).map(|_| first_check_delay(Duration::from_secs(1), 0.1).as_millis()).collect();
         assert!(ms.iter().any(|&m| m < 100) && ms.iter().any(|&m| m > 900), "{:?}", &ms[..10]);
     }
 
