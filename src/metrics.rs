@@ -100,6 +100,15 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// Labels of `grpc_health_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    /// `check`, `watch` or `other`.
+    pub method: String,
+    /// The gRPC status name in lower case, or `http_error`.
+    pub code: String,
+}
+
 /// Labels of `overrides_active`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -270,6 +279,8 @@ pub struct Metrics {
     pub admin_connections_shed: Counter,
     /// The fleet and slow-start metrics.
     pub fleet: FleetMetrics,
+    /// `healthgate_grpc_health_requests_total`.
+    pub grpc_health_requests: Family<GrpcLabels, Counter>,
 }
 
 impl Metrics {
@@ -297,6 +308,7 @@ impl Metrics {
         let control_auth_failures = Counter::default();
         let admin_connections_shed = Counter::default();
         let fleet = FleetMetrics::register(&mut registry, config);
+        let grpc_health_requests = Family::<GrpcLabels, Counter>::default();
 
         registry.register(
             "dependency_up",
@@ -338,6 +350,11 @@ impl Metrics {
             "admin_connections_shed",
             "Admin connections closed to make room at admin.max_connections",
             admin_connections_shed.clone(),
+        );
+        registry.register(
+            "grpc_health_requests",
+            "gRPC health calls on the admin port by method and status",
+            grpc_health_requests.clone(),
         );
         for kind in OVERRIDE_KINDS {
             overrides_active.get_or_create(&KindLabels { kind: kind.into() }).set(0);
@@ -381,6 +398,7 @@ impl Metrics {
             control_auth_failures,
             admin_connections_shed,
             fleet,
+            grpc_health_requests,
         })
     }
 

@@ -308,6 +308,10 @@ pub struct Health {
     drain_began: OnceLock<Instant>,
     /// Woken on every change of a dependency's verdict or of the lifecycle.
     changed: Notify,
+    /// Bumped on the same changes and on every new service state, for any
+    /// number of watchers (the gRPC health `Watch` streams); `changed` has
+    /// one waiter, the aggregator.
+    epoch: watch::Sender<u64>,
     service: watch::Sender<(ServiceState, SystemTime)>,
     started: SystemTime,
     /// Bit i set = dependency i came back up and is still in its slow-start
@@ -369,6 +373,7 @@ impl Health {
             draining: AtomicBool::new(false),
             drain_began: OnceLock::new(),
             changed: Notify::new(),
+            epoch: watch::Sender::new(0),
             service: watch::Sender::new((initial, SystemTime::now())),
             started: SystemTime::now(),
             ramping: AtomicU64::new(0),
@@ -533,7 +538,7 @@ impl Health {
         let verdict_changed = before != status.state;
         self.deps[index].tx.send_replace(status);
         if verdict_changed {
-            self.changed.notify_one();
+            self.touch();
         }
     }
 
@@ -549,7 +554,7 @@ impl Health {
                 None => {}
             }
         });
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// The verdict forced on dependency `index`, if any.
@@ -577,7 +582,7 @@ impl Health {
     /// Sets the operator's mode for the pod.
     pub fn set_mode(&self, mode: Mode) {
         self.update(|f| f.mode = mode);
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// The operator's mode for the pod.
@@ -589,7 +594,7 @@ impl Health {
     pub fn start_draining(&self) {
         let _ = self.drain_began.set(Instant::now());
         self.draining.store(true, Ordering::SeqCst);
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// Whether SIGTERM was received.
@@ -630,6 +635,24 @@ impl Health {
         }
     }
 
+    /// Wakes the aggregator and every watcher of [`Health::subscribe_changes`].
+    fn touch(&self) {
+        self.changed.notify_one();
+        self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// Tells the watchers that readiness may have changed for a reason the
+    /// verdicts do not show (the fleet's verdict on a dependency).
+    pub fn readiness_inputs_changed(&self) {
+        self.touch();
+    }
+
+    /// A receiver that sees a new value whenever a verdict, an override, the
+    /// lifecycle or the service state changed: cheap to hold, any number of them.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
     /// Waits until something changed that may change the service state.
     pub async fn changed(&self) {
         self.changed.notified().await
@@ -637,7 +660,7 @@ impl Health {
 
     /// Records a new service state (called by the aggregator only).
     pub fn set_service_state(&self, state: ServiceState) -> bool {
-        self.service.send_if_modified(|(s, since)| {
+        let modified = self.service.send_if_modified(|(s, since)| {
             if *s == state {
                 false
             } else {
@@ -645,7 +668,11 @@ impl Health {
                 *since = SystemTime::now();
                 true
             }
-        })
+        });
+        if modified {
+            self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+        }
+        modified
     }
 
     /// The current service state and since when.
@@ -843,6 +870,32 @@ mod tests {
         assert_eq!(h.admission(0b10), Admission::Admit);
         h.end_ramp(0);
         assert!((0..100).all(|_| h.admission(0b1) == Admission::Admit));
+    }
+
+    #[test]
+    fn watchers_see_every_change_of_a_verdict_override_mode_or_service_state() {
+        let h = health(&[("db", "out_of_service")]);
+        let mut rx = h.subscribe_changes();
+        let mut changed = || {
+            let c = rx.has_changed().unwrap();
+            rx.borrow_and_update();
+            c
+        };
+        assert!(!changed());
+        set(&h, 0, DepHealth::Up);
+        assert!(changed(), "a new verdict");
+        set(&h, 0, DepHealth::Up);
+        assert!(!changed(), "the same verdict again is no change");
+        h.set_force(0, Some(Force::Down));
+        assert!(changed(), "an override");
+        h.set_mode(Mode::Maintenance);
+        assert!(changed(), "a mode");
+        assert!(h.set_service_state(ServiceState::Maintenance));
+        assert!(changed(), "a service state");
+        assert!(!h.set_service_state(ServiceState::Maintenance));
+        assert!(!changed(), "the same service state again is no change");
+        h.start_draining();
+        assert!(changed(), "draining");
     }
 
     #[test]

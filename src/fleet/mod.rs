@@ -259,6 +259,8 @@ impl Fleet {
             if before == v {
                 continue;
             }
+            // `/readyz` computes it at each request; gRPC health watchers are pushed.
+            self.health.readiness_inputs_changed();
             for (verdict, value) in [(before, 0), (v, 1)] {
                 let labels = VerdictLabels { dependency: d.name.clone(), verdict: verdict.as_str().into() };
                 fleet.verdict.get_or_create(&labels).set(value);
