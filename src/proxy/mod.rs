@@ -134,6 +134,12 @@ pub struct Responses {
     retry_after_spread: u64,
     /// Whether to name missing dependencies in the body.
     pub expose_dependencies: bool,
+    /// `short_circuit.retry_after`, for a gRPC answer's `RetryInfo`.
+    pub retry_delay: Duration,
+    /// gRPC status of a gRPC call short-circuited out of service or in maintenance.
+    pub grpc_out_of_service: u8,
+    /// gRPC status of a gRPC call short-circuited while degraded.
+    pub grpc_degraded: u8,
 }
 
 /// The media type of short-circuit bodies (RFC 9457).
@@ -150,6 +156,9 @@ impl Responses {
             retry_after_secs: c.retry_after.as_secs().max(1),
             retry_after_spread: c.retry_after_spread.as_secs(),
             expose_dependencies: c.expose_dependencies,
+            retry_delay: c.retry_after.max(Duration::from_secs(1)),
+            grpc_out_of_service: c.grpc_out_of_service_status,
+            grpc_degraded: c.grpc_degraded_status,
         }
     }
 
@@ -167,6 +176,7 @@ impl Responses {
             retry_after_secs: self.retry_after_secs,
             retry_after_spread: self.retry_after_spread,
             expose_dependencies: r.expose_dependencies.unwrap_or(self.expose_dependencies),
+            ..self.clone()
         }
     }
 
