@@ -10,6 +10,8 @@
 //! * `GET /`: the status page for humans ([`page`]).
 //! * `/control/...`: the authenticated runtime control API ([`api`]); it
 //!   exists only when `admin.control.token_file` is set.
+//! * `GET /fleet/view`: this instance's verdicts for its peers (only with a
+//!   `fleet` section; see `crate::fleet`).
 //! * `grpc.health.v1.Health/Check` and `/Watch` over HTTP/2 prior knowledge
 //!   on the same port ([`conn`], [`crate::grpc::health`]).
 //!
@@ -39,6 +41,7 @@ use tokio::time::Instant;
 
 use crate::config::{AdminConfig, Config};
 use crate::control::{Auth, Control};
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::state::{Admission, Health, History, MAINTENANCE_BIT, ServiceState, age};
 
@@ -88,6 +91,8 @@ pub struct Admin {
     control: Arc<Control>,
     /// The token check; `None` = the control API does not exist.
     auth: Option<Auth>,
+    /// The fleet view and readiness policy, with a `fleet` section.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Admin {
@@ -99,6 +104,7 @@ impl Admin {
         metrics: Arc<Metrics>,
         heartbeats: Arc<Heartbeats>,
         control: Arc<Control>,
+        fleet: Option<Arc<Fleet>>,
     ) -> Arc<Admin> {
         let listeners = config
             .listeners
@@ -128,7 +134,17 @@ impl Admin {
             })
             .collect();
         let auth = config.admin.control.as_ref().map(|c| Auth::new(c, metrics.clone()));
-        Arc::new(Admin { config: config.admin.clone(), listeners, routes, health, metrics, heartbeats, control, auth })
+        Arc::new(Admin {
+            config: config.admin.clone(),
+            listeners,
+            routes,
+            health,
+            metrics,
+            heartbeats,
+            control,
+            auth,
+            fleet,
+        })
     }
 
     /// Whether `/readyz` answers 200 in `state`.
@@ -136,7 +152,10 @@ impl Admin {
         match state {
             ServiceState::InService => true,
             ServiceState::Degraded => self.config.ready_when_degraded,
-            ServiceState::OutOfService => self.config.ready_when_out_of_service,
+            ServiceState::OutOfService => match &self.fleet {
+                Some(f) => f.ready_out_of_service(self.config.ready_when_out_of_service),
+                None => self.config.ready_when_out_of_service,
+            },
             ServiceState::Starting | ServiceState::Draining | ServiceState::Maintenance => false,
         }
     }
@@ -163,11 +182,14 @@ impl Admin {
                     o.insert("checked_state".into(), json!(checked));
                     o.insert("forced".into(), json!(self.health.force(i)));
                     o.insert("for_seconds".into(), json!(for_seconds));
+                    o.insert("admitted_share".into(), json!(self.health.admitted_share(i)));
                 }
                 v
             })
             .collect();
+        let fleet = self.fleet.as_ref().map(|f| f.status());
         json!({
+            "fleet": fleet,
             "service": {
                 "state": state,
                 "since": humantime::format_rfc3339_millis(since).to_string(),
@@ -193,7 +215,7 @@ impl Admin {
                 let routes: Vec<_> = routes
                     .iter()
                     .map(|(name, needs)| {
-                        let (admitted, missing) = match self.health.admission(*needs) {
+                        let (admitted, missing) = match self.health.gate(*needs) {
                             Admission::Admit => (true, 0),
                             Admission::Reject(_, m) => (false, m),
                         };
@@ -260,6 +282,10 @@ impl Admin {
                 let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();
                 with_type(StatusCode::OK, "application/json", body)
             }
+            "/fleet/view" => match &self.fleet {
+                Some(f) => with_type(StatusCode::OK, "application/json", f.view_json()),
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            },
             "/metrics" => {
                 let accept = req.headers().get(hyper::header::ACCEPT).and_then(|a| a.to_str().ok()).unwrap_or("");
                 if accept.contains("application/openmetrics-text") {

@@ -25,6 +25,7 @@ use crate::admin::{Admin, Heartbeats};
 use crate::check::AnyCheck;
 use crate::config::{Config, ListenerProtocol};
 use crate::control::Control;
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::monitor;
 use crate::proxy::{self, ListenerCtx};
@@ -141,7 +142,11 @@ pub fn start(config: Config) -> Result<Running, StartError> {
 
     let mut loop_names: Vec<String> = (0..workers).map(|i| format!("hg-worker-{i}")).collect();
     loop_names.push("hg-monitor".into());
+    if config.fleet.is_some() {
+        loop_names.push("hg-fleet".into());
+    }
     let heartbeats = Heartbeats::new(loop_names);
+    let fleet = config.fleet.clone().map(|f| Fleet::new(f, &config, health.clone(), metrics.clone()));
 
     // Monitor thread: checks + aggregator.
     let (stop_monitors, stop_rx) = watch::channel(false);
@@ -172,12 +177,24 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         })?
     };
 
+    // Fleet thread: peer polls never share a loop with checks or requests.
+    if let Some(fleet) = fleet.clone() {
+        let rt = runtime_current()?;
+        let (heartbeats, stop) = (heartbeats.clone(), stop_monitors.subscribe());
+        spawn_thread("hg-fleet".into(), move || {
+            rt.block_on(async move {
+                tokio::spawn(heartbeats.beat(workers + 1));
+                fleet.run(stop).await;
+            })
+        })?;
+    }
+
     // Admin thread.
     {
         let rt = runtime_current()?;
         let max_ttl = config.admin.control.as_ref().map_or(crate::config::admin::DEFAULT_MAX_TTL, |c| c.max_ttl);
         let control = Control::new(health.clone(), metrics.clone(), max_ttl);
-        let admin = Admin::new(&config, &bound, health.clone(), metrics.clone(), heartbeats.clone(), control);
+        let admin = Admin::new(&config, &bound, health.clone(), metrics.clone(), heartbeats.clone(), control, fleet);
         spawn_thread("hg-admin".into(), move || {
             rt.block_on(async move {
                 match tokio::net::TcpListener::from_std(admin_listener) {

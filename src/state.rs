@@ -21,7 +21,8 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::check::{Cause, Details};
-use crate::config::{Config, Impact};
+use crate::config::{Config, Impact, SlowStart};
+use crate::fleet::ramp;
 
 /// A dependency's health verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -230,6 +231,8 @@ struct Facts {
     forced_up: u64,
     forced_down: u64,
     mode: Mode,
+    /// Bit i: dependency i came back up and is in its slow-start window.
+    ramping: u64,
 }
 
 impl Facts {
@@ -242,6 +245,11 @@ impl Facts {
     /// A forced dependency has a verdict, whether or not it was checked yet.
     fn unknown(&self) -> u64 {
         self.checked_unknown & !(self.forced_up | self.forced_down)
+    }
+
+    /// The ramps in force: an operator's forced "up" admits everything.
+    fn ramping(&self) -> u64 {
+        self.ramping & !self.forced_up
     }
 }
 
@@ -286,6 +294,9 @@ pub struct Health {
     /// Bit i set = dependency i is not up (down or unknown), overrides
     /// applied; [`MAINTENANCE_BIT`] set in maintenance.
     not_up: AtomicU64,
+    /// What the request path loads: `not_up` plus the ramping dependencies,
+    /// so that a request needing none of them is admitted after one load.
+    gate_mask: AtomicU64,
     /// Bit i set = dependency i has no verdict yet.
     unknown: AtomicU64,
     /// Bits of the `out_of_service` dependencies.
@@ -303,6 +314,16 @@ pub struct Health {
     epoch: watch::Sender<u64>,
     service: watch::Sender<(ServiceState, SystemTime)>,
     started: SystemTime,
+    /// Bit i set = dependency i came back up and is still in its slow-start
+    /// window: the request path admits only a share of what needs it.
+    /// Written with the other masks, under the facts lock.
+    ramping: AtomicU64,
+    /// Per dependency: its slow start, if configured.
+    ramps: Vec<Option<SlowStart>>,
+    /// Per dependency: when its ramp began, in ms since `clock`.
+    ramp_began_ms: Vec<AtomicU64>,
+    /// The base of `ramp_began_ms`.
+    clock: std::time::Instant,
 }
 
 /// The mask with the first `n` bits set.
@@ -339,11 +360,13 @@ impl Health {
             forced_up: 0,
             forced_down: 0,
             mode: Mode::Normal,
+            ramping: 0,
         };
         Arc::new(Health {
             deps,
             facts: Mutex::new(facts),
             not_up: AtomicU64::new(low_bits(n)),
+            gate_mask: AtomicU64::new(low_bits(n)),
             unknown: AtomicU64::new(low_bits(n)),
             oos_mask: mask_of(Impact::OutOfService),
             degraded_mask: mask_of(Impact::Degraded),
@@ -353,6 +376,10 @@ impl Health {
             epoch: watch::Sender::new(0),
             service: watch::Sender::new((initial, SystemTime::now())),
             started: SystemTime::now(),
+            ramping: AtomicU64::new(0),
+            ramps: config.dependencies.iter().map(|d| d.slow_start).collect(),
+            ramp_began_ms: config.dependencies.iter().map(|_| AtomicU64::new(0)).collect(),
+            clock: std::time::Instant::now(),
         })
     }
 
@@ -363,14 +390,80 @@ impl Health {
 
     /// The request-path decision for a request needing the dependencies in `needs`.
     ///
-    /// One relaxed atomic load when everything is up; no lock, no allocation.
+    /// One relaxed atomic load when everything is up; no lock, no
+    /// allocation. While a needed dependency ramps up after an outage
+    /// (`slow_start`), only its current share of requests is admitted and the
+    /// rest are rejected as if it were still down.
     #[inline]
     pub fn admission(&self, needs: u64) -> Admission {
-        let missing = self.not_up.load(Ordering::Relaxed) & needs;
-        if missing == 0 {
+        if self.gate_mask.load(Ordering::Relaxed) & needs == 0 {
             return Admission::Admit;
         }
-        Admission::Reject(self.classify(missing), missing)
+        let missing = self.not_up.load(Ordering::Relaxed) & needs;
+        if missing != 0 {
+            return Admission::Reject(self.classify(missing), missing);
+        }
+        self.ramp_admission(needs)
+    }
+
+    /// The decision from the verdicts alone, without the slow-start draw:
+    /// for decisions about the pod (closing connections, `/status`), not
+    /// about one request.
+    pub fn gate(&self, needs: u64) -> Admission {
+        let missing = self.not_up.load(Ordering::Relaxed) & needs;
+        if missing == 0 { Admission::Admit } else { Admission::Reject(self.classify(missing), missing) }
+    }
+
+    /// Admission while some needed dependency ramps: the lowest share among
+    /// them decides, by one draw of this thread's admission sequence.
+    #[cold]
+    fn ramp_admission(&self, needs: u64) -> Admission {
+        let mut bits = self.ramping.load(Ordering::Acquire) & needs;
+        let now = self.clock.elapsed();
+        let (mut share, mut limiting) = (1.0f64, 0u64);
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(s) = self.ramp_share_at(i, now)
+                && s < share
+            {
+                (share, limiting) = (s, 1 << i);
+            }
+        }
+        if ramp::admit(share) { Admission::Admit } else { Admission::Reject(self.classify(limiting), limiting) }
+    }
+
+    /// Dependency `index`'s admitted share at `now` (since `clock`), if it is ramping.
+    fn ramp_share_at(&self, index: usize, now: Duration) -> Option<f64> {
+        let r = self.ramps[index]?;
+        let began = Duration::from_millis(self.ramp_began_ms[index].load(Ordering::Relaxed));
+        Some(ramp::share(now.saturating_sub(began), r.window, r.floor))
+    }
+
+    /// The share of requests needing dependency `index` that are admitted
+    /// now: 0 while it is not up, its ramp's share while it ramps, else 1.
+    pub fn admitted_share(&self, index: usize) -> f64 {
+        let bit = 1u64 << index;
+        if self.not_up.load(Ordering::Relaxed) & bit != 0 {
+            0.0
+        } else if self.ramping.load(Ordering::Acquire) & bit != 0 {
+            self.ramp_share_at(index, self.clock.elapsed()).unwrap_or(1.0)
+        } else {
+            1.0
+        }
+    }
+
+    /// Whether dependency `index` is in its slow-start window.
+    pub fn ramping(&self, index: usize) -> bool {
+        // The ramp itself, even while an operator's forced "up" suspends it:
+        // its monitor must still end it.
+        self.facts().ramping & (1 << index) != 0
+    }
+
+    /// Ends dependency `index`'s ramp once its window is over (called by
+    /// its monitor, so the request path never writes the mask).
+    pub fn end_ramp(&self, index: usize) {
+        self.update(|f| f.ramping &= !(1u64 << index));
     }
 
     /// The class of a rejection for a non-empty set of missing dependencies.
@@ -406,23 +499,43 @@ impl Health {
         f(&mut facts);
         self.not_up.store(facts.not_up(), Ordering::Relaxed);
         self.unknown.store(facts.unknown(), Ordering::Relaxed);
+        // Release: a reader that sees a ramp's bit also sees when it began.
+        self.ramping.store(facts.ramping(), Ordering::Release);
+        self.gate_mask.store(facts.not_up() | facts.ramping(), Ordering::Release);
     }
 
     /// Publishes a dependency's status; called only by that dependency's monitor.
+    ///
+    /// A dependency with `slow_start` that comes back up (down → up, not the
+    /// first verdict) starts its ramp here, before it is marked up, so no
+    /// request sees it up without the ramp.
     pub fn publish(&self, index: usize, status: DepStatus) {
         let bit = 1u64 << index;
+        let before = self.deps[index].tx.borrow().state;
         match status.state {
-            DepHealth::Up => self.update(|f| {
-                f.checked_unknown &= !bit;
-                f.checked_not_up &= !bit;
-            }),
+            DepHealth::Up => {
+                let ramp = before == DepHealth::Down && self.ramps[index].is_some();
+                if ramp {
+                    let now = self.clock.elapsed().as_millis() as u64;
+                    self.ramp_began_ms[index].store(now, Ordering::Relaxed);
+                }
+                // One update: no request sees it up without its ramp.
+                self.update(|f| {
+                    f.checked_unknown &= !bit;
+                    f.checked_not_up &= !bit;
+                    if ramp {
+                        f.ramping |= bit;
+                    }
+                })
+            }
             DepHealth::Down => self.update(|f| {
                 f.checked_not_up |= bit;
                 f.checked_unknown &= !bit;
+                f.ramping &= !bit;
             }),
             DepHealth::Unknown => {}
         }
-        let verdict_changed = self.deps[index].tx.borrow().state != status.state;
+        let verdict_changed = before != status.state;
         self.deps[index].tx.send_replace(status);
         if verdict_changed {
             self.touch();
@@ -526,6 +639,12 @@ impl Health {
     fn touch(&self) {
         self.changed.notify_one();
         self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// Tells the watchers that readiness may have changed for a reason the
+    /// verdicts do not show (the fleet's verdict on a dependency).
+    pub fn readiness_inputs_changed(&self) {
+        self.touch();
     }
 
     /// A receiver that sees a new value whenever a verdict, an override, the
@@ -728,6 +847,29 @@ mod tests {
         assert_eq!(got.len(), HISTORY_LEN);
         assert_eq!(got[0], (false, 3.0));
         assert_eq!(got[HISTORY_LEN - 1], (true, (HISTORY_LEN + 2) as f32));
+    }
+
+    #[test]
+    fn a_dependency_back_up_admits_only_its_slow_start_share_until_the_ramp_ends() {
+        let yaml = "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\ndependencies:\n  - name: db\n    type: tcp\n    address: x:1\n    slow_start:\n      window: 1h\n      floor: 0.25\n";
+        let h = Health::new(&Config::from_yaml(yaml, Path::new("t")).unwrap());
+        // The first verdict is no recovery: no ramp.
+        set(&h, 0, DepHealth::Up);
+        assert!(!h.ramping(0));
+        assert_eq!(h.admitted_share(0), 1.0);
+        set(&h, 0, DepHealth::Down);
+        assert_eq!(h.admitted_share(0), 0.0);
+        set(&h, 0, DepHealth::Up);
+        assert!(h.ramping(0));
+        let admitted = (0..1000).filter(|_| h.admission(0b1) == Admission::Admit).count();
+        assert!((240..=260).contains(&admitted), "{admitted} of 1000 admitted at a 25 % floor");
+        // A refused request gets the dependency's usual short-circuit class.
+        assert!((0..10).any(|_| h.admission(0b1) == Admission::Reject(Reject::OutOfService, 0b1)));
+        // Decisions about the pod ignore the draw.
+        assert_eq!(h.gate(0b1), Admission::Admit);
+        assert_eq!(h.admission(0b10), Admission::Admit);
+        h.end_ramp(0);
+        assert!((0..100).all(|_| h.admission(0b1) == Admission::Admit));
     }
 
     #[test]

@@ -167,9 +167,7 @@ impl Worker {
         if self.permits.held() == 0 {
             return;
         }
-        if let Admission::Reject(Reject::OutOfService, missing) =
-            self.ctx.health.admission(self.ctx.default_route.needs)
-        {
+        if let Admission::Reject(Reject::OutOfService, missing) = self.ctx.health.gate(self.ctx.default_route.needs) {
             debug!(listener = %self.ctx.config.name, connections = self.permits.held(), missing, "tcp outage: closing existing connections");
             self.cut.send_modify(|epoch| *epoch += 1);
         }

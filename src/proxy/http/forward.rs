@@ -169,7 +169,7 @@ async fn respond<'w>(
                 headers.clear();
                 let mut res = problem_with(headers, status, body, busy, !keep_alive);
                 if status == StatusCode::SERVICE_UNAVAILABLE {
-                    res.headers_mut().insert(header::RETRY_AFTER, w.retry_after.clone());
+                    res.headers_mut().insert(header::RETRY_AFTER, route.responses.retry_after_value());
                 }
                 metrics.record(Outcome::ShortCircuited, start.elapsed());
                 return res;

@@ -326,7 +326,7 @@ fn short_circuit(
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut res = problem(status, body, busy, false);
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        res.headers_mut().insert(header::RETRY_AFTER, w.retry_after.clone());
+        res.headers_mut().insert(header::RETRY_AFTER, route.responses.retry_after_value());
     }
     res
 }
