@@ -10,6 +10,8 @@
 //! * `GET /`: the status page for humans ([`page`]).
 //! * `/control/...`: the authenticated runtime control API ([`api`]); it
 //!   exists only when `admin.control.token_file` is set.
+//! * `GET /fleet/view`: this instance's verdicts for its peers (only with a
+//!   `fleet` section; see `crate::fleet`).
 //! * `grpc.health.v1.Health/Check` and `/Watch` over HTTP/2 prior knowledge
 //!   on the same port ([`conn`], [`crate::grpc::health`]).
 //!
@@ -40,6 +42,7 @@ use tokio::time::Instant;
 
 use crate::config::{AdminConfig, Config};
 use crate::control::{Auth, Control};
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::state::{Admission, Health, History, MAINTENANCE_BIT, ServiceState, age};
 
@@ -89,6 +92,8 @@ pub struct Admin {
     control: Arc<Control>,
     /// The token check; `None` = the control API does not exist.
     auth: Option<Auth>,
+    /// The fleet view and readiness policy, with a `fleet` section.
+    fleet: Option<Arc<Fleet>>,
     /// The outcome of the last reload, for `/status`.
     last_reload: std::sync::Mutex<serde_json::Value>,
 }
@@ -148,6 +153,7 @@ impl Admin {
         metrics: Arc<Metrics>,
         heartbeats: Arc<Heartbeats>,
         control: Arc<Control>,
+        fleet: Option<Arc<Fleet>>,
     ) -> Arc<Admin> {
         let bits: Vec<usize> = (0..config.dependencies.len()).collect();
         let live = ArcSwap::from_pointee(Live::new(config, bound, &bits));
@@ -160,6 +166,7 @@ impl Admin {
             heartbeats,
             control,
             auth,
+            fleet,
             last_reload: std::sync::Mutex::new(serde_json::Value::Null),
         })
     }
@@ -179,7 +186,13 @@ impl Admin {
         match state {
             ServiceState::InService => true,
             ServiceState::Degraded => self.live.load().config.ready_when_degraded,
-            ServiceState::OutOfService => self.live.load().config.ready_when_out_of_service,
+            ServiceState::OutOfService => {
+                let local = self.live.load().config.ready_when_out_of_service;
+                match &self.fleet {
+                    Some(f) => f.ready_out_of_service(local),
+                    None => local,
+                }
+            }
             ServiceState::Starting | ServiceState::Draining | ServiceState::Maintenance => false,
         }
     }
@@ -206,11 +219,14 @@ impl Admin {
                     o.insert("checked_state".into(), json!(checked));
                     o.insert("forced".into(), json!(self.health.force(i)));
                     o.insert("for_seconds".into(), json!(for_seconds));
+                    o.insert("admitted_share".into(), json!(self.health.admitted_share(i)));
                 }
                 v
             })
             .collect();
+        let fleet = self.fleet.as_ref().map(|f| f.status());
         json!({
+            "fleet": fleet,
             "service": {
                 "state": state,
                 "since": humantime::format_rfc3339_millis(since).to_string(),
@@ -241,7 +257,7 @@ impl Admin {
                 let routes: Vec<_> = routes
                     .iter()
                     .map(|(name, needs)| {
-                        let (admitted, missing) = match self.health.admission(*needs) {
+                        let (admitted, missing) = match self.health.gate(*needs) {
                             Admission::Admit => (true, 0),
                             Admission::Reject(_, m) => (false, m),
                         };
@@ -308,6 +324,10 @@ impl Admin {
                 let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();
                 with_type(StatusCode::OK, "application/json", body)
             }
+            "/fleet/view" => match &self.fleet {
+                Some(f) => with_type(StatusCode::OK, "application/json", f.view_json()),
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            },
             "/metrics" => {
                 let accept = req.headers().get(hyper::header::ACCEPT).and_then(|a| a.to_str().ok()).unwrap_or("");
                 if accept.contains("application/openmetrics-text") {

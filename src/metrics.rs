@@ -288,6 +288,8 @@ pub struct Metrics {
     pub admin_connections_shed: Counter,
     /// The `healthgate_config_*` metrics of reloads.
     pub reload: ReloadMetrics,
+    /// The fleet and slow-start metrics.
+    pub fleet: FleetMetrics,
     /// `healthgate_grpc_local_responses_total`.
     pub grpc_local_responses: Family<GrpcLocalLabels, Counter>,
     /// `healthgate_grpc_health_requests_total`.
@@ -367,6 +369,7 @@ impl Metrics {
         let control_auth_failures = Counter::default();
         let admin_connections_shed = Counter::default();
         let reload = ReloadMetrics::register(&mut registry, config);
+        let fleet = FleetMetrics::register(&mut registry, config);
         let grpc_local_responses = Family::<GrpcLocalLabels, Counter>::default();
         let grpc_health_requests = Family::<GrpcLabels, Counter>::default();
 
@@ -466,6 +469,7 @@ impl Metrics {
             control_auth_failures,
             admin_connections_shed,
             reload,
+            fleet,
             grpc_local_responses,
             grpc_health_requests,
         })
@@ -524,6 +528,94 @@ impl Metrics {
         let mut out = String::with_capacity(16 * 1024);
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// Labels with only the dependency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    /// Dependency name.
+    pub dependency: String,
+}
+
+/// Labels of `fleet_verdict`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    /// Dependency name.
+    pub dependency: String,
+    /// `healthy`, `alone`, `settling`, `local_failure` or `shared_outage`.
+    pub verdict: String,
+}
+
+/// Labels of `fleet_peers`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerCountLabels {
+    /// `known` (resolved, itself excluded) or `fresh` (a view within `freshness`).
+    pub state: String,
+}
+
+/// Labels of `fleet_peer_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerOutcomeLabels {
+    /// `ok`, `timeout`, `refused`, `bad_view` or `error`.
+    pub outcome: String,
+}
+
+/// The fleet's metrics (registered only with a `fleet` section) and the
+/// slow-start gauge (only for dependencies with `slow_start`).
+pub struct FleetMetrics {
+    /// `healthgate_fleet_peers`.
+    pub peers: Family<PeerCountLabels, Gauge>,
+    /// `healthgate_fleet_peers_up_ratio`: share of fresh peer views seeing a dependency up.
+    pub peers_up_ratio: Family<DependencyLabels, Gauge<f64, AtomicU64>>,
+    /// `healthgate_fleet_verdict`: 1 for the current verdict of each dependency.
+    pub verdict: Family<VerdictLabels, Gauge>,
+    /// `healthgate_fleet_peer_requests_total`.
+    pub peer_requests: Family<PeerOutcomeLabels, Counter>,
+    /// `healthgate_slow_start_admitted_ratio`.
+    pub admitted_ratio: Family<DependencyLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl FleetMetrics {
+    fn register(registry: &mut Registry, config: &Config) -> FleetMetrics {
+        let m = FleetMetrics {
+            peers: Family::default(),
+            peers_up_ratio: Family::default(),
+            verdict: Family::default(),
+            peer_requests: Family::default(),
+            admitted_ratio: Family::default(),
+        };
+        if config.fleet.is_some() {
+            registry.register("fleet_peers", "Peers known (itself excluded) and with a fresh view", m.peers.clone());
+            registry.register(
+                "fleet_peers_up_ratio",
+                "Share of the fresh peer views (with a verdict) that see the dependency up",
+                m.peers_up_ratio.clone(),
+            );
+            registry.register(
+                "fleet_verdict",
+                "1 for the fleet verdict this pod applies to the dependency",
+                m.verdict.clone(),
+            );
+            registry.register("fleet_peer_requests", "Peer view requests by outcome", m.peer_requests.clone());
+            for state in ["known", "fresh"] {
+                m.peers.get_or_create(&PeerCountLabels { state: state.into() }).set(0);
+            }
+            for outcome in ["ok", "timeout", "refused", "bad_view", "error"] {
+                let _ = m.peer_requests.get_or_create(&PeerOutcomeLabels { outcome: outcome.into() });
+            }
+        }
+        if config.dependencies.iter().any(|d| d.slow_start.is_some()) {
+            registry.register(
+                "slow_start_admitted_ratio",
+                "Share of the requests needing the dependency that are admitted (ramps after a recovery)",
+                m.admitted_ratio.clone(),
+            );
+            for d in config.dependencies.iter().filter(|d| d.slow_start.is_some()) {
+                m.admitted_ratio.get_or_create(&DependencyLabels { dependency: d.name.clone() }).set(0.0);
+            }
+        }
+        m
     }
 }
 

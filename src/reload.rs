@@ -139,6 +139,21 @@ pub fn diff(old: &Config, new: &Config) -> Plan {
     if old.drain != new.drain {
         refuse("drain".into(), "changed".into());
     }
+    if old.fleet != new.fleet {
+        refuse("fleet".into(), "added, removed or changed".into());
+    }
+    // The fleet's per-dependency state (consensus, settle time, impact) is
+    // laid out at start, in config order.
+    let fleet_shape = |c: &Config| -> Vec<_> {
+        c.dependencies.iter().map(|d| (d.name.clone(), d.impact, d.interval, d.timeout)).collect()
+    };
+    if new.fleet.is_some() && fleet_shape(old) != fleet_shape(new) {
+        refuse(
+            "dependencies".into(),
+            "with a fleet section, dependencies cannot be added, removed, reordered or change impact, interval or timeout"
+                .into(),
+        );
+    }
     if old.listeners.len() != new.listeners.len() {
         refuse(
             "listeners".into(),
@@ -581,6 +596,22 @@ mod tests {
         assert_eq!(p.refused[0].key, "listeners", "{p:?}");
         let msg = ReloadError::NeedsRestart(p.refused).to_string();
         assert!(msg.contains("restart"), "{msg}");
+    }
+
+    #[test]
+    fn with_a_fleet_a_changed_dependency_set_or_fleet_section_is_refused() {
+        let fleet = "fleet:\n  instance_id: a\n  peers:\n    static: [\"127.0.0.1:1\"]\n";
+        let dep = |name: &str| format!("  - name: {name}\n    type: tcp\n    address: 127.0.0.1:1\n");
+        let a = config(&format!("{LISTENER}dependencies:\n{}{fleet}", dep("db")));
+        let b = config(&format!("{LISTENER}dependencies:\n{}{}{fleet}", dep("db"), dep("cache")));
+        let keys: Vec<String> = diff(&a, &b).refused.into_iter().map(|r| r.key).collect();
+        assert_eq!(keys, ["dependencies"]);
+        let c = config(&format!("{LISTENER}dependencies:\n{}", dep("db")));
+        let keys: Vec<String> = diff(&a, &c).refused.into_iter().map(|r| r.key).collect();
+        assert_eq!(keys, ["fleet"]);
+        // Without a fleet, the same dependency change is applied.
+        let d = config(&format!("{LISTENER}dependencies:\n{}{}", dep("db"), dep("cache")));
+        assert!(diff(&c, &d).refused.is_empty());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::admin::{Admin, Heartbeats};
 use crate::config::{Config, ListenerProtocol};
 use crate::control::Control;
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::monitor;
 use crate::proxy::{self, ListenerCtx, LiveCtx};
@@ -143,12 +144,24 @@ pub fn start(config: Config) -> Result<Running, StartError> {
 
     let mut loop_names: Vec<String> = (0..workers).map(|i| format!("hg-worker-{i}")).collect();
     loop_names.push("hg-monitor".into());
+    if config.fleet.is_some() {
+        loop_names.push("hg-fleet".into());
+    }
     let heartbeats = Heartbeats::new(loop_names);
+    let fleet = config.fleet.clone().map(|f| Fleet::new(f, &config, health.clone(), metrics.clone()));
 
     // The control state and the admin handlers: the reloader updates them.
     let max_ttl = config.admin.control.as_ref().map_or(crate::config::admin::DEFAULT_MAX_TTL, |c| c.max_ttl);
     let control = Control::new(health.clone(), metrics.clone(), max_ttl);
-    let admin = Admin::new(&config, &bound, health.clone(), metrics.clone(), heartbeats.clone(), control.clone());
+    let admin = Admin::new(
+        &config,
+        &bound,
+        health.clone(),
+        metrics.clone(),
+        heartbeats.clone(),
+        control.clone(),
+        fleet.clone(),
+    );
     // Each worker reads its own copy of each listener's context; a reload swaps them.
     let lives: Vec<Vec<LiveCtx>> = (0..config.listeners.len())
         .map(|i| {
@@ -180,6 +193,18 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             });
         })?
     };
+
+    // Fleet thread: peer polls never share a loop with checks or requests.
+    if let Some(fleet) = fleet.clone() {
+        let rt = runtime_current()?;
+        let (heartbeats, stop) = (heartbeats.clone(), stop_monitors.subscribe());
+        spawn_thread("hg-fleet".into(), move || {
+            rt.block_on(async move {
+                tokio::spawn(heartbeats.beat(workers + 1));
+                fleet.run(stop).await;
+            })
+        })?;
+    }
 
     // Admin thread.
     {

@@ -23,7 +23,8 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::check::{Cause, Details};
-use crate::config::{Config, DependencyConfig, Impact};
+use crate::config::{Config, DependencyConfig, Impact, SlowStart};
+use crate::fleet::ramp;
 
 /// A dependency's health verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -237,6 +238,8 @@ struct Facts {
     /// Bits given to the dependencies of a reload not yet committed
     /// ([`Health::prepare`]); they count for nothing until [`Health::commit`].
     pending: u64,
+    /// Bit i: dependency i came back up and is in its slow-start window.
+    ramping: u64,
 }
 
 impl Facts {
@@ -250,6 +253,11 @@ impl Facts {
     /// a dependency of a reload not yet in force does not hold the start back.
     fn unknown(&self) -> u64 {
         self.checked_unknown & self.active & !(self.forced_up | self.forced_down)
+    }
+
+    /// The ramps in force: an operator's forced "up" admits everything.
+    fn ramping(&self) -> u64 {
+        self.ramping & !self.forced_up
     }
 }
 
@@ -273,6 +281,8 @@ pub struct DepSlot {
     pub kind: &'static str,
     /// Impact.
     pub impact: Impact,
+    /// Its slow start, if configured.
+    slow_start: Option<SlowStart>,
     /// Full status (the monitor holds the only `Sender`... through `publish`).
     tx: watch::Sender<DepStatus>,
 }
@@ -298,6 +308,9 @@ pub struct Health {
     /// Bit i set = dependency i is not up (down or unknown), overrides
     /// applied; [`MAINTENANCE_BIT`] set in maintenance.
     not_up: AtomicU64,
+    /// What the request path loads: `not_up` plus the ramping dependencies,
+    /// so that a request needing none of them is admitted after one load.
+    gate_mask: AtomicU64,
     /// Bit i set = dependency i has no verdict yet.
     unknown: AtomicU64,
     /// Bits of the `out_of_service` dependencies (changed only by a reload).
@@ -315,6 +328,14 @@ pub struct Health {
     epoch: watch::Sender<u64>,
     service: watch::Sender<(ServiceState, SystemTime)>,
     started: SystemTime,
+    /// Bit i set = the dependency with bit i came back up and is still in
+    /// its slow-start window: the request path admits only a share of what
+    /// needs it. Written with the other masks, under the facts lock.
+    ramping: AtomicU64,
+    /// Per bit: when that dependency's ramp began, in ms since `clock`.
+    ramp_began_ms: Vec<AtomicU64>,
+    /// The base of `ramp_began_ms`.
+    clock: std::time::Instant,
     /// The slots of a reload between [`Health::prepare`] and [`Health::commit`].
     staged: Mutex<Vec<Arc<DepSlot>>>,
 }
@@ -322,7 +343,7 @@ pub struct Health {
 impl DepSlot {
     /// A slot for dependency `d` at `bit`, publishing into `tx`.
     fn new(bit: usize, d: &DependencyConfig, tx: watch::Sender<DepStatus>) -> DepSlot {
-        DepSlot { bit, name: d.name.clone(), kind: d.kind.type_name(), impact: d.impact, tx }
+        DepSlot { bit, name: d.name.clone(), kind: d.kind.type_name(), impact: d.impact, slow_start: d.slow_start, tx }
     }
 }
 
@@ -401,11 +422,13 @@ impl Health {
             mode: Mode::Normal,
             active: low_bits(n),
             pending: 0,
+            ramping: 0,
         };
         Arc::new(Health {
             deps: ArcSwap::from_pointee(deps),
             facts: Mutex::new(facts),
             not_up: AtomicU64::new(low_bits(n)),
+            gate_mask: AtomicU64::new(low_bits(n)),
             unknown: AtomicU64::new(low_bits(n)),
             oos_mask: AtomicU64::new(mask_of(Impact::OutOfService)),
             degraded_mask: AtomicU64::new(mask_of(Impact::Degraded)),
@@ -416,6 +439,9 @@ impl Health {
             service: watch::Sender::new((initial, SystemTime::now())),
             started: SystemTime::now(),
             staged: Mutex::new(Vec::new()),
+            ramping: AtomicU64::new(0),
+            ramp_began_ms: (0..64).map(|_| AtomicU64::new(0)).collect(),
+            clock: std::time::Instant::now(),
         })
     }
 
@@ -464,6 +490,7 @@ impl Health {
         facts.checked_unknown |= fresh;
         facts.forced_up &= !fresh;
         facts.forced_down &= !fresh;
+        facts.ramping &= !fresh;
         self.not_up.store(facts.not_up(), Ordering::Relaxed);
         self.unknown.store(facts.unknown(), Ordering::Relaxed);
         drop(facts);
@@ -488,6 +515,7 @@ impl Health {
         facts.checked_unknown &= !removed;
         facts.forced_up &= !removed;
         facts.forced_down &= !removed;
+        facts.ramping &= !removed;
         self.oos_mask.store(oos, Ordering::Relaxed);
         self.degraded_mask.store(degraded, Ordering::Relaxed);
         self.deps.store(Arc::new(slots));
@@ -519,14 +547,84 @@ impl Health {
 
     /// The request-path decision for a request needing the dependencies in `needs`.
     ///
-    /// One relaxed atomic load when everything is up; no lock, no allocation.
+    /// One relaxed atomic load when everything is up; no lock, no
+    /// allocation. While a needed dependency ramps up after an outage
+    /// (`slow_start`), only its current share of requests is admitted and the
+    /// rest are rejected as if it were still down.
     #[inline]
     pub fn admission(&self, needs: u64) -> Admission {
+        self.admission_in(needs, self.classes())
+    }
+
+    /// The decision from the verdicts alone, without the slow-start draw:
+    /// for decisions about the pod (closing connections, `/status`), not
+    /// about one request.
+    pub fn gate(&self, needs: u64) -> Admission {
+        self.gate_in(needs, self.classes())
+    }
+
+    /// [`Health::gate`] with the impact classes of the config a connection
+    /// runs under (see [`Health::admission_in`]).
+    pub fn gate_in(&self, needs: u64, classes: Classes) -> Admission {
         let missing = self.not_up.load(Ordering::Relaxed) & needs;
-        if missing == 0 {
-            return Admission::Admit;
+        if missing == 0 { Admission::Admit } else { Admission::Reject(self.classify_in(missing, classes), missing) }
+    }
+
+    /// Admission while some needed dependency ramps: the lowest share among
+    /// them decides, by one draw of this thread's admission sequence.
+    #[cold]
+    fn ramp_admission(&self, needs: u64, classes: Classes) -> Admission {
+        let mut bits = self.ramping.load(Ordering::Acquire) & needs;
+        let now = self.clock.elapsed();
+        let (mut share, mut limiting) = (1.0f64, 0u64);
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(s) = self.ramp_share_at(i, now)
+                && s < share
+            {
+                (share, limiting) = (s, 1 << i);
+            }
         }
-        Admission::Reject(self.classify(missing), missing)
+        if ramp::admit(share) {
+            Admission::Admit
+        } else {
+            Admission::Reject(self.classify_in(limiting, classes), limiting)
+        }
+    }
+
+    /// The admitted share at `now` (since `clock`) of the dependency with
+    /// bit `index`, if it has a slow start.
+    fn ramp_share_at(&self, index: usize, now: Duration) -> Option<f64> {
+        let r = self.slot(index)?.slow_start?;
+        let began = Duration::from_millis(self.ramp_began_ms[index].load(Ordering::Relaxed));
+        Some(ramp::share(now.saturating_sub(began), r.window, r.floor))
+    }
+
+    /// The share of requests needing dependency `index` that are admitted
+    /// now: 0 while it is not up, its ramp's share while it ramps, else 1.
+    pub fn admitted_share(&self, index: usize) -> f64 {
+        let bit = 1u64 << index;
+        if self.not_up.load(Ordering::Relaxed) & bit != 0 {
+            0.0
+        } else if self.ramping.load(Ordering::Acquire) & bit != 0 {
+            self.ramp_share_at(index, self.clock.elapsed()).unwrap_or(1.0)
+        } else {
+            1.0
+        }
+    }
+
+    /// Whether dependency `index` is in its slow-start window.
+    pub fn ramping(&self, index: usize) -> bool {
+        // The ramp itself, even while an operator's forced "up" suspends it:
+        // its monitor must still end it.
+        self.facts().ramping & (1 << index) != 0
+    }
+
+    /// Ends dependency `index`'s ramp once its window is over (called by
+    /// its monitor, so the request path never writes the mask).
+    pub fn end_ramp(&self, index: usize) {
+        self.update(|f| f.ramping &= !(1u64 << index));
     }
 
     /// [`Health::admission`] with the impact classes of the config the
@@ -535,22 +633,19 @@ impl Health {
     /// config with the new config's class.
     #[inline]
     pub fn admission_in(&self, needs: u64, classes: Classes) -> Admission {
-        let missing = self.not_up.load(Ordering::Relaxed) & needs;
-        if missing == 0 {
+        if self.gate_mask.load(Ordering::Relaxed) & needs == 0 {
             return Admission::Admit;
         }
-        Admission::Reject(self.classify_in(missing, classes), missing)
+        let missing = self.not_up.load(Ordering::Relaxed) & needs;
+        if missing != 0 {
+            return Admission::Reject(self.classify_in(missing, classes), missing);
+        }
+        self.ramp_admission(needs, classes)
     }
 
     /// The impact classes of the config in force.
     pub fn classes(&self) -> Classes {
         Classes { oos: self.oos_mask.load(Ordering::Relaxed), degraded: self.degraded_mask.load(Ordering::Relaxed) }
-    }
-
-    /// The class of a rejection for a non-empty set of missing dependencies.
-    #[cold]
-    fn classify(&self, missing: u64) -> Reject {
-        self.classify_in(missing, self.classes())
     }
 
     #[cold]
@@ -585,6 +680,9 @@ impl Health {
         f(&mut facts);
         self.not_up.store(facts.not_up(), Ordering::Relaxed);
         self.unknown.store(facts.unknown(), Ordering::Relaxed);
+        // Release: a reader that sees a ramp's bit also sees when it began.
+        self.ramping.store(facts.ramping(), Ordering::Release);
+        self.gate_mask.store(facts.not_up() | facts.ramping(), Ordering::Release);
     }
 
     /// Publishes the status of the dependency with bit `index` ([`DepSlot::bit`]);
@@ -603,8 +701,18 @@ impl Health {
     /// Publishes a dependency's status into its slot; called only by that
     /// dependency's monitor. The status of a dependency a reload removed
     /// (its monitor is being stopped) no longer touches the masks.
+    ///
+    /// A dependency with `slow_start` that comes back up (down → up, not the
+    /// first verdict) starts its ramp here, in the same update that marks it
+    /// up, so no request sees it up without the ramp.
     pub fn publish_to(&self, slot: &DepSlot, status: DepStatus) {
         let bit = 1u64 << slot.bit;
+        let before = slot.tx.borrow().state;
+        let ramp = status.state == DepHealth::Up && before == DepHealth::Down && slot.slow_start.is_some();
+        if ramp {
+            let now = self.clock.elapsed().as_millis() as u64;
+            self.ramp_began_ms[slot.bit].store(now, Ordering::Relaxed);
+        }
         self.update(|f| {
             if (f.active | f.pending) & bit == 0 {
                 return;
@@ -613,15 +721,19 @@ impl Health {
                 DepHealth::Up => {
                     f.checked_unknown &= !bit;
                     f.checked_not_up &= !bit;
+                    if ramp {
+                        f.ramping |= bit;
+                    }
                 }
                 DepHealth::Down => {
                     f.checked_not_up |= bit;
                     f.checked_unknown &= !bit;
+                    f.ramping &= !bit;
                 }
                 DepHealth::Unknown => {}
             }
         });
-        let verdict_changed = slot.tx.borrow().state != status.state;
+        let verdict_changed = before != status.state;
         slot.tx.send_replace(status);
         if verdict_changed {
             self.touch();
@@ -725,6 +837,12 @@ impl Health {
     fn touch(&self) {
         self.changed.notify_one();
         self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// Tells the watchers that readiness may have changed for a reason the
+    /// verdicts do not show (the fleet's verdict on a dependency).
+    pub fn readiness_inputs_changed(&self) {
+        self.touch();
     }
 
     /// A receiver that sees a new value whenever a verdict, an override, the
@@ -1029,6 +1147,29 @@ mod tests {
         assert!(matches!(h.prepare(&config(&next), &keep), Err(LayoutError::NoFreeBit)));
         assert_eq!(h.deps().len(), crate::config::MAX_DEPENDENCIES);
         assert_eq!(h.names(1).as_slice(), ["d0"]);
+    }
+
+    #[test]
+    fn a_dependency_back_up_admits_only_its_slow_start_share_until_the_ramp_ends() {
+        let yaml = "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\ndependencies:\n  - name: db\n    type: tcp\n    address: x:1\n    slow_start:\n      window: 1h\n      floor: 0.25\n";
+        let h = Health::new(&Config::from_yaml(yaml, Path::new("t")).unwrap());
+        // The first verdict is no recovery: no ramp.
+        set(&h, 0, DepHealth::Up);
+        assert!(!h.ramping(0));
+        assert_eq!(h.admitted_share(0), 1.0);
+        set(&h, 0, DepHealth::Down);
+        assert_eq!(h.admitted_share(0), 0.0);
+        set(&h, 0, DepHealth::Up);
+        assert!(h.ramping(0));
+        let admitted = (0..1000).filter(|_| h.admission(0b1) == Admission::Admit).count();
+        assert!((240..=260).contains(&admitted), "{admitted} of 1000 admitted at a 25 % floor");
+        // A refused request gets the dependency's usual short-circuit class.
+        assert!((0..10).any(|_| h.admission(0b1) == Admission::Reject(Reject::OutOfService, 0b1)));
+        // Decisions about the pod ignore the draw.
+        assert_eq!(h.gate(0b1), Admission::Admit);
+        assert_eq!(h.admission(0b10), Admission::Admit);
+        h.end_ramp(0);
+        assert!((0..100).all(|_| h.admission(0b1) == Admission::Admit));
     }
 
     #[test]

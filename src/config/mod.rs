@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod dependency;
+pub mod fleet;
 pub mod hostport;
 pub mod listener;
 pub mod node;
@@ -44,6 +45,7 @@ pub use dependency::redis::{RedisSettings, SentinelSettings, Target};
 pub use dependency::tcp::TcpSettings;
 pub use dependency::tls::TlsSettings;
 pub use dependency::{DependencyConfig, DependencyKind, Impact, MAX_DEPENDENCIES};
+pub use fleet::{FleetConfig, FleetReadiness, PeerSource, SlowStart};
 pub use hostport::{HostPort, HostPortError};
 pub use listener::{
     HttpListenerConfig, ListenerConfig, ListenerProtocol, TcpListenerConfig, TcpOnOutage, TcpReject, UpstreamProtocol,
@@ -58,12 +60,19 @@ use node::Map;
 use problem::Problems;
 
 /// Top-level keys.
-const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners", "dependencies", "reload"];
+const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners", "dependencies", "reload", "fleet"];
 /// Keys of `drain`.
 const DRAIN_KEYS: &[&str] = &["delay", "timeout"];
 /// Keys of `short_circuit`.
-const SHORT_CIRCUIT_KEYS: &[&str] =
-    &["retry_after", "expose_dependencies", "out_of_service_body", "degraded_body", "maintenance_body", "grpc"];
+const SHORT_CIRCUIT_KEYS: &[&str] = &[
+    "retry_after",
+    "retry_after_spread",
+    "expose_dependencies",
+    "out_of_service_body",
+    "degraded_body",
+    "maintenance_body",
+    "grpc",
+];
 /// Keys of `short_circuit.grpc`.
 const GRPC_KEYS: &[&str] = &["out_of_service_status", "degraded_status"];
 
@@ -102,6 +111,8 @@ pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default `Retry-After` of 503 responses.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Longest `retry_after_spread` honoured (longer values are capped).
+pub const MAX_RETRY_AFTER_SPREAD: Duration = Duration::from_secs(300);
 
 // === Errors ===
 
@@ -159,6 +170,8 @@ pub struct Config {
     pub reload: ReloadConfig,
     /// Hash of the file's text ([`reload::hash`]): which config is in force.
     pub hash: u64,
+    /// Peers and the fleet readiness policy (`None`: this pod decides alone).
+    pub fleet: Option<FleetConfig>,
 }
 
 /// Graceful shutdown settings (see README "Reliability").
@@ -175,6 +188,9 @@ pub struct DrainConfig {
 pub struct ShortCircuitConfig {
     /// `Retry-After` on 503 responses (whole seconds).
     pub retry_after: Duration,
+    /// Each 503's `Retry-After` is `retry_after` plus a random whole number
+    /// of seconds up to this, so rejected clients do not come back together.
+    pub retry_after_spread: Duration,
     /// Add the names of the missing dependencies to the problem body.
     pub expose_dependencies: bool,
     /// Body of the 503 (out of service / starting) response.
@@ -288,6 +304,10 @@ fn parse(top: &Map<'_>, path: &Path, p: &mut Problems) -> Config {
     let sc = section("short_circuit", SHORT_CIRCUIT_KEYS, p);
     let short_circuit = ShortCircuitConfig {
         retry_after: sc.as_ref().and_then(|s| s.duration("retry_after", p)).map_or(DEFAULT_RETRY_AFTER, |d| d.value),
+        retry_after_spread: sc
+            .as_ref()
+            .and_then(|s| s.duration("retry_after_spread", p))
+            .map_or(Duration::ZERO, |d| d.value.min(MAX_RETRY_AFTER_SPREAD)),
         expose_dependencies: sc.as_ref().and_then(|s| s.bool("expose_dependencies", p)).is_some_and(|b| b.value),
         out_of_service_body: sc
             .as_ref()
@@ -322,7 +342,19 @@ fn parse(top: &Map<'_>, path: &Path, p: &mut Problems) -> Config {
     }
 
     let reload = reload::reload(top.map("reload", p).as_ref(), p);
-    Config { path: path.to_path_buf(), workers, admin, drain, short_circuit, listeners, dependencies, reload, hash: 0 }
+    let fleet = top.map("fleet", p).and_then(|f| fleet::fleet(&f, admin.listen.port(), p));
+    Config {
+        path: path.to_path_buf(),
+        workers,
+        admin,
+        drain,
+        short_circuit,
+        listeners,
+        dependencies,
+        reload,
+        fleet,
+        hash: 0,
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use hyper::header::HeaderValue;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -141,6 +142,11 @@ impl ListenerCtx {
         self.health.admission_in(needs, self.classes)
     }
 
+    /// [`Health::gate`](crate::state::Health::gate) under this config's impact classes.
+    pub fn gate(&self, needs: u64) -> Admission {
+        self.health.gate_in(needs, self.classes)
+    }
+
     /// The route a request takes: first match wins, else the default. Allocation-free.
     #[inline]
     pub fn route(&self, method: &hyper::Method, path: &str, headers: &hyper::HeaderMap) -> &Route {
@@ -162,6 +168,10 @@ pub struct Responses {
     pub maintenance: Bytes,
     /// `Retry-After` value (seconds) for the 503.
     pub retry_after: Bytes,
+    /// Base `Retry-After` in seconds.
+    retry_after_secs: u64,
+    /// Up to this many seconds are added to each 503's `Retry-After`.
+    retry_after_spread: u64,
     /// Whether to name missing dependencies in the body.
     pub expose_dependencies: bool,
     /// `short_circuit.retry_after`, for a gRPC answer's `RetryInfo`.
@@ -183,6 +193,8 @@ impl Responses {
             degraded: Bytes::from(c.degraded_body.clone()),
             maintenance: Bytes::from(c.maintenance_body.clone()),
             retry_after: Bytes::from(c.retry_after.as_secs().max(1).to_string()),
+            retry_after_secs: c.retry_after.as_secs().max(1),
+            retry_after_spread: c.retry_after_spread.as_secs(),
             expose_dependencies: c.expose_dependencies,
             retry_delay: c.retry_after.max(Duration::from_secs(1)),
             grpc_out_of_service: c.grpc_out_of_service_status,
@@ -201,9 +213,21 @@ impl Responses {
             degraded: r.degraded_body.clone().map(Bytes::from).unwrap_or_else(|| self.degraded.clone()),
             maintenance: self.maintenance.clone(),
             retry_after: self.retry_after.clone(),
+            retry_after_secs: self.retry_after_secs,
+            retry_after_spread: self.retry_after_spread,
             expose_dependencies: r.expose_dependencies.unwrap_or(self.expose_dependencies),
             ..self.clone()
         }
+    }
+
+    /// The `Retry-After` of one 503: the configured value plus a random
+    /// whole number of seconds up to `retry_after_spread`, so the clients
+    /// turned away together do not all come back in the same second.
+    pub fn retry_after_value(&self) -> HeaderValue {
+        if self.retry_after_spread == 0 {
+            return HeaderValue::from(self.retry_after_secs);
+        }
+        HeaderValue::from(self.retry_after_secs + rand::random_range(0..=self.retry_after_spread))
     }
 
     /// Status and body for a rejection; `missing` names the dependencies that
@@ -230,6 +254,22 @@ mod tests {
     use super::*;
     use crate::config::DEFAULT_OUT_OF_SERVICE_BODY;
     use std::path::Path;
+
+    #[test]
+    fn retry_after_is_spread_over_the_configured_seconds() {
+        let yaml = "short_circuit:\n  retry_after: 5s\n  retry_after_spread: 4s\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n";
+        let c = Config::from_yaml(yaml, Path::new("t")).unwrap();
+        let r = Responses::new(&c.short_circuit);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..1000 {
+            seen.insert(r.retry_after_value().to_str().unwrap().parse::<u64>().unwrap());
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![5, 6, 7, 8, 9]);
+        let plain = Responses::new(
+            &Config::from_yaml(&yaml.replace("  retry_after_spread: 4s\n", ""), Path::new("t")).unwrap().short_circuit,
+        );
+        assert!((0..100).all(|_| plain.retry_after_value() == "5"));
+    }
 
     #[test]
     fn opt_in_body_names_the_missing_dependencies_only_when_asked() {

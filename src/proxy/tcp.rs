@@ -172,7 +172,7 @@ impl Worker {
             return;
         }
         let live = self.live.load();
-        if let Admission::Reject(Reject::OutOfService, missing) = live.admission(live.default_route.needs) {
+        if let Admission::Reject(Reject::OutOfService, missing) = live.gate(live.default_route.needs) {
             debug!(listener = %self.ctx.config.name, connections = self.permits.held(), missing, "tcp outage: closing existing connections");
             self.cut.send_modify(|epoch| *epoch += 1);
         }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{self, HeaderValue};
+use hyper::header;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -172,9 +172,7 @@ async fn respond<'w>(
                 headers.clear();
                 let mut res = problem_with(headers, status, body, busy, !keep_alive);
                 if status == StatusCode::SERVICE_UNAVAILABLE {
-                    let retry_after = HeaderValue::from_maybe_shared(route.responses.retry_after.clone());
-                    res.headers_mut()
-                        .insert(header::RETRY_AFTER, retry_after.unwrap_or_else(|_| w.retry_after.clone()));
+                    res.headers_mut().insert(header::RETRY_AFTER, route.responses.retry_after_value());
                 }
                 metrics.record(Outcome::ShortCircuited, start.elapsed());
                 return res;

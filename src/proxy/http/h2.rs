@@ -327,8 +327,7 @@ fn short_circuit(
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut res = problem(status, body, busy, false);
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        let retry_after = HeaderValue::from_maybe_shared(route.responses.retry_after.clone());
-        res.headers_mut().insert(header::RETRY_AFTER, retry_after.unwrap_or_else(|_| w.retry_after.clone()));
+        res.headers_mut().insert(header::RETRY_AFTER, route.responses.retry_after_value());
     }
     res
 }

@@ -187,7 +187,6 @@ struct Worker {
     /// This worker's share of the listener's connection permits (held by
     /// every open client connection, upgraded tunnels included).
     permits: Rc<Permits>,
-    retry_after: HeaderValue,
     /// `Host` for a request that has none (HTTP/1.0): the upstream's authority.
     upstream_host: HeaderValue,
     /// The client connection timer's limits.
@@ -236,8 +235,6 @@ impl Worker {
         }
         let mut client = hyper::client::conn::http1::Builder::new();
         client.writev(false);
-        let retry_after = HeaderValue::from_maybe_shared(ctx.default_route.responses.retry_after.clone())
-            .unwrap_or_else(|_| HeaderValue::from_static("1"));
         let header_read_timeout = limit(c.header_read_timeout);
         let client_idle_timeout = limit(c.client_idle_timeout);
         // The timer never sleeps longer than the shorter timeout, so a
@@ -255,7 +252,6 @@ impl Worker {
             client,
             pool: RefCell::new(VecDeque::new()),
             permits: Permits::new(&ctx),
-            retry_after,
             upstream_host: HeaderValue::from_str(&ctx.config.upstream.to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             timer: TimerConfig { header_read_timeout, client_idle_timeout, tick },
