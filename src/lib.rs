@@ -19,6 +19,7 @@
 //! * [`fleet`]: peers' views of the dependencies, the fleet readiness
 //!   policy and the slow-start ramp.
 //! * [`metrics`]: the Prometheus registry.
+//! * [`reload`]: config reload on SIGHUP, the control API or a changed file.
 //! * [`server`]: wires the threads together and runs the drain on SIGTERM.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -35,6 +36,7 @@ pub mod monitor;
 pub mod net;
 pub mod oneshot;
 pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod state;

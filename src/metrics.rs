@@ -286,12 +286,62 @@ pub struct Metrics {
     pub control_auth_failures: Counter,
     /// `healthgate_admin_connections_shed_total`.
     pub admin_connections_shed: Counter,
+    /// The `healthgate_config_*` metrics of reloads.
+    pub reload: ReloadMetrics,
     /// The fleet and slow-start metrics.
     pub fleet: FleetMetrics,
     /// `healthgate_grpc_local_responses_total`.
     pub grpc_local_responses: Family<GrpcLocalLabels, Counter>,
     /// `healthgate_grpc_health_requests_total`.
     pub grpc_health_requests: Family<GrpcLabels, Counter>,
+}
+
+/// Labels of `healthgate_config_reloads_total`: `success` or `failure`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `success` | `failure`.
+    pub result: String,
+}
+
+/// The metrics of config reloads (docs/reload.md).
+pub struct ReloadMetrics {
+    /// `healthgate_config_reloads_total{result}`.
+    pub reloads: Family<ResultLabels, Counter>,
+    /// `healthgate_config_last_reload_success_timestamp_seconds` (0 before the first reload).
+    pub last_success: Gauge<f64, AtomicU64>,
+    /// `healthgate_config_last_reload_successful`: 1 when the last attempt succeeded (or none was made).
+    pub last_successful: Gauge,
+    /// `healthgate_config_hash`: the hash of the config in force, as a number.
+    pub hash: Gauge,
+}
+
+impl ReloadMetrics {
+    fn register(registry: &mut Registry, config: &Config) -> ReloadMetrics {
+        let m = ReloadMetrics {
+            reloads: Family::default(),
+            last_success: Gauge::default(),
+            last_successful: Gauge::default(),
+            hash: Gauge::default(),
+        };
+        registry.register("config_reloads", "Config reloads by result (success, failure)", m.reloads.clone());
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config reload (0: none since the start)",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "config_last_reload_successful",
+            "1 when the last config reload succeeded or none was attempted, 0 after a failed one",
+            m.last_successful.clone(),
+        );
+        registry.register("config_hash", "Hash of the config file in force (as in /status)", m.hash.clone());
+        for result in ["success", "failure"] {
+            let _ = m.reloads.get_or_create(&ResultLabels { result: result.into() });
+        }
+        m.last_successful.set(1);
+        m.hash.set(config.hash as i64);
+        m
+    }
 }
 
 impl Metrics {
@@ -318,6 +368,7 @@ impl Metrics {
         let overrides_active = Family::<KindLabels, Gauge>::default();
         let control_auth_failures = Counter::default();
         let admin_connections_shed = Counter::default();
+        let reload = ReloadMetrics::register(&mut registry, config);
         let fleet = FleetMetrics::register(&mut registry, config);
         let grpc_local_responses = Family::<GrpcLocalLabels, Counter>::default();
         let grpc_health_requests = Family::<GrpcLabels, Counter>::default();
@@ -417,6 +468,7 @@ impl Metrics {
             overrides_active,
             control_auth_failures,
             admin_connections_shed,
+            reload,
             fleet,
             grpc_local_responses,
             grpc_health_requests,

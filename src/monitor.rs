@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 use crate::check::{AnyCheck, Cause, Check, CheckError};
 use crate::config::DependencyConfig;
 use crate::metrics::{DepLabels, DependencyLabels, Metrics, NodeLabels, TransitionLabels};
-use crate::state::{DepHealth, Health, ServiceState};
+use crate::state::{DepHealth, DepSlot, Health, ServiceState};
 
 /// Slack past a check's deadline before the monitor cancels it. A
 /// well-behaved check returns by its deadline; this only catches one that
@@ -65,10 +65,10 @@ pub async fn run_once(check: &mut AnyCheck, timeout: Duration) -> (Result<(), Ch
     (result, started.elapsed())
 }
 
-/// Monitors dependency `index` until `stop` turns true, then closes the check's
+/// Monitors the dependency of `slot` until `stop` turns true, then closes the check's
 /// connection cleanly.
 pub async fn monitor(
-    index: usize,
+    slot: Arc<DepSlot>,
     dep: DependencyConfig,
     mut check: AnyCheck,
     health: Arc<Health>,
@@ -79,7 +79,7 @@ pub async fn monitor(
     let labels = DepLabels { dependency: dep.name.clone(), r#type: kind.into() };
     let up_gauge = metrics.dependency_up.get_or_create_owned(&labels);
     let duration = metrics.check_duration.get_or_create_owned(&labels);
-    let mut status = health.deps()[index].status();
+    let mut status = slot.status();
     let admitted = dep
         .slow_start
         .map(|_| metrics.fleet.admitted_ratio.get_or_create_owned(&DependencyLabels { dependency: dep.name.clone() }));
@@ -150,12 +150,12 @@ pub async fn monitor(
             status.state = next;
             status.since = SystemTime::now();
         }
-        let changed = health.deps()[index].status().state != status.state;
-        health.publish(index, status.clone());
+        let changed = slot.status().state != status.state;
+        health.publish_to(&slot, status.clone());
         if let (Some(gauge), true) = (&admitted, changed) {
-            gauge.set(health.admitted_share(index));
-            if health.ramping(index) {
-                tokio::spawn(follow_ramp(index, health.clone(), gauge.clone()));
+            gauge.set(health.admitted_share(slot.bit));
+            if health.ramping(slot.bit) {
+                tokio::spawn(follow_ramp(slot.bit, health.clone(), gauge.clone()));
             }
         }
 

@@ -87,7 +87,7 @@ impl FleetReadiness {
 }
 
 /// The `fleet` section.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FleetConfig {
     /// This instance's id (excluded from its own peer list); `$HOSTNAME` by default.
     pub instance_id: String,

@@ -28,6 +28,7 @@ pub mod hostport;
 pub mod listener;
 pub mod node;
 pub mod problem;
+pub mod reload;
 pub mod route;
 pub mod secret;
 
@@ -51,6 +52,7 @@ pub use listener::{
 };
 pub use node::MAX_DURATION;
 pub use problem::{At, Pos, Problem};
+pub use reload::ReloadConfig;
 pub use route::{HeaderMatch, RouteConfig, RouteMatch};
 pub use secret::{Secret, SecretError, SecretSource};
 
@@ -58,7 +60,7 @@ use node::Map;
 use problem::Problems;
 
 /// Top-level keys.
-const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners", "dependencies", "fleet"];
+const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners", "dependencies", "reload", "fleet"];
 /// Keys of `drain`.
 const DRAIN_KEYS: &[&str] = &["delay", "timeout"];
 /// Keys of `short_circuit`.
@@ -164,12 +166,16 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Backing services to check.
     pub dependencies: Vec<DependencyConfig>,
+    /// How a changed file is noticed.
+    pub reload: ReloadConfig,
+    /// Hash of the file's text ([`reload::hash`]): which config is in force.
+    pub hash: u64,
     /// Peers and the fleet readiness policy (`None`: this pod decides alone).
     pub fleet: Option<FleetConfig>,
 }
 
 /// Graceful shutdown settings (see README "Reliability").
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Copy)]
 pub struct DrainConfig {
     /// After SIGTERM, keep serving this long while readiness is already 503.
     pub delay: Duration,
@@ -178,7 +184,7 @@ pub struct DrainConfig {
 }
 
 /// What a short-circuited request receives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShortCircuitConfig {
     /// `Retry-After` on 503 responses (whole seconds).
     pub retry_after: Duration,
@@ -227,9 +233,14 @@ impl Config {
         let mut problems = Problems::default();
         let config = tree.map("", &mut problems).map(|m| parse(&m, path, &mut problems));
         match config {
-            Some(config) if problems.count() == 0 => Ok(config),
+            Some(config) if problems.count() == 0 => Ok(Config { hash: reload::hash(text), ..config }),
             _ => Err(invalid(problems.into_sorted())),
         }
+    }
+
+    /// The hash as `/status`, the logs and `healthgate validate` show it.
+    pub fn hash_hex(&self) -> String {
+        format!("{:014x}", self.hash)
     }
 
     /// Index of a dependency by name.
@@ -330,9 +341,20 @@ fn parse(top: &Map<'_>, path: &Path, p: &mut Problems) -> Config {
         p.at(top.get("listeners").map_or(Pos(1, 1), |l| l.pos), "listeners", "at least one listener is required");
     }
 
+    let reload = reload::reload(top.map("reload", p).as_ref(), p);
     let fleet = top.map("fleet", p).and_then(|f| fleet::fleet(&f, admin.listen.port(), p));
-
-    Config { path: path.to_path_buf(), workers, admin, drain, short_circuit, listeners, dependencies, fleet }
+    Config {
+        path: path.to_path_buf(),
+        workers,
+        admin,
+        drain,
+        short_circuit,
+        listeners,
+        dependencies,
+        reload,
+        fleet,
+        hash: 0,
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod tcp;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 use prometheus_client::metrics::gauge::Gauge;
@@ -25,11 +26,22 @@ use tokio::time::Instant;
 use crate::config::{Config, ListenerConfig, ListenerProtocol, ShortCircuitConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::{RouteConfig, RouteTable};
-use crate::state::{Health, Reject};
+use crate::state::{Admission, Classes, Health, Reject, gate_mask_of};
 
 /// The drain signal: `None` while running; `Some(deadline)` once the listener
 /// must stop accepting and finish in-flight work by `deadline`.
 pub type DrainSignal = watch::Receiver<Option<Instant>>;
+
+/// A listener's context as one worker sees it: a reload stores a new one,
+/// and each request (or TCP admission) loads the one in force once, so it
+/// runs under the old config or the new one, never a mix. One per worker and
+/// listener, so that loading it touches no cache line another worker writes.
+pub type LiveCtx = Arc<ArcSwap<ListenerCtx>>;
+
+/// A [`LiveCtx`] holding `ctx` until a reload replaces it.
+pub fn live(ctx: Arc<ListenerCtx>) -> LiveCtx {
+    Arc::new(ArcSwap::new(ctx))
+}
 
 /// Everything a listener's workers share (read-only but for atomics).
 pub struct ListenerCtx {
@@ -47,6 +59,8 @@ pub struct ListenerCtx {
     pub route_data: Vec<Route>,
     /// What a request matching no route gets.
     pub default_route: Route,
+    /// The impact classes of the dependencies of this context's config.
+    pub classes: Classes,
     /// `drain.delay`: during a drain, how long an idle HTTP client
     /// connection is left for its client's next request before it is closed.
     pub drain_delay: Duration,
@@ -69,6 +83,19 @@ pub struct Route {
 impl ListenerCtx {
     /// Builds the context of listener `index` of `config`.
     pub fn new(config: &Config, index: usize, health: Arc<Health>, registry: Arc<Metrics>) -> Arc<ListenerCtx> {
+        let bits: Vec<usize> = (0..config.dependencies.len()).collect();
+        Self::with_bits(config, index, health, registry, &bits)
+    }
+
+    /// Builds the context of listener `index` of `config`, `bits[i]` being
+    /// the mask bit of dependency `i` ([`crate::state::DepSlot::bit`]).
+    pub fn with_bits(
+        config: &Config,
+        index: usize,
+        health: Arc<Health>,
+        registry: Arc<Metrics>,
+        bits: &[usize],
+    ) -> Arc<ListenerCtx> {
         let l = &config.listeners[index];
         let base = Responses::new(&config.short_circuit);
         // Only HTTP listeners have requests: a TCP listener exports no
@@ -79,7 +106,7 @@ impl ListenerCtx {
         };
         let default_route = Route {
             name: "default".into(),
-            needs: Health::gate_mask(&l.needs),
+            needs: gate_mask_of(bits, &l.needs),
             responses: base.clone(),
             metrics: metrics("default"),
             bypass: false,
@@ -89,7 +116,7 @@ impl ListenerCtx {
             .iter()
             .map(|r| Route {
                 name: r.name.clone(),
-                needs: Health::gate_mask(&r.needs),
+                needs: gate_mask_of(bits, &r.needs),
                 responses: base.with_overrides(r),
                 metrics: metrics(&r.name),
                 bypass: r.bypass,
@@ -101,10 +128,23 @@ impl ListenerCtx {
             routes: RouteTable::new(l.routes.clone()),
             route_data,
             default_route,
+            classes: Classes::of(config, bits),
             drain_delay: config.drain.delay,
             health,
             registry,
         })
+    }
+
+    /// The admission of a request or connection needing `needs` under this
+    /// context's config (its impact classes, the verdicts in force).
+    #[inline]
+    pub fn admission(&self, needs: u64) -> Admission {
+        self.health.admission_in(needs, self.classes)
+    }
+
+    /// [`Health::gate`](crate::state::Health::gate) under this config's impact classes.
+    pub fn gate(&self, needs: u64) -> Admission {
+        self.health.gate_in(needs, self.classes)
     }
 
     /// The route a request takes: first match wins, else the default. Allocation-free.
@@ -204,7 +244,7 @@ impl Responses {
         }
         // Opt-in detail: add `"dependencies":[...]` to the configured object.
         let mut obj: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(base).unwrap_or_default();
-        obj.insert("dependencies".into(), health.names(missing).map(|n| serde_json::Value::String(n.into())).collect());
+        obj.insert("dependencies".into(), health.names(missing).into_iter().map(serde_json::Value::String).collect());
         (status, Bytes::from(serde_json::to_vec(&obj).unwrap_or_else(|_| base.to_vec())))
     }
 }

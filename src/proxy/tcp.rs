@@ -45,7 +45,7 @@ use tokio::time::{Instant, MissedTickBehavior, sleep, timeout_at};
 use tracing::debug;
 
 use super::accept::{self, Permit, Permits, Serve};
-use super::{DrainSignal, ListenerCtx};
+use super::{DrainSignal, ListenerCtx, LiveCtx};
 use crate::config::{TcpOnOutage, TcpReject};
 use crate::metrics::{AtomicHistogram, ListenerLabels, TcpBytesLabels, TcpOutcomeLabels};
 use crate::net;
@@ -72,8 +72,8 @@ const REJECT_DRAIN_MAX: usize = 64 * 1024;
 /// Runs inside a `tokio::task::LocalSet` on the worker's current-thread
 /// runtime. Returns once the drain signal fired and every connection ended
 /// (or the drain deadline passed, after which the rest are closed).
-pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: DrainSignal) {
-    let worker = Rc::new(Worker::new(ctx));
+pub async fn serve(listener: TcpListener, live: LiveCtx, mut drain: DrainSignal) {
+    let worker = Rc::new(Worker::new(live.load_full(), live));
     let close_existing = worker.ctx.config.tcp.on_outage == TcpOnOutage::CloseExisting;
     let outages = close_existing.then(|| tokio::task::spawn_local(watch_outages(worker.clone())));
     let name = worker.ctx.config.name.clone();
@@ -120,7 +120,10 @@ async fn watch_outages(worker: Rc<Worker>) {
 /// A worker's state for one listener: metric handles resolved once, the
 /// buffer pool and the signal that closes existing connections.
 struct Worker {
+    /// The context at start: the connection-level settings (a reload refuses to change them).
     ctx: Arc<ListenerCtx>,
+    /// The context in force: what an admission needs.
+    live: LiveCtx,
     accepted: Counter,
     rejected: Counter,
     upstream_error: Counter,
@@ -138,7 +141,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(ctx: Arc<ListenerCtx>) -> Worker {
+    fn new(ctx: Arc<ListenerCtx>, live: LiveCtx) -> Worker {
         let m = &ctx.registry;
         let name = &ctx.config.name;
         let outcome = |o: &str| {
@@ -158,6 +161,7 @@ impl Worker {
             cut: watch::Sender::new(0),
             stop: watch::Sender::new(false),
             ctx,
+            live,
         }
     }
 
@@ -167,7 +171,8 @@ impl Worker {
         if self.permits.held() == 0 {
             return;
         }
-        if let Admission::Reject(Reject::OutOfService, missing) = self.ctx.health.gate(self.ctx.default_route.needs) {
+        let live = self.live.load();
+        if let Admission::Reject(Reject::OutOfService, missing) = live.gate(live.default_route.needs) {
             debug!(listener = %self.ctx.config.name, connections = self.permits.held(), missing, "tcp outage: closing existing connections");
             self.cut.send_modify(|epoch| *epoch += 1);
         }
@@ -197,8 +202,10 @@ impl Serve for Rc<Worker> {
     /// Admission at accept: out of service (or degraded with
     /// `admit_degraded: false`) ends the connection at once, per `reject`.
     fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
-        let tcp = &self.ctx.config.tcp;
-        match self.ctx.health.admission(self.ctx.default_route.needs) {
+        // What the config in force needs, and how it refuses (`reject`, `admit_degraded`).
+        let live = self.live.load();
+        let tcp = &live.config.tcp;
+        match live.admission(live.default_route.needs) {
             Admission::Admit => true,
             Admission::Reject(Reject::Degraded, _) if tcp.admit_degraded => true,
             Admission::Reject(reason, missing) => {
@@ -500,7 +507,8 @@ mod tests {
 
     #[test]
     fn relay_buffers_are_reused_and_the_pool_is_bounded() {
-        let w = Worker::new(ctx(1));
+        let c = ctx(1);
+        let w = Worker::new(c.clone(), crate::proxy::live(c));
         let bufs = w.take_buffers();
         let ptr = bufs[0].as_ptr();
         w.return_buffers(bufs);

@@ -77,7 +77,7 @@ impl Impact {
 }
 
 /// One checked dependency.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DependencyConfig {
     /// Unique name (a metric label).
     pub name: String,
@@ -131,7 +131,7 @@ struct TypeEntry {
 macro_rules! dependency_types {
     ($($(#[$doc:meta])* $variant:ident($settings:ty),)*) => {
         /// Protocol-specific settings of a dependency.
-        #[derive(Debug, Clone)]
+        #[derive(Debug, Clone, PartialEq)]
         pub enum DependencyKind {
             $($(#[$doc])* $variant($settings),)*
         }

@@ -108,7 +108,7 @@ use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use super::accept::{self, Permit, Permits, Serve};
-use super::{DrainSignal, ListenerCtx};
+use super::{DrainSignal, ListenerCtx, LiveCtx};
 use crate::metrics::Outcome;
 use conn::{ClientIo, Conn, DrainIdle, IoState, TimerAction, TimerConfig, decide, parked_until};
 use forward::{handle, tunnel};
@@ -140,8 +140,8 @@ const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 /// for TCP listeners): a connection accepted at the limit waits, unread as
 /// in the kernel backlog, until a permit frees up ([`super::accept`]). Returns once the drain
 /// signal fired and every connection ended (or the drain deadline passed).
-pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: DrainSignal) {
-    let w = Rc::new(Worker::new(ctx));
+pub async fn serve(listener: TcpListener, live: LiveCtx, mut drain: DrainSignal) {
+    let w = Rc::new(Worker::new(live.load_full(), live));
     let sweeper = tokio::task::spawn_local(sweep_pool(w.clone()));
     let accepting = Accepting { w: w.clone(), drain: drain.clone() };
     let deadline = accept::run(&listener, &w.ctx.config.name, &w.permits, &mut drain, &accepting).await;
@@ -173,7 +173,11 @@ impl Serve for Accepting {
 
 /// Per-worker state: config-derived constants, the upstream pool, counters.
 struct Worker {
+    /// The context at start: the connection-level settings (a reload refuses
+    /// to change them). What a request needs comes from `live`.
     ctx: Arc<ListenerCtx>,
+    /// The context in force, loaded once per request.
+    live: LiveCtx,
     http: hyper::server::conn::http1::Builder,
     client: hyper::client::conn::http1::Builder,
     /// Idle upstream connections, oldest first (used from the back: the
@@ -208,7 +212,7 @@ fn limit(d: Duration) -> Option<Duration> {
 }
 
 impl Worker {
-    fn new(ctx: Arc<ListenerCtx>) -> Worker {
+    fn new(ctx: Arc<ListenerCtx>, live: LiveCtx) -> Worker {
         let c = &ctx.config.http;
         let mut http = hyper::server::conn::http1::Builder::new();
         // Our own timer handles header and idle timeouts (see module doc),
@@ -259,6 +263,7 @@ impl Worker {
             h2: h2::H2::new(c),
             watch_resets: !c.abort_on_client_close,
             ctx,
+            live,
         }
     }
 }
