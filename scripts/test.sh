@@ -46,6 +46,12 @@ if ! python3 -c "import prometheus_client.openmetrics.parser" >/dev/null 2>&1; t
   python3 -m pip install -q prometheus-client
 fi
 
+# The real job-consumer client libraries of tests/consumers.rs (RabbitMQ: pika; Redis: redis-py).
+if ! python3 -c "import pika, redis" >/dev/null 2>&1; then
+  echo "== installing: pika redis (PyPI)"
+  python3 -m pip install -q pika redis
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
