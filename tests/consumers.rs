@@ -125,7 +125,7 @@ impl Consumer {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .expect("python3");
         let stdout = child.stdout.take().unwrap();
@@ -165,12 +165,14 @@ impl Consumer {
     }
 
     fn wait_for(&self, what: &str, mut done: impl FnMut(&Consumer) -> bool) {
-        eventually_blocking(what, WITHIN, || {
+        let deadline = Instant::now() + WITHIN;
+        while !done(self) {
             if let Ok(Some(status)) = self.child.lock().unwrap().try_wait() {
                 panic!("consumer exited ({status}) while waiting for {what}; output:\n{}", self.output());
             }
-            done(self).then_some(())
-        });
+            assert!(Instant::now() < deadline, "timed out after {WITHIN:?} waiting for {what}; output:\n{}", self.output());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn output(&self) -> String {
@@ -282,9 +284,9 @@ fn outage_cycle(
     let attempts_while_paused = consumer.count("ATTEMPT") - attempts;
     let refused_while_paused = refused(hg, listener) - refused_before;
 
+    let connected = consumer.count("CONNECTED");
     db.up();
     eventually_blocking("healthgate_tcp_paused = 0", WITHIN, || (!paused(hg, listener)).then_some(()));
-    let connected = consumer.count("CONNECTED");
     consumer.wait_for("the consumer to connect again", |c| c.count("CONNECTED") > connected);
     let published = publisher.stop();
     eventually_blocking("the queue to drain", WITHIN, || (depth() == 0).then_some(()));
