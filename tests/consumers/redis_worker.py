@@ -10,13 +10,19 @@ what its processing list still holds (at-least-once: duplicates possible).
 
 Prints `GOT <message>` for each message processed, `ATTEMPT n` before each
 connect, `CONNECTED` once working and `LOST <exception>` when a connection ends;
-reconnects at once. Killed by the test.
+reconnects at once. redis-py's own retries are off: by default it reconnects and
+re-sends a failed command inside the library, so the worker's recovery of its
+processing list would not run after a lost connection (and a re-sent BLMOVE
+takes the next message, leaving the one whose reply was lost behind). Killed by
+the test.
 """
 
 import sys
 import time
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 host, port, queue, mode, name = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 processing = f"{queue}:processing:{name}"
@@ -32,7 +38,7 @@ while True:
     attempt += 1
     print(f"ATTEMPT {attempt}", flush=True)
     try:
-        r = redis.Redis(host=host, port=port, socket_timeout=5, socket_connect_timeout=5)
+        r = redis.Redis(host=host, port=port, socket_timeout=5, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))
         r.ping()
         print("CONNECTED", flush=True)
         if mode == "blmove":
