@@ -386,6 +386,10 @@ impl Metrics {
                 let _ = tcp_paused.get_or_create(&labels);
                 let _ = tcp_outage_closes.get_or_create(&labels);
                 let _ = tcp_held_connections.get_or_create(&labels);
+                for outcome in ["accepted", "rejected", "upstream_error"] {
+                    let _ = tcp_connections
+                        .get_or_create(&TcpOutcomeLabels { listener: l.name.clone(), outcome: outcome.into() });
+                }
             }
         }
 
