@@ -170,7 +170,11 @@ impl Consumer {
             if let Ok(Some(status)) = self.child.lock().unwrap().try_wait() {
                 panic!("consumer exited ({status}) while waiting for {what}; output:\n{}", self.output());
             }
-            assert!(Instant::now() < deadline, "timed out after {WITHIN:?} waiting for {what}; output:\n{}", self.output());
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WITHIN:?} waiting for {what}; output:\n{}",
+                self.output()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -246,6 +250,10 @@ struct Outcome {
     refused_while_paused: f64,
     /// Queue depth when paused and at the end of the window.
     depth: (u64, u64),
+    /// From the database coming back to the first message consumed, and to an empty queue.
+    resumed_after: Duration,
+    #[allow(dead_code)] // reported (Debug), bounded by the wait for it
+    drained_after: Duration,
     published: usize,
     /// Published messages never processed.
     lost: Vec<String>,
@@ -287,14 +295,17 @@ fn outage_cycle(
     let refused_while_paused = refused(hg, listener) - refused_before;
 
     let accepted_before = accepted(hg, listener);
+    let up = Instant::now();
     db.up();
     eventually_blocking("healthgate_tcp_paused = 0", WITHIN, || (!paused(hg, listener)).then_some(()));
     // (redis-py reconnects inside the library: the consumption and the
     // listener's counter show it, the script's CONNECTED line may not.)
     consumer.wait_for("the consumer to consume again", |c| c.got().len() > consumed);
+    let resumed_after = up.elapsed();
     assert!(accepted(hg, listener) > accepted_before, "it connected again through the listener");
     let published = publisher.stop();
     eventually_blocking("the queue to drain", WITHIN, || (depth() == 0).then_some(()));
+    let drained_after = up.elapsed();
     // The queue is empty: what is not processed within a few more seconds
     // (the last deliveries in flight) is lost; the caller judges that.
     let all_processed = |c: &Consumer| {
@@ -317,6 +328,8 @@ fn outage_cycle(
         attempts_while_paused,
         refused_while_paused,
         depth: (depth_paused, depth_end),
+        resumed_after,
+        drained_after,
         published,
         lost,
         duplicates,
@@ -337,6 +350,10 @@ fn assert_paused_and_bounded(o: &Outcome) {
     assert!(o.refused_while_paused >= 1.0, "the consumer kept trying while paused: {o:?}");
     assert!(o.attempts_while_paused <= most, "reconnects while paused are bounded by the hold: {o:?}");
     assert!(o.refused_while_paused <= most as f64, "refusals counted by healthgate are bounded too: {o:?}");
+    // Recovery is seen at the next check (rise 1); the attempt being held
+    // then is served, or the next one (at most one hold later) is.
+    let back = INTERVAL + Duration::from_secs(1) + REJECT_DELAY + Duration::from_secs(5);
+    assert!(o.resumed_after <= back, "consumption resumes within a check and a hold of recovery: {o:?}");
 }
 
 // === RabbitMQ ===
@@ -355,7 +372,8 @@ async fn amqp_channel(port: u16) -> (lapin::Connection, lapin::Channel) {
 async fn declare(port: u16, queue: &str) -> u64 {
     let (conn, ch) = amqp_channel(port).await;
     let opts = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
-    let q = tokio::time::timeout(STEP, ch.queue_declare(queue.into(), opts, Default::default())).await.unwrap().unwrap();
+    let q =
+        tokio::time::timeout(STEP, ch.queue_declare(queue.into(), opts, Default::default())).await.unwrap().unwrap();
     let _ = tokio::time::timeout(STEP, conn.close(200, "bye".into())).await;
     u64::from(q.message_count())
 }
@@ -376,7 +394,13 @@ fn amqp_publisher(port: u16, queue: &str) -> Publisher {
             let props = lapin::BasicProperties::default().with_delivery_mode(2);
             let confirm = tokio::time::timeout(
                 STEP,
-                ch.basic_publish("".into(), queue.as_str().into(), Default::default(), format!("m{i}").as_bytes(), props),
+                ch.basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    Default::default(),
+                    format!("m{i}").as_bytes(),
+                    props,
+                ),
             )
             .await
             .expect("publish in time")

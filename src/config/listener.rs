@@ -340,7 +340,8 @@ mod tests {
 
     #[test]
     fn reject_delay_is_a_tcp_listener_key_only() {
-        let yaml = "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    reject_delay: 1s\n";
+        let yaml =
+            "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    reject_delay: 1s\n";
         let Err(ConfigError::Invalid { problems, .. }) = Config::from_yaml(yaml, Path::new("t.yaml")) else {
             panic!("reject_delay on an HTTP listener must be refused")
         };

@@ -259,7 +259,10 @@ impl Serve for Rc<Worker> {
         {
             // The accept loop drops (closes) its handle when we return false;
             // a duplicate of the socket keeps the connection for the hold.
-            match socket2::SockRef::from(stream).try_clone().map(std::net::TcpStream::from).and_then(TcpStream::from_std)
+            match socket2::SockRef::from(stream)
+                .try_clone()
+                .map(std::net::TcpStream::from)
+                .and_then(TcpStream::from_std)
             {
                 Ok(dup) => {
                     let wait = hold_time(tcp.reject_delay, rand::random::<f64>());
@@ -267,7 +270,9 @@ impl Serve for Rc<Worker> {
                     tokio::task::spawn_local(hold(self.clone(), dup, peer, wait, slot));
                     return false;
                 }
-                Err(e) => debug!(listener = %self.ctx.config.name, %peer, error = %e, "tcp hold: cannot duplicate the socket"),
+                Err(e) => {
+                    debug!(listener = %self.ctx.config.name, %peer, error = %e, "tcp hold: cannot duplicate the socket")
+                }
             }
         }
         self.rejected.inc();
