@@ -519,12 +519,15 @@ async fn a_redis_blpop_worker_is_paused_and_resumes_losing_at_most_the_message_i
 
 /// healthgate with an egress listener in front of an echo server, needing `dep`.
 fn held_healthgate(dep: SocketAddr, upstream: SocketAddr, extra: &str) -> Healthgate {
-    let cfg = format!(
+    Healthgate::start(&held_config(dep, upstream, extra))
+}
+
+fn held_config(dep: SocketAddr, upstream: SocketAddr, extra: &str) -> String {
+    format!(
         "workers: 2\nadmin:\n  listen: 127.0.0.1:0\ndrain:\n  delay: 1s\n  timeout: 5s\nlisteners:\n  - name: egress\n    protocol: tcp\n    \
          listen: 127.0.0.1:0\n    upstream: \"{upstream}\"\n    needs: [dep]\n{extra}dependencies:\n  - name: dep\n    \
          type: tcp\n    address: \"{dep}\"\n    interval: 100ms\n    timeout: 500ms\n    rise: 1\n    fall: 1\n"
-    );
-    Healthgate::start(&cfg)
+    )
 }
 
 /// Connects and sends a greeting; the connection's read timeout is `STEP`.
@@ -633,4 +636,35 @@ fn the_drain_ends_held_connections_when_it_stops_accepting() {
     // drain.delay is 1 s; the hold would be 15-30 s.
     assert!(ended - start < Duration::from_secs(6), "ended by the drain, not the hold: {:?}", ended - start);
     assert!(hg.wait_exit(WITHIN).success());
+}
+
+#[test]
+fn a_held_connection_is_served_when_its_needed_dependency_recovers_while_the_service_stays_out() {
+    // The listener needs only `dep`; `other` keeps the service out of
+    // service, so no service-state change announces `dep`'s recovery.
+    let (mut dep, mut other) = (support::Dep::up(), support::Dep::up());
+    let echo = support::relay::Backend::start(support::relay::Speaks::Echo(Vec::new()));
+    let extra = format!(
+        "    reject_delay: 30s\n  - name: unused\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: \"{}\"\n    \
+         needs: [other]\n",
+        echo.addr
+    );
+    let cfg = held_config(dep.addr, echo.addr, &extra)
+        + &format!(
+            "  - name: other\n    type: tcp\n    address: \"{}\"\n    interval: 100ms\n    rise: 1\n    fall: 1\n",
+            other.addr
+        );
+    let hg = Healthgate::start(&cfg);
+    hg.wait_state("in_service", WITHIN);
+    dep.kill();
+    other.kill();
+    hg.wait_state("out_of_service", WITHIN);
+
+    let mut s = client(&hg);
+    eventually_blocking("the connection to be held", STEP, || (held(&hg) == 1.0).then_some(()));
+    dep.revive();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).expect("the echo of what was sent while held, long before the 15-30 s hold ends");
+    assert_eq!(&buf, b"hello");
+    assert_eq!(hg.state(), "out_of_service", "the service stayed out of service throughout");
 }

@@ -157,6 +157,9 @@ struct Worker {
     stop: watch::Sender<bool>,
     /// Set when the drain begins: held refused connections are ended.
     draining: watch::Sender<bool>,
+    /// Whether the listener admits new connections, as of the last state
+    /// change or poll: wakes held connections when their dependencies recover.
+    admitting: watch::Sender<bool>,
 }
 
 impl Worker {
@@ -183,6 +186,7 @@ impl Worker {
             cut: watch::Sender::new(0),
             stop: watch::Sender::new(false),
             draining: watch::Sender::new(false),
+            admitting: watch::Sender::new(false),
             ctx,
         }
     }
@@ -206,6 +210,7 @@ impl Worker {
         if self.paused.get() != paused {
             self.paused.set(paused);
         }
+        self.admitting.send_if_modified(|a| std::mem::replace(a, refusal.is_none()) != refusal.is_none());
         if self.ctx.config.tcp.on_outage != TcpOnOutage::CloseExisting || self.permits.held() == 0 {
             return;
         }
@@ -298,21 +303,22 @@ impl Drop for HoldSlot {
 }
 
 /// Holds a refused connection unread for `wait`, then ends it per `reject`.
-/// Its dependencies recovering meanwhile (seen on a service-state change or
-/// at the end of the hold) gets it served instead, with the bytes the
-/// client sent still unread; the drain ends it at once.
+/// Its dependencies recovering meanwhile (seen at once on a service-state
+/// change, within [`OUTAGE_POLL`] otherwise, and at the end of the hold)
+/// gets it served instead, with the bytes the client sent still unread; the
+/// drain ends it at once.
 async fn hold(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, wait: Duration, slot: HoldSlot) {
     let until = Instant::now() + wait;
-    let mut service = worker.ctx.health.subscribe_service();
-    let mut service_open = true;
+    let mut admitting = worker.admitting.subscribe();
+    let mut admitting_open = true;
     let mut draining = worker.draining.subscribe();
     let drained = loop {
         tokio::select! {
             _ = tokio::time::sleep_until(until) => break false,
             _ = draining.wait_for(|d| *d) => break true,
-            changed = service.changed(), if service_open => {
-                service_open = changed.is_ok();
-                if worker.refusal().is_none() {
+            changed = admitting.changed(), if admitting_open => {
+                admitting_open = changed.is_ok();
+                if *admitting.borrow_and_update() && worker.refusal().is_none() {
                     break false;
                 }
             }
