@@ -561,9 +561,14 @@ fn a_refused_connection_is_held_between_half_and_all_of_reject_delay_then_closed
     let echo = support::relay::Backend::start(support::relay::Speaks::Echo(Vec::new()));
     let hg = held_healthgate(dep.addr, echo.addr, "    reject_delay: 1s\n");
     hg.wait_state("in_service", WITHIN);
+    eventually_blocking("healthgate_tcp_paused = 0", STEP, || (!paused(&hg, "egress")).then_some(()));
+    let paused_events = hg.events("tcp listener paused").len();
     dep.kill();
     hg.wait_state("out_of_service", WITHIN);
     eventually_blocking("healthgate_tcp_paused = 1", STEP, || paused(&hg, "egress").then_some(()));
+    eventually_blocking("the pause to be logged", STEP, || {
+        (hg.events("tcp listener paused").len() > paused_events).then_some(())
+    });
 
     let before = refused(&hg, "egress");
     let start = Instant::now();
@@ -576,6 +581,8 @@ fn a_refused_connection_is_held_between_half_and_all_of_reject_delay_then_closed
     assert!(took < Duration::from_millis(1000) + Duration::from_secs(2), "closed after the hold, took {took:?}");
     eventually_blocking("the refusal to be counted", STEP, || (refused(&hg, "egress") == before + 1.0).then_some(()));
     assert_eq!(held(&hg), 0.0, "the hold slot is returned");
+    // Both workers saw the pause; it was logged once.
+    assert_eq!(hg.events("tcp listener paused").len(), paused_events + 1, "one event per transition");
 }
 
 #[test]

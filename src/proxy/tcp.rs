@@ -47,7 +47,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior, sleep, timeout_at};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::accept::{self, Permit, Permits, Serve};
 use super::{DrainSignal, ListenerCtx};
@@ -108,7 +108,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: Drai
     }
 }
 
-/// Keeps the listener's `paused` gauge true and, with `on_outage:
+/// Keeps the listener's `paused` gauge current and, with `on_outage:
 /// close_existing`, closes the worker's connections, when the service state
 /// changes and every [`OUTAGE_POLL`] (a dependency this listener needs can
 /// go down while the service state stays the same).
@@ -207,8 +207,15 @@ impl Worker {
     fn on_state(&self) {
         let refusal = self.refusal();
         let paused = i64::from(refusal.is_some());
-        if self.paused.get() != paused {
-            self.paused.set(paused);
+        // `set` swaps atomically: of the workers, only the first to see the
+        // change logs it.
+        if self.paused.get() != paused && self.paused.set(paused) != paused {
+            match refusal {
+                Some((reason, missing)) => {
+                    info!(listener = %self.ctx.config.name, ?reason, missing, "tcp listener paused: refusing new connections")
+                }
+                None => info!(listener = %self.ctx.config.name, "tcp listener resumed: admitting connections"),
+            }
         }
         self.admitting.send_if_modified(|a| std::mem::replace(a, refusal.is_none()) != refusal.is_none());
         if self.ctx.config.tcp.on_outage != TcpOnOutage::CloseExisting || self.permits.held() == 0 {
@@ -254,7 +261,8 @@ impl Worker {
 
 impl Serve for Rc<Worker> {
     /// Admission at accept: out of service (or degraded with
-    /// `admit_degraded: false`) ends the connection at once, per `reject`.
+    /// `admit_degraded: false`) ends the connection per `reject`, at once
+    /// or after holding it for `reject_delay`.
     fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
         let tcp = &self.ctx.config.tcp;
         let Some((reason, missing)) = self.refusal() else { return true };
