@@ -675,3 +675,63 @@ fn a_held_connection_is_served_when_its_needed_dependency_recovers_while_the_ser
     assert_eq!(&buf, b"hello");
     assert_eq!(hg.state(), "out_of_service", "the service stayed out of service throughout");
 }
+
+/// Publishes one persistent message straight to the broker, confirmed (from blocking code).
+fn publish_one(port: u16, queue: &str, body: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (conn, ch) = amqp_channel(port).await;
+        ch.confirm_select(Default::default()).await.unwrap();
+        let props = lapin::BasicProperties::default().with_delivery_mode(2);
+        let confirm = ch.basic_publish("".into(), queue.into(), Default::default(), body.as_bytes(), props);
+        let confirm = tokio::time::timeout(STEP, confirm).await.expect("publish in time").expect("publish");
+        assert!(tokio::time::timeout(STEP, confirm).await.expect("confirm in time").expect("confirm").is_ack());
+        let _ = tokio::time::timeout(STEP, conn.close(200, "bye".into())).await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqps_consumer_verifies_the_real_broker_through_the_listener_and_is_paused_too() {
+    let _guard = rabbitmq::shared().await;
+    let node = rabbitmq::node();
+    let queue = format!("tls-jobs-{}", std::process::id());
+    declare(node.port, &queue).await;
+    let (port, tls_port, ca) = (node.port, node.tls_port, node.pki().path("ca.pem"));
+    tokio::task::spawn_blocking(move || {
+        let mut dep = support::Dep::up();
+        let cfg = format!(
+            "workers: 2\nadmin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: amqps\n    protocol: tcp\n    \
+             listen: 127.0.0.1:0\n    upstream: \"localhost:{tls_port}\"\n    needs: [dep]\n    \
+             on_outage: close_existing\n    reject_delay: 1s\ndependencies:\n  - name: dep\n    type: tcp\n    \
+             address: \"{}\"\n    interval: 100ms\n    rise: 1\n    fall: 1\n",
+            dep.addr
+        );
+        let hg = Healthgate::start(&cfg);
+        hg.wait_state("in_service", WITHIN);
+        let consumer = Consumer::start(
+            "amqp_consumer.py",
+            &[
+                "127.0.0.1".into(),
+                hg.listeners[0].port().to_string(),
+                queue.clone(),
+                rabbitmq::USER.into(),
+                rabbitmq::PASSWORD.into(),
+                ca,
+            ],
+        );
+        consumer.wait_for("the TLS consumer to connect through healthgate", |c| c.count("CONNECTED") >= 1);
+        publish_one(port, &queue, "m0");
+        consumer.wait_for("m0 over TLS", |c| c.got().contains(&"m0".to_string()));
+
+        dep.kill();
+        eventually_blocking("the TLS connection to be closed", WITHIN, || {
+            (outage_closes(&hg, "amqps") >= 1.0).then_some(())
+        });
+        publish_one(port, &queue, "m1");
+        dep.revive();
+        consumer.wait_for("m1 after the outage, over TLS again", |c| c.got().contains(&"m1".to_string()));
+        assert!(accepted(&hg, "amqps") >= 2.0, "connected through the listener before and after the outage");
+    })
+    .await
+    .unwrap();
+}

@@ -1,6 +1,10 @@
 """A RabbitMQ job consumer as apps write them (pika, manual acks), for tests/consumers.rs.
 
-Usage: amqp_consumer.py HOST PORT QUEUE USER PASSWORD
+Usage: amqp_consumer.py HOST PORT QUEUE USER PASSWORD [CA_FILE]
+
+With CA_FILE, the connection is AMQP over TLS, the broker's certificate
+verified against CA_FILE for the name `localhost` (end to end: a TCP listener
+passes TLS through untouched).
 
 Connects, consumes QUEUE with manual acks, prints `GOT <body> <redelivered>`
 for each delivery before acking it, and on any connection error reconnects at
@@ -9,6 +13,7 @@ Prints `ATTEMPT n` before each connect, `CONNECTED` once consuming and
 `LOST <exception>` when a connection ends. Killed by the test.
 """
 
+import ssl
 import sys
 import time
 
@@ -23,7 +28,11 @@ params = pika.ConnectionParameters(
     connection_attempts=1,
     socket_timeout=5,
     heartbeat=10,
+    ssl_options=None,
 )
+if len(sys.argv) > 6:
+    context = ssl.create_default_context(cafile=sys.argv[6])
+    params.ssl_options = pika.SSLOptions(context, server_hostname="localhost")
 
 
 def on_message(channel, method, _properties, body):
