@@ -100,6 +100,15 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// Labels of `grpc_health_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    /// `check`, `watch` or `other`.
+    pub method: String,
+    /// The gRPC status name in lower case, or `http_error`.
+    pub code: String,
+}
+
 /// Labels of `overrides_active`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -274,6 +283,8 @@ pub struct Metrics {
     pub control_auth_failures: Counter,
     /// `healthgate_admin_connections_shed_total`.
     pub admin_connections_shed: Counter,
+    /// `healthgate_grpc_health_requests_total`.
+    pub grpc_health_requests: Family<GrpcLabels, Counter>,
 }
 
 impl Metrics {
@@ -303,6 +314,7 @@ impl Metrics {
         let overrides_active = Family::<KindLabels, Gauge>::default();
         let control_auth_failures = Counter::default();
         let admin_connections_shed = Counter::default();
+        let grpc_health_requests = Family::<GrpcLabels, Counter>::default();
 
         registry.register(
             "dependency_up",
@@ -360,6 +372,11 @@ impl Metrics {
             "Admin connections closed to make room at admin.max_connections",
             admin_connections_shed.clone(),
         );
+        registry.register(
+            "grpc_health_requests",
+            "gRPC health calls on the admin port by method and status",
+            grpc_health_requests.clone(),
+        );
         for kind in OVERRIDE_KINDS {
             overrides_active.get_or_create(&KindLabels { kind: kind.into() }).set(0);
         }
@@ -414,6 +431,7 @@ impl Metrics {
             overrides_active,
             control_auth_failures,
             admin_connections_shed,
+            grpc_health_requests,
         })
     }
 
