@@ -157,9 +157,6 @@ struct Worker {
     stop: watch::Sender<bool>,
     /// Set when the drain begins: held refused connections are ended.
     draining: watch::Sender<bool>,
-    /// Whether the listener admits new connections, as of the last state
-    /// change or poll: wakes held connections when their dependencies recover.
-    admitting: watch::Sender<bool>,
 }
 
 impl Worker {
@@ -186,7 +183,6 @@ impl Worker {
             cut: watch::Sender::new(0),
             stop: watch::Sender::new(false),
             draining: watch::Sender::new(false),
-            admitting: watch::Sender::new(false),
             ctx,
         }
     }
@@ -217,7 +213,6 @@ impl Worker {
                 None => info!(listener = %self.ctx.config.name, "tcp listener resumed: admitting connections"),
             }
         }
-        self.admitting.send_if_modified(|a| std::mem::replace(a, refusal.is_none()) != refusal.is_none());
         if self.ctx.config.tcp.on_outage != TcpOnOutage::CloseExisting || self.permits.held() == 0 {
             return;
         }
@@ -317,19 +312,22 @@ impl Drop for HoldSlot {
 /// drain ends it at once.
 async fn hold(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, wait: Duration, slot: HoldSlot) {
     let until = Instant::now() + wait;
-    let mut admitting = worker.admitting.subscribe();
-    let mut admitting_open = true;
     let mut draining = worker.draining.subscribe();
+    // Its own re-check, not the listener's last verdict: that can be a
+    // poll old, and a dependency can go down and back up in between.
+    let mut service = worker.ctx.health.subscribe_service();
+    let mut service_open = true;
+    let mut poll = tokio::time::interval_at(Instant::now() + OUTAGE_POLL, OUTAGE_POLL);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let drained = loop {
         tokio::select! {
             _ = tokio::time::sleep_until(until) => break false,
             _ = draining.wait_for(|d| *d) => break true,
-            changed = admitting.changed(), if admitting_open => {
-                admitting_open = changed.is_ok();
-                if *admitting.borrow_and_update() && worker.refusal().is_none() {
-                    break false;
-                }
-            }
+            changed = service.changed(), if service_open => service_open = changed.is_ok(),
+            _ = poll.tick() => {}
+        }
+        if worker.refusal().is_none() {
+            break false;
         }
     };
     drop(slot);
