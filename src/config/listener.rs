@@ -103,7 +103,7 @@ pub enum UpstreamProtocol {
 }
 
 /// One inbound listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     /// Name (a metric label).
     pub name: String,
@@ -132,7 +132,7 @@ pub struct ListenerConfig {
 }
 
 /// HTTP listener options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpListenerConfig {
     /// Add/extend `X-Forwarded-For`.
     pub x_forwarded_for: bool,
@@ -195,7 +195,7 @@ pub enum TcpOnOutage {
 }
 
 /// TCP listener options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TcpListenerConfig {
     /// How a rejected connection is ended.
     pub reject: TcpReject,

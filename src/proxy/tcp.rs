@@ -50,7 +50,7 @@ use tokio::time::{Instant, MissedTickBehavior, sleep, timeout_at};
 use tracing::{debug, info};
 
 use super::accept::{self, Permit, Permits, Serve};
-use super::{DrainSignal, ListenerCtx};
+use super::{DrainSignal, ListenerCtx, LiveCtx};
 use crate::config::{TcpOnOutage, TcpReject};
 use crate::metrics::{AtomicHistogram, ListenerLabels, TcpBytesLabels, TcpOutcomeLabels};
 use crate::net;
@@ -85,8 +85,8 @@ pub fn hold_time(reject_delay: Duration, unit: f64) -> Duration {
 /// Runs inside a `tokio::task::LocalSet` on the worker's current-thread
 /// runtime. Returns once the drain signal fired and every connection ended
 /// (or the drain deadline passed, after which the rest are closed).
-pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: DrainSignal) {
-    let worker = Rc::new(Worker::new(ctx));
+pub async fn serve(listener: TcpListener, live: LiveCtx, mut drain: DrainSignal) {
+    let worker = Rc::new(Worker::new(live.load_full(), live));
     let outages = tokio::task::spawn_local(watch_outages(worker.clone()));
     let name = worker.ctx.config.name.clone();
     let deadline = accept::run(&listener, &name, &worker.permits, &mut drain, &worker).await;
@@ -133,7 +133,10 @@ async fn watch_outages(worker: Rc<Worker>) {
 /// A worker's state for one listener: metric handles resolved once, the
 /// buffer pool and the signal that closes existing connections.
 struct Worker {
+    /// The context at start: the connection-level settings (a reload refuses to change them).
     ctx: Arc<ListenerCtx>,
+    /// The context in force: what an admission needs.
+    live: LiveCtx,
     accepted: Counter,
     rejected: Counter,
     upstream_error: Counter,
@@ -160,7 +163,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(ctx: Arc<ListenerCtx>) -> Worker {
+    fn new(ctx: Arc<ListenerCtx>, live: LiveCtx) -> Worker {
         let m = &ctx.registry;
         let name = &ctx.config.name;
         let outcome = |o: &str| {
@@ -184,15 +187,18 @@ impl Worker {
             stop: watch::Sender::new(false),
             draining: watch::Sender::new(false),
             ctx,
+            live,
         }
     }
 
     /// Why a new connection would be refused now, with the mask of the
     /// needed dependencies that are not up; `None` when it is admitted.
-    fn refusal(&self) -> Option<(Reject, u64)> {
-        match self.ctx.health.admission(self.ctx.default_route.needs) {
+    fn refusal(&self, draw: bool) -> Option<(Reject, u64)> {
+        let live = self.live.load();
+        let needs = live.default_route.needs;
+        match if draw { live.admission(needs) } else { live.gate(needs) } {
             Admission::Admit => None,
-            Admission::Reject(Reject::Degraded, _) if self.ctx.config.tcp.admit_degraded => None,
+            Admission::Reject(Reject::Degraded, _) if live.config.tcp.admit_degraded => None,
             Admission::Reject(reason, missing) => Some((reason, missing)),
         }
     }
@@ -201,7 +207,7 @@ impl Worker {
     /// `on_outage: close_existing`, closes this worker's connections while
     /// the listener's needed dependencies put it out of service.
     fn on_state(&self) {
-        let refusal = self.refusal();
+        let refusal = self.refusal(false);
         let paused = i64::from(refusal.is_some());
         // `set` swaps atomically: of the workers, only the first to see the
         // change logs it.
@@ -259,8 +265,10 @@ impl Serve for Rc<Worker> {
     /// `admit_degraded: false`) ends the connection per `reject`, at once
     /// or after holding it for `reject_delay`.
     fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
-        let tcp = &self.ctx.config.tcp;
-        let Some((reason, missing)) = self.refusal() else { return true };
+        // What the config in force needs, and how it refuses (`reject`, `admit_degraded`).
+        let live = self.live.load();
+        let tcp = &live.config.tcp;
+        let Some((reason, missing)) = self.refusal(true) else { return true };
         if !tcp.reject_delay.is_zero()
             && !*self.draining.borrow()
             && let Some(slot) = self.hold_slot()
@@ -326,13 +334,13 @@ async fn hold(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, wait: Dur
             changed = service.changed(), if service_open => service_open = changed.is_ok(),
             _ = poll.tick() => {}
         }
-        if worker.refusal().is_none() {
+        if worker.refusal(true).is_none() {
             break false;
         }
     };
     drop(slot);
     if !drained
-        && worker.refusal().is_none()
+        && worker.refusal(true).is_none()
         && let Some(permit) = worker.permits.try_take()
     {
         debug!(listener = %worker.ctx.config.name, %peer, "tcp held connection admitted: dependencies recovered");
@@ -650,7 +658,10 @@ mod tests {
                     reject_delay: 1s\n    reject_hold_max: 2\n";
         let c = Config::from_yaml(yaml, Path::new("t")).unwrap();
         let ctx = ListenerCtx::new(&c, 0, Health::new(&c), Metrics::new(&c));
-        let (a, b) = (Rc::new(Worker::new(ctx.clone())), Rc::new(Worker::new(ctx)));
+        let (a, b) = (
+            Rc::new(Worker::new(ctx.clone(), crate::proxy::live(ctx.clone()))),
+            Rc::new(Worker::new(ctx.clone(), crate::proxy::live(ctx))),
+        );
         let one = a.hold_slot().expect("first slot");
         let two = b.hold_slot().expect("second slot, on another worker");
         assert!(a.hold_slot().is_none() && b.hold_slot().is_none(), "the cap is listener-wide");
@@ -663,7 +674,8 @@ mod tests {
 
     #[test]
     fn relay_buffers_are_reused_and_the_pool_is_bounded() {
-        let w = Worker::new(ctx(1));
+        let c = ctx(1);
+        let w = Worker::new(c.clone(), crate::proxy::live(c));
         let bufs = w.take_buffers();
         let ptr = bufs[0].as_ptr();
         w.return_buffers(bufs);
