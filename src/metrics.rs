@@ -280,6 +280,12 @@ pub struct Metrics {
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// `healthgate_tcp_connection_duration_seconds`.
     pub tcp_connection_duration: AtomicHistogramFamily<ListenerLabels>,
+    /// `healthgate_tcp_paused`: 1 while a TCP listener refuses new connections.
+    pub tcp_paused: Family<ListenerLabels, Gauge>,
+    /// `healthgate_tcp_outage_closes_total`: established connections cut by `on_outage: close_existing`.
+    pub tcp_outage_closes: Family<ListenerLabels, Counter>,
+    /// `healthgate_tcp_held_connections`: refused connections held for `reject_delay`.
+    pub tcp_held_connections: Family<ListenerLabels, Gauge>,
     /// `healthgate_overrides_active`.
     pub overrides_active: Family<KindLabels, Gauge>,
     /// `healthgate_control_auth_failures_total`.
@@ -364,6 +370,9 @@ impl Metrics {
         let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
         let tcp_connection_duration: AtomicHistogramFamily<ListenerLabels> =
             Family::new_with_constructor(|| AtomicHistogram::new(&CONNECTION_BUCKETS));
+        let tcp_paused = Family::<ListenerLabels, Gauge>::default();
+        let tcp_outage_closes = Family::<ListenerLabels, Counter>::default();
+        let tcp_held_connections = Family::<ListenerLabels, Gauge>::default();
         let build_info = Family::<BuildLabels, Gauge>::default();
         let overrides_active = Family::<KindLabels, Gauge>::default();
         let control_auth_failures = Counter::default();
@@ -401,6 +410,21 @@ impl Metrics {
             "tcp_connection_duration_seconds",
             "TCP listener connection duration",
             tcp_connection_duration.clone(),
+        );
+        registry.register(
+            "tcp_paused",
+            "1 while a TCP listener refuses new connections because of its needed dependencies",
+            tcp_paused.clone(),
+        );
+        registry.register(
+            "tcp_outage_closes",
+            "Established TCP connections closed because the listener's needed dependencies went down",
+            tcp_outage_closes.clone(),
+        );
+        registry.register(
+            "tcp_held_connections",
+            "Refused TCP connections held for reject_delay before they are closed",
+            tcp_held_connections.clone(),
         );
         registry.register("build_info", "Build information", build_info.clone());
         registry.register("overrides_active", "Active operator overrides by kind", overrides_active.clone());
@@ -448,6 +472,16 @@ impl Metrics {
                 let _ = grpc_local_responses
                     .get_or_create(&GrpcLocalLabels { listener: l.name.clone(), grpc_status: "14".into() });
             }
+            if l.protocol == ListenerProtocol::Tcp {
+                let labels = ListenerLabels { listener: l.name.clone() };
+                let _ = tcp_paused.get_or_create(&labels);
+                let _ = tcp_outage_closes.get_or_create(&labels);
+                let _ = tcp_held_connections.get_or_create(&labels);
+                for outcome in ["accepted", "rejected", "upstream_error"] {
+                    let _ = tcp_connections
+                        .get_or_create(&TcpOutcomeLabels { listener: l.name.clone(), outcome: outcome.into() });
+                }
+            }
         }
 
         Arc::new(Metrics {
@@ -465,6 +499,9 @@ impl Metrics {
             tcp_connections,
             tcp_bytes,
             tcp_connection_duration,
+            tcp_paused,
+            tcp_outage_closes,
+            tcp_held_connections,
             overrides_active,
             control_auth_failures,
             admin_connections_shed,
