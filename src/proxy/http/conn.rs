@@ -147,20 +147,21 @@ pub(super) fn head_wait_until(state: &IoState, cfg: &TimerConfig, drain: Option<
     }
 }
 
-/// Where the first request head in `buf` ends (the index after its empty
-/// line), if it is complete. A line ends with LF (a CR before it is
-/// optional, as for hyper's parser). Looks at `buf[from..]` only, plus the
-/// two bytes before it, so a head arriving in pieces is scanned once.
-pub(super) fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let start = from.saturating_sub(2);
-    for i in memchr::memchr_iter(b'\n', &buf[start..]).map(|i| start + i) {
-        match buf.get(i + 1) {
-            Some(b'\n') => return Some(i + 2),
-            Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
-            _ => {}
-        }
-    }
-    None
+/// Headers a waited-for head may have before hyper is asked to decide
+/// (hyper's default `max_headers`; more, and hyper applies its own limit).
+const HEAD_WAIT_HEADERS: usize = 100;
+
+/// Whether hyper can act on `buf` as it is: a whole request head, or bytes
+/// its parser already refuses (answered `400` at once, as when hyper read
+/// them itself). Parsed by hyper's parser with hyper's server options
+/// (httparse, defaults), so only a head that is valid so far and not yet
+/// complete is waited for. hyper too parses the whole buffer again on each
+/// read of a head, so this costs no more per arrival than hyper did.
+pub(super) fn head_ready(buf: &[u8]) -> bool {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; HEAD_WAIT_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut headers);
+    !matches!(parsed, Ok(httparse::Status::Partial))
 }
 
 /// What one [`read_head`] round got.
@@ -679,22 +680,26 @@ mod tests {
     }
 
     #[test]
-    fn a_head_ends_at_its_first_empty_line_with_or_without_cr() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: h\r\n\r\nbody", 0), Some(27));
-        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: h\n\n", 0), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: h\n\r\n", 0), Some(26));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: h\r\n", 0), None, "the empty line has not arrived");
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: h\r\n\r", 0), None);
-        assert_eq!(head_end(b"", 0), None);
+    fn a_whole_head_or_one_hyper_refuses_is_ready_and_a_valid_partial_one_is_waited_for() {
+        assert!(head_ready(b"GET / HTTP/1.1\r\nHost: h\r\n\r\nbody"));
+        assert!(head_ready(b"GET / HTTP/1.1\nHost: h\n\n"), "bare LF, as hyper accepts");
+        assert!(!head_ready(b""));
+        assert!(!head_ready(b"GET / HTTP/1.1\r\nHost: h\r\n"), "the empty line has not arrived");
+        assert!(!head_ready(b"GET / HTTP/1.1\r\nHost: h\r\n\r"));
+        assert!(!head_ready(b"GE"));
+        // Refused before the head ends: hyper answers 400 at once.
+        assert!(head_ready(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"), "a TLS ClientHello");
+        assert!(head_ready(b"G\x01T / HTTP/1.1\r\n"));
+        assert!(head_ready(b"GET / HTTP/1.1\r\nBad Header: x\r\n"));
     }
 
     #[test]
-    fn a_head_arriving_in_pieces_is_found_when_its_end_straddles_two_reads() {
-        let head = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n";
-        for split in 1..head.len() {
-            // Scanning from where the previous read ended finds the end.
-            assert_eq!(head_end(head, split), Some(head.len()), "split at {split}");
+    fn a_head_arriving_byte_by_byte_is_ready_only_at_its_end() {
+        let head = b"GET /x HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n";
+        for end in 0..head.len() {
+            assert!(!head_ready(&head[..end]), "ready after {end} bytes");
         }
+        assert!(head_ready(head));
     }
 
     #[test]

@@ -301,7 +301,8 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
 }
 
 /// Waits, without hyper, until a whole request head (or `max_header_bytes`
-/// of one) is in `io.prefix`, where hyper will read it first. A parked
+/// of one, or bytes hyper's parser refuses: see [`conn::head_ready`]) is in
+/// `io.prefix`, where hyper will read it first. A parked
 /// connection (`parked`, counted in the gauge until bytes arrive) and a new
 /// one wait here, holding the socket and a buffer the size of what arrived.
 /// Returns false when the connection is to be closed: the client closed
@@ -314,13 +315,12 @@ async fn wait_for_head(
     drain: &mut DrainSignal,
     drain_seen: &mut bool,
 ) -> bool {
-    let limit = w.ctx.config.http.max_header_bytes.saturating_add(1);
+    let limit = w.ctx.config.http.max_header_bytes.max(1);
     // Bytes hyper read but did not parse before it was parked (normally none).
     let mut buf = std::mem::take(&mut io.prefix).to_vec();
-    let mut scanned = 0;
     let mut gauge = (parked && buf.is_empty()).then(|| Parked::new(&w.parked));
-    while buf.len() < limit && conn::head_end(&buf, scanned).is_none() {
-        scanned = buf.len();
+    let mut ready = !buf.is_empty() && conn::head_ready(&buf);
+    while !ready && buf.len() < limit {
         let until = conn::head_wait_until(&io.state, &w.timer, drain_idle(w));
         timer.as_mut().reset(until.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600)));
         tokio::select! {
@@ -334,7 +334,8 @@ async fn wait_for_head(
                     Ok(HeadRead::Bytes) => {
                         io.state.head_arriving();
                         gauge = None;
-                        if buf.capacity() > 2 * buf.len() && conn::head_end(&buf, scanned).is_none() {
+                        ready = conn::head_ready(&buf);
+                        if !ready && buf.capacity() > 2 * buf.len() {
                             // A head arriving in pieces keeps only what came.
                             buf.shrink_to_fit();
                         }
