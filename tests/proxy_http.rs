@@ -184,6 +184,12 @@ impl Client {
         t("write", self.s.write_all(raw)).await.expect("write");
     }
 
+    /// Leaves with a reset (RST), as a client with unread data or a
+    /// zero linger time does.
+    fn reset(self) {
+        socket2::SockRef::from(&self.s).set_linger(Some(Duration::ZERO)).unwrap();
+    }
+
     async fn get(&mut self, path: &str) -> Resp {
         self.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes()).await;
         self.response().await
@@ -1160,17 +1166,19 @@ async fn max_connections_holds_further_connections_back() {
     assert_eq!(r.text(), "app:/2");
 }
 
-/// A request whose client goes away before the response head is counted once
-/// as `client_closed`, with its duration, under the route it took.
+/// A request whose client goes away (resets the connection) before the
+/// response head is counted once as `client_closed`, with its duration,
+/// under the route it took: the connection timer notices the reset although
+/// hyper does not read a client whose request is at the app.
 #[tokio::test]
-async fn requests_whose_client_left_before_the_answer_count_as_client_closed() {
+async fn requests_whose_client_reset_before_the_answer_count_as_client_closed() {
     let app = App::start().await;
     let p = Proxy::in_service(&yaml(app.addr, "", &[]));
     for _ in 0..10 {
         let mut c = p.client().await;
         c.send(b"GET /gate HTTP/1.1\r\nHost: h\r\n\r\n").await;
         t("request reaches the app", app.state.arrived.notified()).await;
-        drop(c);
+        c.reset();
     }
     eventually("10 requests counted as client_closed", STEP, || async {
         (p.count_route("client_closed", "default") == 10).then_some(())
@@ -1184,4 +1192,38 @@ async fn requests_whose_client_left_before_the_answer_count_as_client_closed() {
         "{text}"
     );
     assert_eq!(p.count("proxied") + p.count("upstream_error"), 0, "counted once, as client_closed only");
+}
+
+/// A client that shuts down its sending side after a complete request (a
+/// half-close, RFC 9112 §9.6) still gets the answer, counted `proxied`.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let app = App::start().await;
+    let p = Proxy::in_service(&yaml(app.addr, "", &[]));
+    let mut c = p.client().await;
+    c.send(b"GET /gate HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    t("request reaches the app", app.state.arrived.notified()).await;
+    t("shutdown", c.s.shutdown()).await.unwrap();
+    // Past a few timer ticks: the FIN alone must not cancel the request.
+    tokio::time::sleep(healthgate::proxy::http::PARK_AFTER * 3).await;
+    app.state.release.notify_one();
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    assert!(c.closed().await, "the connection ends after the answer");
+    assert_eq!(p.count("proxied"), 1);
+    assert_eq!(p.count("client_closed"), 0);
+}
+
+/// With `abort_on_client_close`, a client that closes its sending side while
+/// its request is at the app is taken to have left: counted `client_closed`.
+#[tokio::test]
+async fn with_abort_on_client_close_a_fin_cancels_the_request_as_client_closed() {
+    let app = App::start().await;
+    let p = Proxy::in_service(&yaml(app.addr, "    abort_on_client_close: true\n", &[]));
+    let mut c = p.client().await;
+    c.send(b"GET /gate HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    t("request reaches the app", app.state.arrived.notified()).await;
+    drop(c);
+    eventually("counted as client_closed", STEP, || async { (p.count("client_closed") == 1).then_some(()) }).await;
+    assert_eq!(p.count("proxied"), 0);
 }

@@ -51,6 +51,7 @@ const HTTP_KEYS: &[&str] = &[
     "max_header_bytes",
     "max_headers",
     "max_body_bytes",
+    "abort_on_client_close",
 ];
 /// Keys of `protocol: tcp` listeners only.
 const TCP_KEYS: &[&str] = &["reject", "on_outage", "admit_degraded", "connect_timeout"];
@@ -126,6 +127,10 @@ pub struct HttpListenerConfig {
     pub max_headers: usize,
     /// Largest request body in bytes (then 413); 0 = unlimited.
     pub max_body_bytes: u64,
+    /// A client closing its sending side while its request is at the app
+    /// cancels the request (`client_closed`), as nginx does; otherwise
+    /// (default, as HAProxy) it is a half-close and still gets its answer.
+    pub abort_on_client_close: bool,
 }
 
 /// What a TCP listener does with a connection it does not admit.
@@ -258,6 +263,7 @@ fn listener(l: &Map<'_>, deps: &[Declared], p: &mut Problems) -> Option<Listener
         max_header_bytes,
         max_headers: positive("max_headers", DEFAULT_MAX_HEADERS, p),
         max_body_bytes: l.int::<u64>("max_body_bytes", p).map_or(0, |v| v.value),
+        abort_on_client_close: flag("abort_on_client_close", false, p),
     };
     let idle_timeout = dur("idle_timeout", DEFAULT_IDLE_TIMEOUT, p);
     let tcp = TcpListenerConfig {

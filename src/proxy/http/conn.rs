@@ -49,6 +49,10 @@ pub(super) struct IoState {
     /// request line of the head being read (0 = none): checked against the
     /// parsed request by [`IoState::take_fragment`].
     pub(super) fragment_at: AtomicU32,
+    /// Set by the connection timer while a request is at the app: the next
+    /// flush looks for a reset the client sent meanwhile (see
+    /// [`ClientIo::poll_flush`]).
+    pub(super) check_reset: AtomicBool,
     /// Set while `informational` holds bytes to write (checked without the lock).
     pub(super) informational_pending: AtomicBool,
     /// The app's 1xx responses to the current request, encoded for the
@@ -263,6 +267,7 @@ impl IoState {
             line_open: AtomicU32::new(1),
             line_len: AtomicU32::new(0),
             fragment_at: AtomicU32::new(0),
+            check_reset: AtomicBool::new(false),
             informational_pending: AtomicBool::new(false),
             informational: Mutex::default(),
         }
@@ -436,8 +441,23 @@ impl AsyncWrite for ClientIo {
     }
     /// Also writes the app's 1xx responses: hyper calls this only with its
     /// own write buffer empty, so they never land inside another message.
+    ///
+    /// And, when the timer asked for it, fails with the socket's pending
+    /// error: hyper (with `half_close`) does not read a client whose request
+    /// is at the app, so a client that reset the connection would otherwise
+    /// be noticed only when the answer is written. hyper polls this each
+    /// time the connection's task wakes, so one `getsockopt` per timer tick
+    /// and busy connection; the error ends the connection and cancels the
+    /// request (`client_closed`). A plain FIN is a half-close: the request
+    /// goes on and is answered.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.state.check_reset.load(Relaxed) {
+            this.state.check_reset.store(false, Relaxed);
+            if let Some(e) = socket2::SockRef::from(&this.stream).take_error()? {
+                return Poll::Ready(Err(e));
+            }
+        }
         if this.state.informational_pending.load(Relaxed) {
             ready!(this.write_informational(cx))?;
         }

@@ -189,6 +189,9 @@ struct Worker {
     upstream_idle_timeout: Option<Duration>,
     /// An upgraded tunnel with no traffic for this long is closed.
     tunnel_idle_timeout: Option<Duration>,
+    /// hyper does not read a client whose request is at the app (`half_close`):
+    /// the connection timer looks for a reset instead.
+    watch_resets: bool,
 }
 
 /// A zero duration means "no limit". Huge values are capped at a year so
@@ -204,14 +207,13 @@ impl Worker {
         // Our own timer handles header and idle timeouts (see module doc),
         // so hyper needs none and allocates no timer per request.
         http.keep_alive(true).header_read_timeout(None).max_header_size(c.max_header_bytes.max(1));
-        // Not `half_close(true)`: with it hyper stops reading the client
-        // while a request is at the app, so a client that went away (FIN or
-        // reset) is noticed only when the answer is written: the app's work
-        // is not cancelled and the request is never counted `client_closed`.
-        // The cost: a client that half-closes after its request (`nc -N`)
-        // gets no answer. Telling the two apart needs the connection timer
-        // to watch the socket for a reset while hyper waits.
-        http.half_close(false);
+        // With `half_close`, a client that shuts down its sending side after
+        // its request (allowed by RFC 9112 §9.6) still gets the answer, as
+        // with HAProxy; hyper then stops reading the client while the
+        // request is at the app, so a client that vanished with a reset is
+        // noticed by the connection timer instead (`IoState::check_reset`).
+        // `abort_on_client_close` takes a FIN as the client leaving (nginx).
+        http.half_close(!c.abort_on_client_close);
         // Head and small bodies copied into one buffer and sent with one
         // `write`: fewer instructions than hyper's `writev` queue for the
         // small messages a sidecar mostly relays (callgrind: −3.3 % proxied,
@@ -250,6 +252,7 @@ impl Worker {
             response_timeout: limit(c.upstream_response_timeout),
             upstream_idle_timeout: limit(c.upstream_idle_timeout),
             tunnel_idle_timeout: limit(ctx.config.idle_timeout),
+            watch_resets: !c.abort_on_client_close,
             ctx,
         }
     }
@@ -402,6 +405,11 @@ async fn serve_hyper(
             biased;
             r = Pin::new(&mut http) => break r,
             _ = timer.as_mut(), if timer_on => match timer_action(w, state, conn.upstream_due.get()) {
+                // The reset check runs when hyper polls its socket, next in this loop.
+                TimerAction::Rearm(t) if w.watch_resets && state.busy.load(Relaxed) > 0 => {
+                    state.check_reset.store(true, Relaxed);
+                    timer.as_mut().reset(t);
+                }
                 TimerAction::Rearm(t) => timer.as_mut().reset(t),
                 TimerAction::UpstreamTimeout(t) => {
                     // Answered `504` when hyper polls the request, next
