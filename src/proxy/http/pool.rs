@@ -155,7 +155,12 @@ pub const POOL_KEEP_IDLE: usize = 8;
 /// idle, oldest first; `len` of them) are due to close at `now`: those
 /// past `upstream_idle_timeout`, and those past [`POOL_SHRINK_AFTER`]
 /// beyond the newest [`POOL_KEEP_IDLE`].
-pub(super) fn pool_due(since: impl Iterator<Item = Instant>, len: usize, now: Instant, timeout: Option<Duration>) -> usize {
+pub(super) fn pool_due(
+    since: impl Iterator<Item = Instant>,
+    len: usize,
+    now: Instant,
+    timeout: Option<Duration>,
+) -> usize {
     let mut n = 0;
     for t in since {
         let shrink = len - n > POOL_KEEP_IDLE && t + POOL_SHRINK_AFTER <= now;
