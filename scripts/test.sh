@@ -46,6 +46,14 @@ if ! python3 -c "import prometheus_client.openmetrics.parser" >/dev/null 2>&1; t
   python3 -m pip install -q prometheus-client
 fi
 
+# The real gRPC app and clients of tests/grpc.rs and tests/grpc_health.rs
+# (grpcio-status brings the google.rpc protos the status details are decoded
+# with; grpcio-health-checking the grpc.health.v1 stubs).
+if ! python3 -c "import grpc, grpc_status, grpc_health.v1.health_pb2_grpc" >/dev/null 2>&1; then
+  echo "== installing: grpcio grpcio-status grpcio-health-checking (PyPI)"
+  python3 -m pip install -q grpcio grpcio-status grpcio-health-checking
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -10,16 +10,19 @@
 //! * `GET /`: the status page for humans ([`page`]).
 //! * `/control/...`: the authenticated runtime control API ([`api`]); it
 //!   exists only when `admin.control.token_file` is set.
+//! * `grpc.health.v1.Health/Check` and `/Watch` over HTTP/2 prior knowledge
+//!   on the same port ([`conn`], [`crate::grpc::health`]).
 //!
 //! It runs on its own thread and runtime (see `crate::server`) so that probes
 //! answer even when the data plane is saturated, and holds at most
 //! `admin.max_connections` connections ([`conns`]).
 
 pub mod api;
+pub mod conn;
 pub mod conns;
+pub mod grpc;
 pub mod page;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +32,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -301,6 +302,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 /// `header_read_timeout` (an idle keep-alive one included) is closed.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     let table = conns::Table::new(admin.config.max_connections);
+    let limits = conn::limits(&admin.config);
     tokio::spawn(admin.control.clone().run_expiry());
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -320,31 +322,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         if slot.shed_another {
             admin.metrics.admin_connections_shed.inc();
         }
-        let admin = admin.clone();
-        let table = table.clone();
-        tokio::spawn(async move {
-            let busy = slot.busy.clone();
-            let header_read_timeout = admin.config.header_read_timeout;
-            let service = service_fn(move |req| {
-                let admin = admin.clone();
-                let busy = busy.clone();
-                async move {
-                    let _busy = conns::Busy::mark(&busy);
-                    Ok::<_, Infallible>(admin.handle(req, peer).await)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_read_timeout)
-                .max_buf_size(conns::MAX_BUF)
-                .max_headers(conns::MAX_HEADERS)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = slot.close.notified() => {}
-            }
-            table.remove(slot.id);
-        });
+        tokio::spawn(conn::serve(stream, peer, admin.clone(), slot, table.clone(), limits.clone()));
         // Let the I/O driver run (a yield is deferred until it has) and the
         // new connection read its request before the next accept: under a
         // flood of connects, a probe is served rather than shed as the

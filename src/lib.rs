@@ -12,6 +12,7 @@
 //! * [`routes`]: which dependencies a request needs (compiled route table).
 //! * [`admin`]: probes, `/status`, `/metrics`, the status page and the
 //!   control API on their own thread.
+//! * [`grpc`]: the `grpc.health.v1.Health` service the admin port answers over h2c.
 //! * [`control`]: operator overrides (drain, maintenance, forced verdicts)
 //!   with TTLs and audit events; the control API's token check.
 //! * [`ctl`]: the `healthgate ctl` client of the control API.
@@ -25,6 +26,7 @@ pub mod check;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod grpc;
 pub mod metrics;
 pub mod monitor;
 pub mod net;

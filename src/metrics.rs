@@ -68,6 +68,15 @@ pub struct RequestLabels {
     pub route: String,
 }
 
+/// Labels of gRPC statuses healthgate answered itself on the data plane.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLocalLabels {
+    /// Listener name.
+    pub listener: String,
+    /// The gRPC status code (a number, 1–16).
+    pub grpc_status: String,
+}
+
 /// Labels with only the listener.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
@@ -98,6 +107,15 @@ pub struct TcpBytesLabels {
 pub struct StateLabels {
     /// Service state.
     pub state: String,
+}
+
+/// Labels of `grpc_health_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    /// `check`, `watch` or `other`.
+    pub method: String,
+    /// The gRPC status name in lower case, or `http_error`.
+    pub code: String,
 }
 
 /// Labels of `overrides_active`.
@@ -268,6 +286,10 @@ pub struct Metrics {
     pub control_auth_failures: Counter,
     /// `healthgate_admin_connections_shed_total`.
     pub admin_connections_shed: Counter,
+    /// `healthgate_grpc_local_responses_total`.
+    pub grpc_local_responses: Family<GrpcLocalLabels, Counter>,
+    /// `healthgate_grpc_health_requests_total`.
+    pub grpc_health_requests: Family<GrpcLabels, Counter>,
 }
 
 impl Metrics {
@@ -294,6 +316,8 @@ impl Metrics {
         let overrides_active = Family::<KindLabels, Gauge>::default();
         let control_auth_failures = Counter::default();
         let admin_connections_shed = Counter::default();
+        let grpc_local_responses = Family::<GrpcLocalLabels, Counter>::default();
+        let grpc_health_requests = Family::<GrpcLabels, Counter>::default();
 
         registry.register(
             "dependency_up",
@@ -336,6 +360,16 @@ impl Metrics {
             "Admin connections closed to make room at admin.max_connections",
             admin_connections_shed.clone(),
         );
+        registry.register(
+            "grpc_local_responses",
+            "gRPC calls healthgate answered itself (short-circuits, upstream failures) by gRPC status",
+            grpc_local_responses.clone(),
+        );
+        registry.register(
+            "grpc_health_requests",
+            "gRPC health calls on the admin port by method and status",
+            grpc_health_requests.clone(),
+        );
         for kind in OVERRIDE_KINDS {
             overrides_active.get_or_create(&KindLabels { kind: kind.into() }).set(0);
         }
@@ -356,6 +390,9 @@ impl Metrics {
             let _ = active_connections.get_or_create(&ListenerLabels { listener: l.name.clone() });
             if l.protocol == ListenerProtocol::Http {
                 let _ = parked_connections.get_or_create(&ListenerLabels { listener: l.name.clone() });
+                // UNAVAILABLE, the default short-circuit status, so dashboards see a zero.
+                let _ = grpc_local_responses
+                    .get_or_create(&GrpcLocalLabels { listener: l.name.clone(), grpc_status: "14".into() });
             }
         }
 
@@ -377,6 +414,8 @@ impl Metrics {
             overrides_active,
             control_auth_failures,
             admin_connections_shed,
+            grpc_local_responses,
+            grpc_health_requests,
         })
     }
 
@@ -408,6 +447,13 @@ impl Metrics {
     /// The open-connections gauge of a listener.
     pub fn active_connections(&self, listener: &str) -> Gauge {
         self.active_connections.get_or_create_owned(&ListenerLabels { listener: listener.into() })
+    }
+
+    /// Counts a gRPC status healthgate answered itself on `listener`.
+    pub fn grpc_local_response(&self, listener: &str, grpc_status: &'static str) {
+        self.grpc_local_responses
+            .get_or_create(&GrpcLocalLabels { listener: listener.into(), grpc_status: grpc_status.into() })
+            .inc();
     }
 
     /// The parked-connections gauge of an HTTP listener.

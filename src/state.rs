@@ -297,6 +297,10 @@ pub struct Health {
     drain_began: OnceLock<Instant>,
     /// Woken on every change of a dependency's verdict or of the lifecycle.
     changed: Notify,
+    /// Bumped on the same changes and on every new service state, for any
+    /// number of watchers (the gRPC health `Watch` streams); `changed` has
+    /// one waiter, the aggregator.
+    epoch: watch::Sender<u64>,
     service: watch::Sender<(ServiceState, SystemTime)>,
     started: SystemTime,
 }
@@ -346,6 +350,7 @@ impl Health {
             draining: AtomicBool::new(false),
             drain_began: OnceLock::new(),
             changed: Notify::new(),
+            epoch: watch::Sender::new(0),
             service: watch::Sender::new((initial, SystemTime::now())),
             started: SystemTime::now(),
         })
@@ -420,7 +425,7 @@ impl Health {
         let verdict_changed = self.deps[index].tx.borrow().state != status.state;
         self.deps[index].tx.send_replace(status);
         if verdict_changed {
-            self.changed.notify_one();
+            self.touch();
         }
     }
 
@@ -436,7 +441,7 @@ impl Health {
                 None => {}
             }
         });
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// The verdict forced on dependency `index`, if any.
@@ -464,7 +469,7 @@ impl Health {
     /// Sets the operator's mode for the pod.
     pub fn set_mode(&self, mode: Mode) {
         self.update(|f| f.mode = mode);
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// The operator's mode for the pod.
@@ -476,7 +481,7 @@ impl Health {
     pub fn start_draining(&self) {
         let _ = self.drain_began.set(Instant::now());
         self.draining.store(true, Ordering::SeqCst);
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// Whether SIGTERM was received.
@@ -517,6 +522,18 @@ impl Health {
         }
     }
 
+    /// Wakes the aggregator and every watcher of [`Health::subscribe_changes`].
+    fn touch(&self) {
+        self.changed.notify_one();
+        self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// A receiver that sees a new value whenever a verdict, an override, the
+    /// lifecycle or the service state changed: cheap to hold, any number of them.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
     /// Waits until something changed that may change the service state.
     pub async fn changed(&self) {
         self.changed.notified().await
@@ -524,7 +541,7 @@ impl Health {
 
     /// Records a new service state (called by the aggregator only).
     pub fn set_service_state(&self, state: ServiceState) -> bool {
-        self.service.send_if_modified(|(s, since)| {
+        let modified = self.service.send_if_modified(|(s, since)| {
             if *s == state {
                 false
             } else {
@@ -532,7 +549,11 @@ impl Health {
                 *since = SystemTime::now();
                 true
             }
-        })
+        });
+        if modified {
+            self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+        }
+        modified
     }
 
     /// The current service state and since when.
@@ -707,6 +728,32 @@ mod tests {
         assert_eq!(got.len(), HISTORY_LEN);
         assert_eq!(got[0], (false, 3.0));
         assert_eq!(got[HISTORY_LEN - 1], (true, (HISTORY_LEN + 2) as f32));
+    }
+
+    #[test]
+    fn watchers_see_every_change_of_a_verdict_override_mode_or_service_state() {
+        let h = health(&[("db", "out_of_service")]);
+        let mut rx = h.subscribe_changes();
+        let mut changed = || {
+            let c = rx.has_changed().unwrap();
+            rx.borrow_and_update();
+            c
+        };
+        assert!(!changed());
+        set(&h, 0, DepHealth::Up);
+        assert!(changed(), "a new verdict");
+        set(&h, 0, DepHealth::Up);
+        assert!(!changed(), "the same verdict again is no change");
+        h.set_force(0, Some(Force::Down));
+        assert!(changed(), "an override");
+        h.set_mode(Mode::Maintenance);
+        assert!(changed(), "a mode");
+        assert!(h.set_service_state(ServiceState::Maintenance));
+        assert!(changed(), "a service state");
+        assert!(!h.set_service_state(ServiceState::Maintenance));
+        assert!(!changed(), "the same service state again is no change");
+        h.start_draining();
+        assert!(changed(), "draining");
     }
 
     #[test]

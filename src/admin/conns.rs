@@ -8,7 +8,7 @@
 //! closed. A connection in the middle of a request is never shed.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -21,7 +21,7 @@ pub const MAX_HEADERS: usize = 32;
 
 /// One open connection's handles.
 struct Entry {
-    busy: Arc<AtomicBool>,
+    busy: Arc<AtomicUsize>,
     close: Arc<Notify>,
 }
 
@@ -29,8 +29,8 @@ struct Entry {
 pub struct Slot {
     /// Its key in the table (connections are numbered in accept order).
     pub id: u64,
-    /// Set while a request is being handled.
-    pub busy: Arc<AtomicBool>,
+    /// Requests being handled (several at once on an HTTP/2 connection).
+    pub busy: Arc<AtomicUsize>,
     /// Notified when the connection is shed.
     pub close: Arc<Notify>,
     /// Whether an older connection was shed to make room.
@@ -65,7 +65,7 @@ impl Table {
         let mut t = self.lock();
         let mut shed_another = false;
         if t.1.len() >= self.max {
-            let id = victim(t.1.iter().map(|(id, e)| (*id, e.busy.load(Ordering::Relaxed))))?;
+            let id = victim(t.1.iter().map(|(id, e)| (*id, e.busy.load(Ordering::Relaxed) > 0)))?;
             if let Some(e) = t.1.remove(&id) {
                 e.close.notify_one();
                 shed_another = true;
@@ -73,7 +73,7 @@ impl Table {
         }
         t.0 += 1;
         let id = t.0;
-        let (busy, close) = (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()));
+        let (busy, close) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
         t.1.insert(id, Entry { busy: busy.clone(), close: close.clone() });
         Some(Slot { id, busy, close, shed_another })
     }
@@ -94,20 +94,20 @@ impl Table {
     }
 }
 
-/// Marks a connection busy for as long as it lives (one request).
-pub struct Busy(Arc<AtomicBool>);
+/// Counts one request in its connection's `busy` for as long as it lives.
+pub struct Busy(Arc<AtomicUsize>);
 
 impl Busy {
-    /// Sets `flag` until the guard drops.
-    pub fn mark(flag: &Arc<AtomicBool>) -> Busy {
-        flag.store(true, Ordering::Relaxed);
-        Busy(flag.clone())
+    /// Adds one to `count` until the guard drops.
+    pub fn mark(count: &Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::Relaxed);
+        Busy(count.clone())
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -127,7 +127,7 @@ mod tests {
         let t = Table::new(2);
         let a = t.admit().unwrap();
         let b = t.admit().unwrap();
-        a.busy.store(true, Ordering::Relaxed);
+        let a_busy = Busy::mark(&a.busy);
         let c = t.admit().unwrap();
         assert!(c.shed_another);
         assert_eq!(t.len(), 2);
@@ -135,8 +135,11 @@ mod tests {
         let shed = b.close.notified();
         tokio::pin!(shed);
         assert!(futures_ready(shed.as_mut()));
-        c.busy.store(true, Ordering::Relaxed);
+        // Two requests at once on one (HTTP/2) connection: busy until both end.
+        let (c1, c2) = (Busy::mark(&c.busy), Busy::mark(&c.busy));
+        drop(c1);
         assert!(t.admit().is_none(), "every connection is mid-request");
+        drop((c2, a_busy));
         t.remove(a.id);
         assert!(!t.admit().unwrap().shed_another);
     }

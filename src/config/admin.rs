@@ -19,9 +19,16 @@ pub const KEYS: &[&str] = &[
     "max_connections",
     "header_read_timeout",
     "control",
+    "grpc",
 ];
 /// Keys of `admin.control`.
 pub const CONTROL_KEYS: &[&str] = &["token_file", "max_ttl"];
+/// Keys of `admin.grpc`.
+pub const GRPC_KEYS: &[&str] = &["enabled", "max_watch_streams"];
+/// Default cap on open gRPC health `Watch` streams.
+pub const DEFAULT_MAX_WATCH_STREAMS: usize = 16;
+/// Most `Watch` streams that may be configured.
+pub const MAX_MAX_WATCH_STREAMS: usize = 1024;
 
 /// Default admin listen address.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9901);
@@ -63,6 +70,23 @@ pub struct AdminConfig {
     pub header_read_timeout: Duration,
     /// The runtime control API; `None` = the control endpoints do not exist.
     pub control: Option<ControlConfig>,
+    /// The gRPC health service over h2c on the admin port.
+    pub grpc: GrpcConfig,
+}
+
+/// `admin.grpc`: `grpc.health.v1.Health` over HTTP/2 prior knowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcConfig {
+    /// Whether the admin port accepts HTTP/2 (default true); off, it speaks HTTP/1.1 only.
+    pub enabled: bool,
+    /// Open `Watch` streams at most; one more is refused `RESOURCE_EXHAUSTED`.
+    pub max_watch_streams: usize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig { enabled: true, max_watch_streams: DEFAULT_MAX_WATCH_STREAMS }
+    }
 }
 
 impl Default for AdminConfig {
@@ -75,6 +99,7 @@ impl Default for AdminConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             control: None,
+            grpc: GrpcConfig::default(),
         }
     }
 }
@@ -118,7 +143,23 @@ pub(super) fn admin(admin: Option<&Map<'_>>, p: &mut Problems) -> AdminConfig {
         max_connections,
         header_read_timeout,
         control: a.map("control", p).and_then(|c| control(&c, p)),
+        grpc: a.map("grpc", p).map_or_else(GrpcConfig::default, |g| grpc(&g, p)),
     }
+}
+
+/// Reads `admin.grpc`.
+fn grpc(g: &Map<'_>, p: &mut Problems) -> GrpcConfig {
+    g.deny_unknown(GRPC_KEYS, p);
+    let d = GrpcConfig::default();
+    let max_watch_streams = match g.int::<usize>("max_watch_streams", p) {
+        Some(n) if n.value < 1 || n.value > MAX_MAX_WATCH_STREAMS => {
+            p.at(n.pos, g.key("max_watch_streams"), format!("must be between 1 and {MAX_MAX_WATCH_STREAMS}"));
+            d.max_watch_streams
+        }
+        Some(n) => n.value,
+        None => d.max_watch_streams,
+    };
+    GrpcConfig { enabled: g.bool("enabled", p).is_none_or(|b| b.value), max_watch_streams }
 }
 
 /// Reads `admin.control`: the token file must hold a usable token now, so a
@@ -198,6 +239,20 @@ mod tests {
         assert!(c.admin.control.is_none());
         assert_eq!(c.admin.max_connections, 64);
         assert_eq!(c.admin.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(c.admin.grpc, super::GrpcConfig { enabled: true, max_watch_streams: 16 });
+    }
+
+    #[test]
+    fn the_grpc_block_is_read_and_its_bounds_are_errors_at_their_keys() {
+        let c = Config::from_yaml(
+            &format!("admin:\n  grpc:\n    enabled: false\n    max_watch_streams: 3\n{MINIMAL}"),
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(c.admin.grpc, super::GrpcConfig { enabled: false, max_watch_streams: 3 });
+        let p = problems(&format!("admin:\n  grpc:\n    max_watch_streams: 0\n    watches: 2\n{MINIMAL}"));
+        let got: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(got, [("admin.grpc.max_watch_streams", 3), ("admin.grpc.watches", 4)], "{p:?}");
     }
 
     #[test]

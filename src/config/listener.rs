@@ -33,6 +33,15 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// Default idle time after which a relayed connection (TCP session, upgraded tunnel) is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// Default most concurrent HTTP/2 streams per client connection.
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Default most streams a client may reset before healthgate accepted them
+/// (rapid reset, CVE-2023-44487); over it the connection gets `GOAWAY`.
+pub const DEFAULT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Default most streams healthgate may reset for a client's protocol errors
+/// on one connection before it ends the connection.
+pub const DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+
 /// Keys of every listener.
 const KEYS: &[&str] = &["name", "protocol", "listen", "upstream", "needs", "max_connections", "idle_timeout"];
 /// Keys of `protocol: http` listeners only.
@@ -51,6 +60,12 @@ const HTTP_KEYS: &[&str] = &[
     "max_header_bytes",
     "max_headers",
     "max_body_bytes",
+    "upstream_protocol",
+    "http2",
+    "http2_max_concurrent_streams",
+    "http2_max_header_list_size",
+    "http2_max_pending_accept_reset_streams",
+    "http2_max_local_error_reset_streams",
     "abort_on_client_close",
 ];
 /// Keys of `protocol: tcp` listeners only.
@@ -60,7 +75,7 @@ const TCP_KEYS: &[&str] = &["reject", "on_outage", "admit_degraded", "connect_ti
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ListenerProtocol {
-    /// HTTP/1.1 reverse proxy.
+    /// HTTP reverse proxy (HTTP/1.1, and HTTP/2 with prior knowledge).
     Http,
     /// Raw TCP (L4) proxy.
     Tcp,
@@ -69,6 +84,16 @@ pub enum ListenerProtocol {
 impl ListenerProtocol {
     /// The keywords as written in the config.
     const CHOICES: &[(&str, ListenerProtocol)] = &[("http", ListenerProtocol::Http), ("tcp", ListenerProtocol::Tcp)];
+}
+
+/// The protocol an HTTP listener speaks to its app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, a pool of keep-alive connections (HTTP/2 clients translated).
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge: one multiplexed connection per worker.
+    H2c,
 }
 
 /// One inbound listener.
@@ -127,6 +152,18 @@ pub struct HttpListenerConfig {
     pub max_headers: usize,
     /// Largest request body in bytes (then 413); 0 = unlimited.
     pub max_body_bytes: u64,
+    /// What the app speaks.
+    pub upstream_protocol: UpstreamProtocol,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the same port.
+    pub http2: bool,
+    /// Most concurrent streams per HTTP/2 client connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Largest decoded header list of an HTTP/2 request (`SETTINGS_MAX_HEADER_LIST_SIZE`).
+    pub http2_max_header_list_size: u32,
+    /// Streams a client may open and reset before they were accepted (rapid reset).
+    pub http2_max_pending_accept_reset_streams: usize,
+    /// Streams reset for a client's errors before the connection ends.
+    pub http2_max_local_error_reset_streams: usize,
     /// A client closing its sending side while its request is at the app
     /// cancels the request (`client_closed`), as nginx does; otherwise
     /// (default, as HAProxy) it is a half-close and still gets its answer.
@@ -263,8 +300,32 @@ fn listener(l: &Map<'_>, deps: &[Declared], p: &mut Problems) -> Option<Listener
         max_header_bytes,
         max_headers: positive("max_headers", DEFAULT_MAX_HEADERS, p),
         max_body_bytes: l.int::<u64>("max_body_bytes", p).map_or(0, |v| v.value),
+        upstream_protocol: l
+            .choice("upstream_protocol", &[("http1", UpstreamProtocol::Http1), ("h2c", UpstreamProtocol::H2c)], p)
+            .map_or(UpstreamProtocol::Http1, |v| v.value),
+        http2: flag("http2", true, p),
+        http2_max_concurrent_streams: positive(
+            "http2_max_concurrent_streams",
+            DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS as usize,
+            p,
+        )
+        .min(u32::MAX as usize) as u32,
+        // The same bound as an HTTP/1.1 head unless set.
+        http2_max_header_list_size: positive("http2_max_header_list_size", max_header_bytes, p).min(u32::MAX as usize)
+            as u32,
+        http2_max_pending_accept_reset_streams: positive(
+            "http2_max_pending_accept_reset_streams",
+            DEFAULT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS,
+            p,
+        ),
+        http2_max_local_error_reset_streams: positive(
+            "http2_max_local_error_reset_streams",
+            DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS,
+            p,
+        ),
         abort_on_client_close: flag("abort_on_client_close", false, p),
     };
+
     let idle_timeout = dur("idle_timeout", DEFAULT_IDLE_TIMEOUT, p);
     let tcp = TcpListenerConfig {
         reject: l

@@ -44,7 +44,9 @@ pub use dependency::tcp::TcpSettings;
 pub use dependency::tls::TlsSettings;
 pub use dependency::{DependencyConfig, DependencyKind, Impact, MAX_DEPENDENCIES};
 pub use hostport::{HostPort, HostPortError};
-pub use listener::{HttpListenerConfig, ListenerConfig, ListenerProtocol, TcpListenerConfig, TcpOnOutage, TcpReject};
+pub use listener::{
+    HttpListenerConfig, ListenerConfig, ListenerProtocol, TcpListenerConfig, TcpOnOutage, TcpReject, UpstreamProtocol,
+};
 pub use node::MAX_DURATION;
 pub use problem::{At, Pos, Problem};
 pub use route::{HeaderMatch, RouteConfig, RouteMatch};
@@ -59,7 +61,32 @@ const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners
 const DRAIN_KEYS: &[&str] = &["delay", "timeout"];
 /// Keys of `short_circuit`.
 const SHORT_CIRCUIT_KEYS: &[&str] =
-    &["retry_after", "expose_dependencies", "out_of_service_body", "degraded_body", "maintenance_body"];
+    &["retry_after", "expose_dependencies", "out_of_service_body", "degraded_body", "maintenance_body", "grpc"];
+/// Keys of `short_circuit.grpc`.
+const GRPC_KEYS: &[&str] = &["out_of_service_status", "degraded_status"];
+
+/// The gRPC status names a short-circuit may answer with, and their codes
+/// (`OK` is not one: a short-circuit is an error).
+pub const GRPC_STATUS_CHOICES: &[(&str, u8)] = &[
+    ("CANCELLED", 1),
+    ("UNKNOWN", 2),
+    ("INVALID_ARGUMENT", 3),
+    ("DEADLINE_EXCEEDED", 4),
+    ("NOT_FOUND", 5),
+    ("ALREADY_EXISTS", 6),
+    ("PERMISSION_DENIED", 7),
+    ("RESOURCE_EXHAUSTED", 8),
+    ("FAILED_PRECONDITION", 9),
+    ("ABORTED", 10),
+    ("OUT_OF_RANGE", 11),
+    ("UNIMPLEMENTED", 12),
+    ("INTERNAL", 13),
+    ("UNAVAILABLE", 14),
+    ("DATA_LOSS", 15),
+    ("UNAUTHENTICATED", 16),
+];
+/// Default gRPC status of a short-circuited gRPC call (both impacts): UNAVAILABLE.
+pub const DEFAULT_GRPC_SHORT_CIRCUIT_STATUS: u8 = 14;
 
 /// Most data-plane worker threads.
 pub const MAX_WORKERS: usize = 256;
@@ -150,6 +177,10 @@ pub struct ShortCircuitConfig {
     pub degraded_body: String,
     /// Body of the 503 every gated request gets while the pod is in maintenance.
     pub maintenance_body: String,
+    /// gRPC status of a gRPC call short-circuited out of service (and in maintenance).
+    pub grpc_out_of_service_status: u8,
+    /// gRPC status of a gRPC call short-circuited while degraded.
+    pub grpc_degraded_status: u8,
 }
 
 /// The default 503 problem+json body (its `cause` names the state).
@@ -259,7 +290,19 @@ fn parse(top: &Map<'_>, path: &Path, p: &mut Problems) -> Config {
             .as_ref()
             .and_then(|s| route::problem_body(s, "maintenance_body", p))
             .unwrap_or_else(|| DEFAULT_MAINTENANCE_BODY.to_string()),
+        grpc_out_of_service_status: DEFAULT_GRPC_SHORT_CIRCUIT_STATUS,
+        grpc_degraded_status: DEFAULT_GRPC_SHORT_CIRCUIT_STATUS,
     };
+    let mut short_circuit = short_circuit;
+    if let Some(g) = sc.as_ref().and_then(|s| s.map("grpc", p)) {
+        g.deny_unknown(GRPC_KEYS, p);
+        if let Some(v) = g.choice("out_of_service_status", GRPC_STATUS_CHOICES, p) {
+            short_circuit.grpc_out_of_service_status = v.value;
+        }
+        if let Some(v) = g.choice("degraded_status", GRPC_STATUS_CHOICES, p) {
+            short_circuit.grpc_degraded_status = v.value;
+        }
+    }
 
     let (dependencies, declared) = dependency::dependencies(top.get("dependencies"), p);
     let listeners = listener::listeners(top.get("listeners"), &declared, p);
@@ -300,6 +343,43 @@ mod tests {
         );
         let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["listeners[0].bypass", "listeners[0].max_body_bytes"], "{p:?}");
+    }
+
+    #[test]
+    fn http2_and_grpc_settings_load_and_mistakes_are_errors_at_their_keys() {
+        let c = Config::from_yaml(
+            &format!(
+                "short_circuit:\n  grpc:\n    degraded_status: RESOURCE_EXHAUSTED\n{MINIMAL}    upstream_protocol: h2c\n    \
+                 http2_max_concurrent_streams: 8\n"
+            ),
+            Path::new("t"),
+        )
+        .unwrap();
+        let l = &c.listeners[0].http;
+        assert_eq!(l.upstream_protocol, UpstreamProtocol::H2c);
+        assert_eq!((l.http2, l.http2_max_concurrent_streams), (true, 8));
+        assert_eq!(l.http2_max_header_list_size as usize, l.max_header_bytes, "defaults to max_header_bytes");
+        assert_eq!((c.short_circuit.grpc_out_of_service_status, c.short_circuit.grpc_degraded_status), (14, 8));
+        // OK is no short-circuit status; `h2` is no upstream protocol.
+        let p = problems(&format!(
+            "short_circuit:\n  grpc:\n    out_of_service_status: OK\n{MINIMAL}    upstream_protocol: h2\n"
+        ));
+        let keys: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(
+            keys,
+            [("short_circuit.grpc.out_of_service_status", 3), ("listeners[0].upstream_protocol", 8)],
+            "{p:?}"
+        );
+        assert!(p[1].message.contains("h2c"), "the near miss is suggested: {p:?}");
+        // An h2c app behind a TCP listener can never be spoken to in HTTP/2.
+        let p = problems(
+            "listeners:\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    \
+             upstream_protocol: h2c\n",
+        );
+        assert_eq!(
+            p.iter().map(|p| (p.key.as_str(), p.line)).collect::<Vec<_>>(),
+            [("listeners[0].upstream_protocol", 6)]
+        );
     }
 
     #[test]

@@ -129,6 +129,12 @@ pub struct Responses {
     pub retry_after: Bytes,
     /// Whether to name missing dependencies in the body.
     pub expose_dependencies: bool,
+    /// `short_circuit.retry_after`, for a gRPC answer's `RetryInfo`.
+    pub retry_delay: Duration,
+    /// gRPC status of a gRPC call short-circuited out of service or in maintenance.
+    pub grpc_out_of_service: u8,
+    /// gRPC status of a gRPC call short-circuited while degraded.
+    pub grpc_degraded: u8,
 }
 
 /// The media type of short-circuit bodies (RFC 9457).
@@ -143,6 +149,9 @@ impl Responses {
             maintenance: Bytes::from(c.maintenance_body.clone()),
             retry_after: Bytes::from(c.retry_after.as_secs().max(1).to_string()),
             expose_dependencies: c.expose_dependencies,
+            retry_delay: c.retry_after.max(Duration::from_secs(1)),
+            grpc_out_of_service: c.grpc_out_of_service_status,
+            grpc_degraded: c.grpc_degraded_status,
         }
     }
 
@@ -158,6 +167,7 @@ impl Responses {
             maintenance: self.maintenance.clone(),
             retry_after: self.retry_after.clone(),
             expose_dependencies: r.expose_dependencies.unwrap_or(self.expose_dependencies),
+            ..self.clone()
         }
     }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{self, HeaderMap};
+use hyper::header;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -28,8 +28,7 @@ use super::GATEWAY_TIMEOUT_BODY;
 use super::NOT_IMPLEMENTED_BODY;
 use super::TOO_LARGE_BODY;
 use super::Worker;
-use super::body::BodyTooLarge;
-use super::body::ClientBodyError;
+use super::answer::{Fail, classify, problem_with, reply};
 use super::body::Kind;
 use super::body::ReqBody;
 use super::body::ResBody;
@@ -40,7 +39,6 @@ use super::expect::{Gate, expects_continue, watch_continue};
 use super::headers::CHUNKED_VALUE;
 use super::headers::CLOSE_VALUE;
 use super::headers::Codings;
-use super::headers::PROBLEM_VALUE;
 use super::headers::UPGRADE_VALUE;
 use super::headers::encode_informational;
 use super::headers::prepare_request;
@@ -54,21 +52,6 @@ use crate::state::Admission;
 /// Largest request body a short-circuited request is read to its end for, so
 /// the keep-alive connection stays usable; bigger bodies close it instead.
 pub(super) const SHORT_CIRCUIT_DRAIN_MAX: u64 = 64 * 1024;
-
-/// Why forwarding failed.
-#[derive(Debug)]
-pub(super) enum Fail {
-    /// No connection to the app (refused, unreachable, DNS, timeout): 502.
-    Connect,
-    /// No response head within `upstream_response_timeout`: 504.
-    Timeout,
-    /// The app's connection failed mid-exchange: 502.
-    Upstream,
-    /// The request body went over `max_body_bytes`: 413.
-    TooLarge,
-    /// The client's request body failed (client gone or malformed chunking): 400.
-    ClientBody,
-}
 
 /// Handles one request; every response is built here, and the request's
 /// outcome recorded exactly once: when the response head is handed to hyper,
@@ -197,6 +180,16 @@ async fn respond<'w>(
     // Upgrade (WebSocket): forward `Connection: upgrade` + `Upgrade` and
     // take over both connections after a 101.
     let upgrade = upgrade_requested(req.headers(), req.version());
+    if w.h2.upstream_h2c {
+        // An h2c app: the request is translated to HTTP/2 (`h2::forward`),
+        // which has no `Upgrade` (RFC 9113 §8.6).
+        if upgrade {
+            let status = StatusCode::NOT_IMPLEMENTED;
+            return reply(metrics, busy, start, Outcome::BadRequest, status, NOT_IMPLEMENTED_BODY, true);
+        }
+        req.headers_mut().remove(header::EXPECT);
+        return super::h2::forward(busy, req, metrics, outcome, start).await;
+    }
     let (mut parts, body) = req.into_parts();
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
     let expects = expects_continue(&parts.headers, parts.version, !body.is_end_stream());
@@ -482,22 +475,6 @@ pub(super) fn closed_before_response(e: &hyper::Error) -> bool {
     false
 }
 
-/// Tells a body-limit or client-body failure from an upstream failure.
-pub(super) fn classify(e: hyper::Error) -> Fail {
-    let mut source = e.source();
-    while let Some(s) = source {
-        if s.is::<BodyTooLarge>() {
-            return Fail::TooLarge;
-        }
-        if s.is::<ClientBodyError>() {
-            return Fail::ClientBody;
-        }
-        source = s.source();
-    }
-    debug!(error = %e, "upstream exchange failed");
-    Fail::Upstream
-}
-
 /// Relays an upgraded connection both ways until either side closes, or
 /// until nothing moved either way for the listener's `idle_timeout`: a peer
 /// that vanished without a FIN must not hold the tunnel (and the drain) forever.
@@ -589,42 +566,4 @@ pub(super) async fn settle_body(mut body: Incoming, expects: bool, w: &Worker) -
     };
     let bound = w.timer.header_read_timeout.unwrap_or(Duration::from_secs(10));
     tokio::time::timeout(bound, drain).await.unwrap_or(false)
-}
-
-/// A response of ours (problem+json) with a static body.
-pub(super) fn reply(
-    metrics: &RouteMetrics,
-    busy: Busy,
-    start: Instant,
-    outcome: Outcome,
-    status: StatusCode,
-    body: &'static str,
-    close: bool,
-) -> Response<ResBody> {
-    metrics.record(outcome, start.elapsed());
-    problem(status, Bytes::from_static(body.as_bytes()), busy, close)
-}
-
-pub(super) fn problem(status: StatusCode, body: Bytes, busy: Busy, close: bool) -> Response<ResBody> {
-    problem_with(HeaderMap::new(), status, body, busy, close)
-}
-
-/// A problem+json response using `headers` (empty) as its header map.
-pub(super) fn problem_with(
-    headers: HeaderMap,
-    status: StatusCode,
-    body: Bytes,
-    busy: Busy,
-    close: bool,
-) -> Response<ResBody> {
-    let mut res = Response::new(ResBody::full(body, busy));
-    *res.status_mut() = status;
-    *res.headers_mut() = headers;
-    let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, PROBLEM_VALUE.clone());
-    if close {
-        // The request body was not read: the connection cannot carry another request.
-        h.insert(header::CONNECTION, CLOSE_VALUE.clone());
-    }
-    res
 }

@@ -16,6 +16,8 @@ pub(super) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-for
 pub(super) static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 healthgate");
 /// `Via` names the protocol received (RFC 9110 §7.6.3): an HTTP/1.0 message says so.
 pub(super) static VIA_10_VALUE: HeaderValue = HeaderValue::from_static("1.0 healthgate");
+/// `Via` for a message received in HTTP/2.
+pub(super) static VIA_2_VALUE: HeaderValue = HeaderValue::from_static("2 healthgate");
 pub(super) static CHUNKED_VALUE: HeaderValue = HeaderValue::from_static("chunked");
 pub(super) static HTTP_VALUE: HeaderValue = HeaderValue::from_static("http");
 pub(super) static UPGRADE_VALUE: HeaderValue = HeaderValue::from_static("upgrade");
@@ -197,7 +199,11 @@ pub(super) fn prepare_request(h: &mut HeaderMap, conn: &Conn, upgrade: Option<He
 
 /// The `Via` element for a message received with `version`.
 fn via(version: Version) -> HeaderValue {
-    if version == Version::HTTP_10 { VIA_10_VALUE.clone() } else { VIA_VALUE.clone() }
+    match version {
+        Version::HTTP_10 => VIA_10_VALUE.clone(),
+        Version::HTTP_2 => VIA_2_VALUE.clone(),
+        _ => VIA_VALUE.clone(),
+    }
 }
 
 /// Encodes an app's 1xx response for the client: hop-by-hop headers and any

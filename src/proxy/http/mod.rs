@@ -1,4 +1,5 @@
-//! The HTTP/1.1 data plane: a reverse proxy gated by the shared health state.
+//! The HTTP data plane (HTTP/1.1, and HTTP/2 in `h2`): a reverse proxy gated
+//! by the shared health state.
 //!
 //! One [`serve`] runs per worker thread (a current-thread runtime with its
 //! own `SO_REUSEPORT` socket), so everything here is worker-local: `Rc`,
@@ -66,12 +67,17 @@
 //! This file: [`serve`] and the per-connection driver. `conn`: what a
 //! connection notes and its timer's pure decision. `forward`: one request,
 //! from admission to the app's response. `pool`: idle upstream connections.
-//! `headers` and `body`: header rules and the streamed bodies.
+//! `headers` and `body`: header rules and the streamed bodies. `answer`:
+//! healthgate's own problem+json answers and forwarding failures. `h2`:
+//! HTTP/2 clients (told apart by their preface when a connection opens),
+//! the h2c app connection and gRPC status answers (docs/grpc.md).
 
+mod answer;
 mod body;
 mod conn;
 mod expect;
 mod forward;
+mod h2;
 mod headers;
 mod pool;
 mod target;
@@ -189,6 +195,8 @@ struct Worker {
     upstream_idle_timeout: Option<Duration>,
     /// An upgraded tunnel with no traffic for this long is closed.
     tunnel_idle_timeout: Option<Duration>,
+    /// HTTP/2: client settings and the h2c connection to the app.
+    h2: h2::H2,
     /// hyper does not read a client whose request is at the app (`half_close`):
     /// the connection timer looks for a reset instead.
     watch_resets: bool,
@@ -252,6 +260,7 @@ impl Worker {
             response_timeout: limit(c.upstream_response_timeout),
             upstream_idle_timeout: limit(c.upstream_idle_timeout),
             tunnel_idle_timeout: limit(ctx.config.idle_timeout),
+            h2: h2::H2::new(c),
             watch_resets: !c.abort_on_client_close,
             ctx,
         }
@@ -267,7 +276,18 @@ impl Worker {
 /// shut down without touching the socket (the client sees nothing) and the
 /// wait starts again.
 async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: SocketAddr, mut drain: DrainSignal) {
-    let state = Arc::new(IoState::new(Instant::now()));
+    let opened = Instant::now();
+    if w.h2.enabled {
+        // HTTP/2 with prior knowledge shares the port: told apart by its preface.
+        match h2::sniff(&stream, w.timer.header_read_timeout.map(|t| opened + t)).await {
+            h2::Sniffed::Http2 => return h2::connection(w, permit, stream, h2::peer_value(peer), drain).await,
+            h2::Sniffed::Closed => return,
+            h2::Sniffed::Http1 => {}
+        }
+    }
+    // The first head's `header_read_timeout` counts from the accept, the
+    // wait for the first bytes included.
+    let state = Arc::new(IoState::new(opened));
     // This task writes the app's 1xx responses (`conn::relay_informational`).
     let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
     state.informational.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waker = Some(waker);

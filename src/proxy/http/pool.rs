@@ -17,8 +17,8 @@ use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
 use super::Worker;
+use super::answer::Fail;
 use super::body::ReqBody;
-use super::forward::Fail;
 use crate::net;
 
 /// An idle upstream connection.
