@@ -838,7 +838,7 @@ def report(started, info, idle, slow, h2_note, cmd):
     md.append("")
     md.append("HTTP/2 (h2load -c32 -m10, prior-knowledge h2c to the proxy and from the proxy to nginx `listen ... http2`):\n")
     if h2:
-        md.append("| path | proxy | req/s | mean latency µs | CPU µs/req | user µs/req | sys µs/req | failed |")
+        md.append("| path | proxy | req/s | mean latency µs | CPU µs/req | user µs/req | sys µs/req | not 2xx/3xx (all, on the 503 path) |")
         md.append("|---|---|---|---|---|---|---|---|")
         for sc in ("proxied", "503"):
             for kind in ("healthgate", "haproxy"):
