@@ -54,6 +54,12 @@ if ! python3 -c "import grpc, grpc_status, grpc_health.v1.health_pb2_grpc" >/dev
   python3 -m pip install -q grpcio grpcio-status grpcio-health-checking
 fi
 
+# The real job-consumer client libraries of tests/consumers.rs (RabbitMQ: pika; Redis: redis-py).
+if ! python3 -c "import pika, redis" >/dev/null 2>&1; then
+  echo "== installing: pika redis (PyPI)"
+  python3 -m pip install -q pika redis
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

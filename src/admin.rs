@@ -10,6 +10,8 @@
 //! * `GET /`: the status page for humans ([`page`]).
 //! * `/control/...`: the authenticated runtime control API ([`api`]); it
 //!   exists only when `admin.control.token_file` is set.
+//! * `GET /fleet/view`: this instance's verdicts for its peers (only with a
+//!   `fleet` section; see `crate::fleet`).
 //! * `grpc.health.v1.Health/Check` and `/Watch` over HTTP/2 prior knowledge
 //!   on the same port ([`conn`], [`crate::grpc::health`]).
 //!
@@ -28,6 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -39,6 +42,7 @@ use tokio::time::Instant;
 
 use crate::config::{AdminConfig, Config};
 use crate::control::{Auth, Control};
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::state::{Admission, Health, History, MAINTENANCE_BIT, ServiceState, age};
 
@@ -77,10 +81,10 @@ impl Heartbeats {
 
 /// What the admin handlers read.
 pub struct Admin {
+    /// The admin server's own settings (a reload cannot change them).
     config: AdminConfig,
-    listeners: Vec<serde_json::Value>,
-    /// Per listener: (route name, needs mask), for live per-route admission.
-    routes: Vec<Vec<(String, u64)>>,
+    /// What a reload changes: probe policies, listeners and routes, the config hash.
+    live: ArcSwap<Live>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     heartbeats: Arc<Heartbeats>,
@@ -88,18 +92,26 @@ pub struct Admin {
     control: Arc<Control>,
     /// The token check; `None` = the control API does not exist.
     auth: Option<Auth>,
+    /// The fleet view and readiness policy, with a `fleet` section.
+    fleet: Option<Arc<Fleet>>,
+    /// The outcome of the last reload, for `/status`.
+    last_reload: std::sync::Mutex<serde_json::Value>,
 }
 
-impl Admin {
-    /// Builds the admin state; `bound` are the listeners' actual addresses.
-    pub fn new(
-        config: &Config,
-        bound: &[SocketAddr],
-        health: Arc<Health>,
-        metrics: Arc<Metrics>,
-        heartbeats: Arc<Heartbeats>,
-        control: Arc<Control>,
-    ) -> Arc<Admin> {
+/// The part of the admin state that follows the config in force.
+struct Live {
+    /// `ready_when_*`, `liveness_stall`.
+    config: AdminConfig,
+    listeners: Vec<serde_json::Value>,
+    /// Per listener: (route name, needs mask), for live per-route admission.
+    routes: Vec<Vec<(String, u64)>>,
+    /// The hash of the config file in force.
+    config_hash: String,
+}
+
+impl Live {
+    /// `bits[i]` is the mask bit of dependency `i` of `config`.
+    fn new(config: &Config, bound: &[SocketAddr], bits: &[usize]) -> Live {
         let listeners = config
             .listeners
             .iter()
@@ -116,27 +128,71 @@ impl Admin {
                 })
             })
             .collect();
+        let gate = |needs: &[usize]| crate::state::gate_mask_of(bits, needs);
         let routes = config
             .listeners
             .iter()
             .map(|l| {
                 l.routes
                     .iter()
-                    .map(|r| (r.name.clone(), if r.bypass { 0 } else { Health::gate_mask(&r.needs) }))
-                    .chain(std::iter::once(("default".to_string(), Health::gate_mask(&l.needs))))
+                    .map(|r| (r.name.clone(), if r.bypass { 0 } else { gate(&r.needs) }))
+                    .chain(std::iter::once(("default".to_string(), gate(&l.needs))))
                     .collect()
             })
             .collect();
+        Live { config: config.admin.clone(), listeners, routes, config_hash: config.hash_hex() }
+    }
+}
+
+impl Admin {
+    /// Builds the admin state; `bound` are the listeners' actual addresses.
+    pub fn new(
+        config: &Config,
+        bound: &[SocketAddr],
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+        heartbeats: Arc<Heartbeats>,
+        control: Arc<Control>,
+        fleet: Option<Arc<Fleet>>,
+    ) -> Arc<Admin> {
+        let bits: Vec<usize> = (0..config.dependencies.len()).collect();
+        let live = ArcSwap::from_pointee(Live::new(config, bound, &bits));
         let auth = config.admin.control.as_ref().map(|c| Auth::new(c, metrics.clone()));
-        Arc::new(Admin { config: config.admin.clone(), listeners, routes, health, metrics, heartbeats, control, auth })
+        Arc::new(Admin {
+            config: config.admin.clone(),
+            live,
+            health,
+            metrics,
+            heartbeats,
+            control,
+            auth,
+            fleet,
+            last_reload: std::sync::Mutex::new(serde_json::Value::Null),
+        })
+    }
+
+    /// Follows a reload: `bits[i]` is the mask bit of dependency `i` of `config`.
+    pub fn reconfigure(&self, config: &Config, bound: &[SocketAddr], bits: &[usize]) {
+        self.live.store(Arc::new(Live::new(config, bound, bits)));
+    }
+
+    /// Records the outcome of a reload for `/status`.
+    pub fn set_last_reload(&self, v: serde_json::Value) {
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
 
     /// Whether `/readyz` answers 200 in `state`.
     pub fn ready(&self, state: ServiceState) -> bool {
         match state {
             ServiceState::InService => true,
-            ServiceState::Degraded => self.config.ready_when_degraded,
-            ServiceState::OutOfService => self.config.ready_when_out_of_service,
+            ServiceState::Degraded => self.live.load().config.ready_when_degraded,
+            ServiceState::OutOfService => {
+                let local = self.live.load().config.ready_when_out_of_service;
+                match &self.fleet {
+                    Some(f) => f.ready_out_of_service(local),
+                    None => local,
+                }
+            }
             ServiceState::Starting | ServiceState::Draining | ServiceState::Maintenance => false,
         }
     }
@@ -148,8 +204,8 @@ impl Admin {
             .health
             .deps()
             .iter()
-            .enumerate()
-            .map(|(i, d)| {
+            .map(|d| {
+                let i = d.bit;
                 let status = d.status();
                 let checked = status.state;
                 let for_seconds = age(status.since).as_secs_f64();
@@ -163,11 +219,14 @@ impl Admin {
                     o.insert("checked_state".into(), json!(checked));
                     o.insert("forced".into(), json!(self.health.force(i)));
                     o.insert("for_seconds".into(), json!(for_seconds));
+                    o.insert("admitted_share".into(), json!(self.health.admitted_share(i)));
                 }
                 v
             })
             .collect();
+        let fleet = self.fleet.as_ref().map(|f| f.status());
         json!({
+            "fleet": fleet,
             "service": {
                 "state": state,
                 "since": humantime::format_rfc3339_millis(since).to_string(),
@@ -181,26 +240,31 @@ impl Admin {
             "listeners": self.listeners_status(),
             "overrides": self.control.to_json(),
             "control_enabled": self.auth.is_some(),
+            "config": {
+                "hash": self.live.load().config_hash,
+                "last_reload": *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()),
+            },
         })
     }
 
     /// The listeners, each with its routes and whether each is admitted now.
     fn listeners_status(&self) -> Vec<serde_json::Value> {
-        self.listeners
+        let live = self.live.load();
+        live.listeners
             .iter()
-            .zip(&self.routes)
+            .zip(&live.routes)
             .map(|(l, routes)| {
                 let routes: Vec<_> = routes
                     .iter()
                     .map(|(name, needs)| {
-                        let (admitted, missing) = match self.health.admission(*needs) {
+                        let (admitted, missing) = match self.health.gate(*needs) {
                             Admission::Admit => (true, 0),
                             Admission::Reject(_, m) => (false, m),
                         };
-                        let needs: Vec<&str> = self.health.names(*needs).collect();
-                        let mut missing_names: Vec<&str> = self.health.names(missing).collect();
+                        let needs = self.health.names(*needs);
+                        let mut missing_names = self.health.names(missing);
                         if missing & MAINTENANCE_BIT != 0 {
-                            missing_names.push("(maintenance)");
+                            missing_names.push("(maintenance)".into());
                         }
                         json!({ "name": name, "needs": needs, "admitted": admitted, "missing": missing_names })
                     })
@@ -237,7 +301,7 @@ impl Admin {
         match req.uri().path() {
             "/" => page::response(&page::render(&self.status(), &self.histories())),
             "/livez" => {
-                let stalled = self.heartbeats.stalled(self.config.liveness_stall);
+                let stalled = self.heartbeats.stalled(self.live.load().config.liveness_stall);
                 if stalled.is_empty() {
                     text(StatusCode::OK, "ok\n")
                 } else {
@@ -260,6 +324,10 @@ impl Admin {
                 let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();
                 with_type(StatusCode::OK, "application/json", body)
             }
+            "/fleet/view" => match &self.fleet {
+                Some(f) => with_type(StatusCode::OK, "application/json", f.view_json()),
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            },
             "/metrics" => {
                 let accept = req.headers().get(hyper::header::ACCEPT).and_then(|a| a.to_str().ok()).unwrap_or("");
                 if accept.contains("application/openmetrics-text") {

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
-use tokio::sync::Notify;
+use std::sync::OnceLock;
+
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::config::{ControlConfig, read_token};
@@ -52,6 +54,9 @@ pub enum ControlError {
     /// The body is not the expected JSON.
     #[error("invalid request body: {0}")]
     BadBody(String),
+    /// A reload was refused (invalid file, a change that needs a restart); nothing changed.
+    #[error("reload refused, the config in force is unchanged: {0}")]
+    Reload(String),
 }
 
 /// Who set an override, why, and until when.
@@ -150,7 +155,7 @@ pub enum Expired {
 pub struct Overrides {
     /// Drain or maintenance.
     pub mode: Option<(Mode, Grant)>,
-    /// Per dependency, its forced verdict.
+    /// Per dependency bit ([`crate::state::DepSlot::bit`]), its forced verdict.
     pub forces: Vec<Option<(Force, Grant)>>,
 }
 
@@ -191,10 +196,21 @@ impl Overrides {
 pub struct Control {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    max_ttl: Duration,
+    /// `admin.control.max_ttl` in force (a reload may change it).
+    max_ttl: Mutex<Duration>,
     overrides: Mutex<Overrides>,
     /// Wakes the expiry task when a deadline may have moved earlier.
     changed: Notify,
+    /// Where `POST /control/reload` sends its request (set once by the server).
+    reload: OnceLock<mpsc::Sender<ReloadAsk>>,
+}
+
+/// A reload asked through the control API; the answer comes back on `reply`.
+pub struct ReloadAsk {
+    /// Who asked (audit).
+    pub by: String,
+    /// The outcome: the new config's summary, or why nothing changed.
+    pub reply: oneshot::Sender<Result<serde_json::Value, String>>,
 }
 
 fn mode_name(m: Mode) -> &'static str {
@@ -230,8 +246,62 @@ impl Control {
 
     /// The control state for `health`; `max_ttl` bounds every TTL.
     pub fn new(health: Arc<Health>, metrics: Arc<Metrics>, max_ttl: Duration) -> Arc<Control> {
-        let overrides = Overrides { mode: None, forces: vec![None; health.deps().len()] };
-        Arc::new(Control { health, metrics, max_ttl, overrides: Mutex::new(overrides), changed: Notify::new() })
+        let overrides = Overrides { mode: None, forces: vec![None; crate::config::MAX_DEPENDENCIES] };
+        Arc::new(Control {
+            health,
+            metrics,
+            max_ttl: Mutex::new(max_ttl),
+            overrides: Mutex::new(overrides),
+            changed: Notify::new(),
+            reload: OnceLock::new(),
+        })
+    }
+
+    fn max_ttl(&self) -> Duration {
+        *self.max_ttl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a reloaded `admin.control.max_ttl` to later requests (active
+    /// overrides keep the TTL they were granted).
+    pub fn set_max_ttl(&self, max_ttl: Duration) {
+        *self.max_ttl.lock().unwrap_or_else(|e| e.into_inner()) = max_ttl;
+    }
+
+    /// Drops the overrides of dependencies a reload removed (`bits` of their
+    /// slots), one audit event each: a later dependency given the same bit
+    /// must not inherit them.
+    pub fn forget(&self, removed: &[(usize, String)]) {
+        let mut o = self.lock();
+        let mut any = false;
+        for (bit, name) in removed {
+            if let Some((f, g)) = o.forces.get_mut(*bit).and_then(Option::take) {
+                any = true;
+                info!(
+                    target: "healthgate::audit", audit = "override_removed", dependency = %name, force = force_name(f),
+                    by = %g.by, reason = %g.reason, "control: dependency override ended: the reload removed the dependency"
+                );
+            }
+        }
+        if any {
+            self.publish_counts(&o);
+        }
+    }
+
+    /// Connects `POST /control/reload` to the reloader.
+    pub fn set_reloader(&self, tx: mpsc::Sender<ReloadAsk>) {
+        let _ = self.reload.set(tx);
+    }
+
+    /// Reloads the config file now (`POST /control/reload`), with an audit
+    /// event; waits for the outcome.
+    pub async fn reload(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
+        let by = req.by()?;
+        let reason = text("reason", req.reason.as_deref().unwrap_or(""), MAX_REASON_LEN)?;
+        let tx = self.reload.get().ok_or_else(|| ControlError::Reload("reload is not available".into()))?;
+        info!(target: "healthgate::audit", audit = "reload_requested", by = %by, reason = %reason, "control: config reload requested");
+        let (reply, rx) = oneshot::channel();
+        tx.send(ReloadAsk { by, reply }).await.map_err(|_| ControlError::Reload("the reloader stopped".into()))?;
+        rx.await.map_err(|_| ControlError::Reload("the reloader stopped".into()))?.map_err(ControlError::Reload)
     }
 
     fn lock(&self) -> MutexGuard<'_, Overrides> {
@@ -251,7 +321,7 @@ impl Control {
 
     /// Puts the pod in `mode` (drain or maintenance) for the request's TTL.
     pub fn set_mode(&self, mode: Mode, req: &Request) -> Result<Grant, ControlError> {
-        let (by, reason, ttl) = req.validate(self.max_ttl)?;
+        let (by, reason, ttl) = req.validate(self.max_ttl())?;
         let grant = Grant::new(by, reason, ttl, Instant::now());
         let mut o = self.lock();
         o.mode = Some((mode, grant.clone()));
@@ -288,7 +358,7 @@ impl Control {
     /// Forces dependency `name` up or down for the request's TTL.
     pub fn set_force(&self, name: &str, force: Force, req: &Request) -> Result<Grant, ControlError> {
         let index = self.index(name)?;
-        let (by, reason, ttl) = req.validate(self.max_ttl)?;
+        let (by, reason, ttl) = req.validate(self.max_ttl())?;
         let grant = Grant::new(by, reason, ttl, Instant::now());
         let mut o = self.lock();
         o.forces[index] = Some((force, grant.clone()));
@@ -298,7 +368,7 @@ impl Control {
         self.changed.notify_one();
         info!(
             target: "healthgate::audit", audit = "override_set", dependency = %name, force = force_name(force),
-            checked = ?self.health.deps()[index].status().state, by = %grant.by, reason = %grant.reason,
+            checked = ?self.health.slot(index).map(|d| d.status().state), by = %grant.by, reason = %grant.reason,
             ttl = %humantime::format_duration(ttl), expires_at = %humantime::format_rfc3339_seconds(grant.expires_at),
             "control: dependency forced {}", force_name(force)
         );
@@ -324,12 +394,19 @@ impl Control {
         Ok(old.map(|(f, _)| f))
     }
 
+    /// The bit of dependency `name` in the config in force.
     fn index(&self, name: &str) -> Result<usize, ControlError> {
         self.health
             .deps()
             .iter()
-            .position(|d| d.name == name)
+            .find(|d| d.name == name)
+            .map(|d| d.bit)
             .ok_or_else(|| ControlError::UnknownDependency(name.into()))
+    }
+
+    /// The name of the dependency with bit `bit`.
+    fn name(&self, bit: usize) -> String {
+        self.health.slot(bit).map_or_else(|| format!("#{bit}"), |d| d.name.clone())
     }
 
     /// Ends every override whose TTL has passed at `now`, with one audit event each.
@@ -348,7 +425,7 @@ impl Control {
                 Expired::Force(i, f, g) => {
                     self.health.set_force(*i, None);
                     info!(
-                        target: "healthgate::audit", audit = "override_expired", dependency = %self.health.deps()[*i].name,
+                        target: "healthgate::audit", audit = "override_expired", dependency = %self.name(*i),
                         force = force_name(*f), by = %g.by, reason = %g.reason, ttl = %humantime::format_duration(g.ttl),
                         "control: dependency override expired"
                     );
@@ -394,7 +471,7 @@ impl Control {
             .filter_map(|(i, f)| f.as_ref().map(|f| (i, f)))
             .map(|(i, (f, g))| {
                 let mut v = g.to_json();
-                v["dependency"] = json!(self.health.deps()[i].name);
+                v["dependency"] = json!(self.name(i));
                 v["force"] = json!(force_name(*f));
                 v
             })

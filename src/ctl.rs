@@ -99,6 +99,11 @@ pub enum Action {
         /// Why (optional).
         reason: Option<String>,
     },
+    /// Reloads the config file (docs/reload.md).
+    Reload {
+        /// Why (optional).
+        reason: Option<String>,
+    },
     /// Prints the state, the overrides and each dependency (no token needed).
     Status,
 }
@@ -195,6 +200,7 @@ pub async fn execute(target: &Target, action: &Action, by: &str) -> Result<(bool
         Action::Clear { dependency, reason } => {
             (Method::DELETE, format!("/control/dependencies/{}", encode(dependency)), clear(reason))
         }
+        Action::Reload { reason } => (Method::POST, "/control/reload".into(), clear(reason)),
         Action::Status => {
             let (status, text) = call(target, Method::GET, "/status", None).await?;
             return Ok(match serde_json::from_str::<Value>(&text) {

@@ -16,7 +16,10 @@
 //! * [`control`]: operator overrides (drain, maintenance, forced verdicts)
 //!   with TTLs and audit events; the control API's token check.
 //! * [`ctl`]: the `healthgate ctl` client of the control API.
+//! * [`fleet`]: peers' views of the dependencies, the fleet readiness
+//!   policy and the slow-start ramp.
 //! * [`metrics`]: the Prometheus registry.
+//! * [`reload`]: config reload on SIGHUP, the control API or a changed file.
 //! * [`server`]: wires the threads together and runs the drain on SIGTERM.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -26,12 +29,14 @@ pub mod check;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod fleet;
 pub mod grpc;
 pub mod metrics;
 pub mod monitor;
 pub mod net;
 pub mod oneshot;
 pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod state;

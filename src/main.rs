@@ -133,6 +133,12 @@ enum CtlAction {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Reload the config file now: validated, then applied, or refused with the reason.
+    Reload {
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Show the service state, the active overrides and each dependency.
     Status,
 }
@@ -154,6 +160,7 @@ impl CtlAction {
                 Action::Override { dependency, up: matches!(verdict, Verdict::Up), ttl, reason }
             }
             CtlAction::Clear { dependency, reason } => Action::Clear { dependency, reason },
+            CtlAction::Reload { reason } => Action::Reload { reason },
             CtlAction::Status => Action::Status,
         }
     }
@@ -224,10 +231,11 @@ fn main() -> ExitCode {
         Command::Ctl(args) => Ok(ctl(args)),
         Command::Validate(c) => load(&c).map(|cfg| {
             println!(
-                "{}: ok ({} listeners, {} dependencies)",
+                "{}: ok ({} listeners, {} dependencies, hash {})",
                 cfg.path.display(),
                 cfg.listeners.len(),
-                cfg.dependencies.len()
+                cfg.dependencies.len(),
+                cfg.hash_hex()
             );
             ExitCode::SUCCESS
         }),

@@ -280,16 +280,74 @@ pub struct Metrics {
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// `healthgate_tcp_connection_duration_seconds`.
     pub tcp_connection_duration: AtomicHistogramFamily<ListenerLabels>,
+    /// `healthgate_tcp_paused`: 1 while a TCP listener refuses new connections.
+    pub tcp_paused: Family<ListenerLabels, Gauge>,
+    /// `healthgate_tcp_outage_closes_total`: established connections cut by `on_outage: close_existing`.
+    pub tcp_outage_closes: Family<ListenerLabels, Counter>,
+    /// `healthgate_tcp_held_connections`: refused connections held for `reject_delay`.
+    pub tcp_held_connections: Family<ListenerLabels, Gauge>,
     /// `healthgate_overrides_active`.
     pub overrides_active: Family<KindLabels, Gauge>,
     /// `healthgate_control_auth_failures_total`.
     pub control_auth_failures: Counter,
     /// `healthgate_admin_connections_shed_total`.
     pub admin_connections_shed: Counter,
+    /// The `healthgate_config_*` metrics of reloads.
+    pub reload: ReloadMetrics,
+    /// The fleet and slow-start metrics.
+    pub fleet: FleetMetrics,
     /// `healthgate_grpc_local_responses_total`.
     pub grpc_local_responses: Family<GrpcLocalLabels, Counter>,
     /// `healthgate_grpc_health_requests_total`.
     pub grpc_health_requests: Family<GrpcLabels, Counter>,
+}
+
+/// Labels of `healthgate_config_reloads_total`: `success` or `failure`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `success` | `failure`.
+    pub result: String,
+}
+
+/// The metrics of config reloads (docs/reload.md).
+pub struct ReloadMetrics {
+    /// `healthgate_config_reloads_total{result}`.
+    pub reloads: Family<ResultLabels, Counter>,
+    /// `healthgate_config_last_reload_success_timestamp_seconds` (0 before the first reload).
+    pub last_success: Gauge<f64, AtomicU64>,
+    /// `healthgate_config_last_reload_successful`: 1 when the last attempt succeeded (or none was made).
+    pub last_successful: Gauge,
+    /// `healthgate_config_hash`: the hash of the config in force, as a number.
+    pub hash: Gauge,
+}
+
+impl ReloadMetrics {
+    fn register(registry: &mut Registry, config: &Config) -> ReloadMetrics {
+        let m = ReloadMetrics {
+            reloads: Family::default(),
+            last_success: Gauge::default(),
+            last_successful: Gauge::default(),
+            hash: Gauge::default(),
+        };
+        registry.register("config_reloads", "Config reloads by result (success, failure)", m.reloads.clone());
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config reload (0: none since the start)",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "config_last_reload_successful",
+            "1 when the last config reload succeeded or none was attempted, 0 after a failed one",
+            m.last_successful.clone(),
+        );
+        registry.register("config_hash", "Hash of the config file in force (as in /status)", m.hash.clone());
+        for result in ["success", "failure"] {
+            let _ = m.reloads.get_or_create(&ResultLabels { result: result.into() });
+        }
+        m.last_successful.set(1);
+        m.hash.set(config.hash as i64);
+        m
+    }
 }
 
 impl Metrics {
@@ -312,10 +370,15 @@ impl Metrics {
         let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
         let tcp_connection_duration: AtomicHistogramFamily<ListenerLabels> =
             Family::new_with_constructor(|| AtomicHistogram::new(&CONNECTION_BUCKETS));
+        let tcp_paused = Family::<ListenerLabels, Gauge>::default();
+        let tcp_outage_closes = Family::<ListenerLabels, Counter>::default();
+        let tcp_held_connections = Family::<ListenerLabels, Gauge>::default();
         let build_info = Family::<BuildLabels, Gauge>::default();
         let overrides_active = Family::<KindLabels, Gauge>::default();
         let control_auth_failures = Counter::default();
         let admin_connections_shed = Counter::default();
+        let reload = ReloadMetrics::register(&mut registry, config);
+        let fleet = FleetMetrics::register(&mut registry, config);
         let grpc_local_responses = Family::<GrpcLocalLabels, Counter>::default();
         let grpc_health_requests = Family::<GrpcLabels, Counter>::default();
 
@@ -347,6 +410,21 @@ impl Metrics {
             "tcp_connection_duration_seconds",
             "TCP listener connection duration",
             tcp_connection_duration.clone(),
+        );
+        registry.register(
+            "tcp_paused",
+            "1 while a TCP listener refuses new connections because of its needed dependencies",
+            tcp_paused.clone(),
+        );
+        registry.register(
+            "tcp_outage_closes",
+            "Established TCP connections closed because the listener's needed dependencies went down",
+            tcp_outage_closes.clone(),
+        );
+        registry.register(
+            "tcp_held_connections",
+            "Refused TCP connections held for reject_delay before they are closed",
+            tcp_held_connections.clone(),
         );
         registry.register("build_info", "Build information", build_info.clone());
         registry.register("overrides_active", "Active operator overrides by kind", overrides_active.clone());
@@ -394,6 +472,16 @@ impl Metrics {
                 let _ = grpc_local_responses
                     .get_or_create(&GrpcLocalLabels { listener: l.name.clone(), grpc_status: "14".into() });
             }
+            if l.protocol == ListenerProtocol::Tcp {
+                let labels = ListenerLabels { listener: l.name.clone() };
+                let _ = tcp_paused.get_or_create(&labels);
+                let _ = tcp_outage_closes.get_or_create(&labels);
+                let _ = tcp_held_connections.get_or_create(&labels);
+                for outcome in ["accepted", "rejected", "upstream_error"] {
+                    let _ = tcp_connections
+                        .get_or_create(&TcpOutcomeLabels { listener: l.name.clone(), outcome: outcome.into() });
+                }
+            }
         }
 
         Arc::new(Metrics {
@@ -411,9 +499,14 @@ impl Metrics {
             tcp_connections,
             tcp_bytes,
             tcp_connection_duration,
+            tcp_paused,
+            tcp_outage_closes,
+            tcp_held_connections,
             overrides_active,
             control_auth_failures,
             admin_connections_shed,
+            reload,
+            fleet,
             grpc_local_responses,
             grpc_health_requests,
         })
@@ -472,6 +565,94 @@ impl Metrics {
         let mut out = String::with_capacity(16 * 1024);
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// Labels with only the dependency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    /// Dependency name.
+    pub dependency: String,
+}
+
+/// Labels of `fleet_verdict`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    /// Dependency name.
+    pub dependency: String,
+    /// `healthy`, `alone`, `settling`, `local_failure` or `shared_outage`.
+    pub verdict: String,
+}
+
+/// Labels of `fleet_peers`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerCountLabels {
+    /// `known` (resolved, itself excluded) or `fresh` (a view within `freshness`).
+    pub state: String,
+}
+
+/// Labels of `fleet_peer_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerOutcomeLabels {
+    /// `ok`, `timeout`, `refused`, `bad_view` or `error`.
+    pub outcome: String,
+}
+
+/// The fleet's metrics (registered only with a `fleet` section) and the
+/// slow-start gauge (only for dependencies with `slow_start`).
+pub struct FleetMetrics {
+    /// `healthgate_fleet_peers`.
+    pub peers: Family<PeerCountLabels, Gauge>,
+    /// `healthgate_fleet_peers_up_ratio`: share of fresh peer views seeing a dependency up.
+    pub peers_up_ratio: Family<DependencyLabels, Gauge<f64, AtomicU64>>,
+    /// `healthgate_fleet_verdict`: 1 for the current verdict of each dependency.
+    pub verdict: Family<VerdictLabels, Gauge>,
+    /// `healthgate_fleet_peer_requests_total`.
+    pub peer_requests: Family<PeerOutcomeLabels, Counter>,
+    /// `healthgate_slow_start_admitted_ratio`.
+    pub admitted_ratio: Family<DependencyLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl FleetMetrics {
+    fn register(registry: &mut Registry, config: &Config) -> FleetMetrics {
+        let m = FleetMetrics {
+            peers: Family::default(),
+            peers_up_ratio: Family::default(),
+            verdict: Family::default(),
+            peer_requests: Family::default(),
+            admitted_ratio: Family::default(),
+        };
+        if config.fleet.is_some() {
+            registry.register("fleet_peers", "Peers known (itself excluded) and with a fresh view", m.peers.clone());
+            registry.register(
+                "fleet_peers_up_ratio",
+                "Share of the fresh peer views (with a verdict) that see the dependency up",
+                m.peers_up_ratio.clone(),
+            );
+            registry.register(
+                "fleet_verdict",
+                "1 for the fleet verdict this pod applies to the dependency",
+                m.verdict.clone(),
+            );
+            registry.register("fleet_peer_requests", "Peer view requests by outcome", m.peer_requests.clone());
+            for state in ["known", "fresh"] {
+                m.peers.get_or_create(&PeerCountLabels { state: state.into() }).set(0);
+            }
+            for outcome in ["ok", "timeout", "refused", "bad_view", "error"] {
+                let _ = m.peer_requests.get_or_create(&PeerOutcomeLabels { outcome: outcome.into() });
+            }
+        }
+        if config.dependencies.iter().any(|d| d.slow_start.is_some()) {
+            registry.register(
+                "slow_start_admitted_ratio",
+                "Share of the requests needing the dependency that are admitted (ramps after a recovery)",
+                m.admitted_ratio.clone(),
+            );
+            for d in config.dependencies.iter().filter(|d| d.slow_start.is_some()) {
+                m.admitted_ratio.get_or_create(&DependencyLabels { dependency: d.name.clone() }).set(0.0);
+            }
+        }
+        m
     }
 }
 

@@ -16,13 +16,27 @@ use tracing::{debug, error, info, warn};
 
 use crate::check::{AnyCheck, Cause, Check, CheckError};
 use crate::config::DependencyConfig;
-use crate::metrics::{DepLabels, Metrics, NodeLabels, TransitionLabels};
-use crate::state::{DepHealth, Health, ServiceState};
+use crate::metrics::{DepLabels, DependencyLabels, Metrics, NodeLabels, TransitionLabels};
+use crate::state::{DepHealth, DepSlot, Health, ServiceState};
 
 /// Slack past a check's deadline before the monitor cancels it. A
 /// well-behaved check returns by its deadline; this only catches one that
 /// does not, so that no check can ever hang the loop.
 pub const CANCEL_GRACE: Duration = Duration::from_millis(250);
+
+/// Longest delay of a dependency's first check after start (or its
+/// interval, when shorter): the startup cost of not checking in lockstep.
+pub const MAX_FIRST_CHECK_DELAY: Duration = Duration::from_secs(1);
+
+/// Spread of the checks while a dependency is down (±50 % of
+/// `interval_down`, or `jitter` when larger; none with `jitter: 0`): every down check lands at a
+/// fresh random point of a whole interval, so replicas that an outage lined
+/// up (all released by the same timeout, say) do not reconnect together
+/// when the dependency returns.
+pub const DOWN_JITTER: f64 = 0.5;
+
+/// How often the slow-start gauge follows a ramp.
+const RAMP_TICK: Duration = Duration::from_millis(100);
 
 /// Hysteresis: the verdict after one more result.
 ///
@@ -51,10 +65,10 @@ pub async fn run_once(check: &mut AnyCheck, timeout: Duration) -> (Result<(), Ch
     (result, started.elapsed())
 }
 
-/// Monitors dependency `index` until `stop` turns true, then closes the check's
+/// Monitors the dependency of `slot` until `stop` turns true, then closes the check's
 /// connection cleanly.
 pub async fn monitor(
-    index: usize,
+    slot: Arc<DepSlot>,
     dep: DependencyConfig,
     mut check: AnyCheck,
     health: Arc<Health>,
@@ -65,7 +79,17 @@ pub async fn monitor(
     let labels = DepLabels { dependency: dep.name.clone(), r#type: kind.into() };
     let up_gauge = metrics.dependency_up.get_or_create_owned(&labels);
     let duration = metrics.check_duration.get_or_create_owned(&labels);
-    let mut status = health.deps()[index].status();
+    let mut status = slot.status();
+    let admitted = dep
+        .slow_start
+        .map(|_| metrics.fleet.admitted_ratio.get_or_create_owned(&DependencyLabels { dependency: dep.name.clone() }));
+
+    // The first check at a random point of the first interval (at most
+    // `MAX_FIRST_CHECK_DELAY`), so replicas started together spread out.
+    tokio::select! {
+        _ = tokio::time::sleep(first_check_delay(dep.interval, dep.jitter)) => {}
+        _ = stop.wait_for(|s| *s) => return,
+    }
 
     loop {
         // Intervals run start to start: a check that takes its whole timeout
@@ -126,10 +150,21 @@ pub async fn monitor(
             status.state = next;
             status.since = SystemTime::now();
         }
-        health.publish(index, status.clone());
+        let changed = slot.status().state != status.state;
+        health.publish_to(&slot, status.clone());
+        if let (Some(gauge), true) = (&admitted, changed) {
+            gauge.set(health.admitted_share(slot.bit));
+            if health.ramping(slot.bit) {
+                tokio::spawn(follow_ramp(slot.bit, health.clone(), gauge.clone()));
+            }
+        }
 
-        let base = if status.state == DepHealth::Down { dep.interval_down } else { dep.interval };
-        let wake = started + jittered(base, dep.jitter);
+        let (base, jitter) = match status.state {
+            DepHealth::Down if dep.jitter > 0.0 => (dep.interval_down, dep.jitter.max(DOWN_JITTER)),
+            DepHealth::Down => (dep.interval_down, 0.0),
+            _ => (dep.interval, dep.jitter),
+        };
+        let wake = started + jittered(base, jitter);
         tokio::select! {
             _ = sleep_until(wake) => {}
             _ = stop.wait_for(|s| *s) => break,
@@ -137,6 +172,35 @@ pub async fn monitor(
     }
     // Leave the server a clean goodbye (COM_QUIT, connection.close, QUIT).
     check.close(Instant::now() + dep.timeout.min(Duration::from_secs(2))).await;
+}
+
+/// Keeps the slow-start gauge on dependency `index`'s ramp and ends the
+/// ramp when its window is over (so the request path never writes the mask).
+async fn follow_ramp(
+    index: usize,
+    health: Arc<Health>,
+    gauge: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+) {
+    while health.ramping(index) {
+        let share = health.admitted_share(index);
+        gauge.set(share);
+        if share >= 1.0 {
+            health.end_ramp(index);
+            break;
+        }
+        tokio::time::sleep(RAMP_TICK).await;
+    }
+    gauge.set(health.admitted_share(index));
+}
+
+/// A random delay within `min(interval, MAX_FIRST_CHECK_DELAY)`; none with
+/// `jitter: 0`, which asks for a schedule without any randomness.
+fn first_check_delay(interval: Duration, jitter: f64) -> Duration {
+    if jitter <= 0.0 {
+        return Duration::ZERO;
+    }
+    let bound = interval.min(MAX_FIRST_CHECK_DELAY);
+    bound.mul_f64(rand::rng().random_range(0.0..1.0))
 }
 
 /// `base` spread by ±`fraction`, so that many pods do not check in lockstep.
@@ -217,6 +281,18 @@ mod tests {
     fn down_needs_rise_consecutive_successes_to_go_up() {
         assert_eq!(next_health(Down, 1, 0, 2, 2), Down);
         assert_eq!(next_health(Down, 2, 0, 2, 2), Up);
+    }
+
+    #[test]
+    fn the_first_check_waits_at_most_one_interval_or_one_second() {
+        for _ in 0..1000 {
+            assert!(first_check_delay(Duration::from_millis(200), 0.1) < Duration::from_millis(200));
+            assert!(first_check_delay(Duration::from_secs(30), 0.1) < MAX_FIRST_CHECK_DELAY);
+        }
+        assert_eq!(first_check_delay(Duration::from_secs(30), 0.0), Duration::ZERO);
+        // Spread, not constant: the delays of a thousand replicas cover the bound.
+        let ms: Vec<u128> = (0..1000).map(|_| first_check_delay(Duration::from_secs(1), 0.1).as_millis()).collect();
+        assert!(ms.iter().any(|&m| m < 100) && ms.iter().any(|&m| m > 900), "{:?}", &ms[..10]);
     }
 
     #[test]

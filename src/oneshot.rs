@@ -120,9 +120,10 @@ pub async fn wait(config: &Config, timeout: Duration, allow_degraded: bool) -> b
     let metrics = Metrics::new(config);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut monitors = tokio::task::JoinSet::new();
-    for (i, dep) in config.dependencies.iter().enumerate() {
+    for (slot, dep) in health.deps().iter().zip(&config.dependencies) {
         let check = AnyCheck::new(dep);
-        monitors.spawn(monitor::monitor(i, dep.clone(), check, health.clone(), metrics.clone(), stop_rx.clone()));
+        let (slot, dep) = (slot.clone(), dep.clone());
+        monitors.spawn(monitor::monitor(slot, dep, check, health.clone(), metrics.clone(), stop_rx.clone()));
     }
     let aggregator = tokio::spawn(monitor::aggregate(health.clone(), metrics));
     let mut states = health.subscribe_service();

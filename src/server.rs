@@ -22,12 +22,13 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::admin::{Admin, Heartbeats};
-use crate::check::AnyCheck;
 use crate::config::{Config, ListenerProtocol};
 use crate::control::Control;
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::monitor;
-use crate::proxy::{self, ListenerCtx};
+use crate::proxy::{self, ListenerCtx, LiveCtx};
+use crate::reload::{ReloadSender, Reloader};
 use crate::state::Health;
 
 /// Why the server could not start.
@@ -64,6 +65,8 @@ pub struct Running {
     /// The metrics.
     pub metrics: Arc<Metrics>,
     config: Config,
+    /// Where SIGHUP asks for a reload.
+    reload: ReloadSender,
     drain_tx: watch::Sender<Option<Instant>>,
     stop_monitors: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
@@ -141,9 +144,34 @@ pub fn start(config: Config) -> Result<Running, StartError> {
 
     let mut loop_names: Vec<String> = (0..workers).map(|i| format!("hg-worker-{i}")).collect();
     loop_names.push("hg-monitor".into());
+    if config.fleet.is_some() {
+        loop_names.push("hg-fleet".into());
+    }
     let heartbeats = Heartbeats::new(loop_names);
+    let fleet = config.fleet.clone().map(|f| Fleet::new(f, &config, health.clone(), metrics.clone()));
 
-    // Monitor thread: checks + aggregator.
+    // The control state and the admin handlers: the reloader updates them.
+    let max_ttl = config.admin.control.as_ref().map_or(crate::config::admin::DEFAULT_MAX_TTL, |c| c.max_ttl);
+    let control = Control::new(health.clone(), metrics.clone(), max_ttl);
+    let admin = Admin::new(
+        &config,
+        &bound,
+        health.clone(),
+        metrics.clone(),
+        heartbeats.clone(),
+        control.clone(),
+        fleet.clone(),
+    );
+    // Each worker reads its own copy of each listener's context; a reload swaps them.
+    let lives: Vec<Vec<LiveCtx>> = (0..config.listeners.len())
+        .map(|i| {
+            (0..workers).map(|_| proxy::live(ListenerCtx::new(&config, i, health.clone(), metrics.clone()))).collect()
+        })
+        .collect();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    control.set_reloader(reload_tx.clone());
+
+    // Monitor thread: checks, aggregator, reloader.
     let (stop_monitors, stop_rx) = watch::channel(false);
     let monitor = {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -152,32 +180,35 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             .enable_all()
             .build()
             .map_err(|source| StartError::Runtime { what: "monitor runtime", source })?;
-        let (health, metrics, heartbeats, deps) =
-            (health.clone(), metrics.clone(), heartbeats.clone(), config.dependencies.clone());
+        let (health, metrics, heartbeats, control, admin) =
+            (health.clone(), metrics.clone(), heartbeats.clone(), control.clone(), admin.clone());
+        let (config, bound, lives) = (config.clone(), bound.clone(), lives.clone());
         spawn_thread("hg-monitor-main".into(), move || {
             rt.block_on(async move {
                 tokio::spawn(heartbeats.beat(workers));
                 tokio::spawn(monitor::aggregate(health.clone(), metrics.clone()));
-                let mut tasks = tokio::task::JoinSet::new();
-                for (i, dep) in deps.into_iter().enumerate() {
-                    let check = AnyCheck::new(&dep);
-                    tasks.spawn(monitor::monitor(i, dep, check, health.clone(), metrics.clone(), stop_rx.clone()));
-                }
-                while tasks.join_next().await.is_some() {}
                 // The loop lives (and its heartbeat ticks) until the stop,
                 // even with nothing to check: an idle loop is not a stuck one.
-                let mut stop = stop_rx;
-                let _ = stop.wait_for(|s| *s).await;
+                Reloader::start(config, health, metrics, control, admin, bound, lives).run(reload_rx, stop_rx).await;
             });
         })?
     };
 
+    // Fleet thread: peer polls never share a loop with checks or requests.
+    if let Some(fleet) = fleet.clone() {
+        let rt = runtime_current()?;
+        let (heartbeats, stop) = (heartbeats.clone(), stop_monitors.subscribe());
+        spawn_thread("hg-fleet".into(), move || {
+            rt.block_on(async move {
+                tokio::spawn(heartbeats.beat(workers + 1));
+                fleet.run(stop).await;
+            })
+        })?;
+    }
+
     // Admin thread.
     {
         let rt = runtime_current()?;
-        let max_ttl = config.admin.control.as_ref().map_or(crate::config::admin::DEFAULT_MAX_TTL, |c| c.max_ttl);
-        let control = Control::new(health.clone(), metrics.clone(), max_ttl);
-        let admin = Admin::new(&config, &bound, health.clone(), metrics.clone(), heartbeats.clone(), control);
         spawn_thread("hg-admin".into(), move || {
             rt.block_on(async move {
                 match tokio::net::TcpListener::from_std(admin_listener) {
@@ -190,18 +221,18 @@ pub fn start(config: Config) -> Result<Running, StartError> {
 
     // Worker threads.
     let (drain_tx, drain_rx) = watch::channel(None);
-    let ctxs: Vec<Arc<ListenerCtx>> =
-        (0..config.listeners.len()).map(|i| ListenerCtx::new(&config, i, health.clone(), metrics.clone())).collect();
     let mut worker_handles = Vec::new();
     for (w, socks) in sockets.into_iter().enumerate() {
         let rt = runtime_current()?;
-        let (ctxs, drain_rx, heartbeats) = (ctxs.clone(), drain_rx.clone(), heartbeats.clone());
+        let ctxs: Vec<LiveCtx> = lives.iter().map(|l| l[w].clone()).collect();
+        let protocols: Vec<ListenerProtocol> = config.listeners.iter().map(|l| l.protocol).collect();
+        let (drain_rx, heartbeats) = (drain_rx.clone(), heartbeats.clone());
         worker_handles.push(spawn_thread(format!("hg-worker-{w}"), move || {
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let beat = tokio::task::spawn_local(heartbeats.beat(w));
                 let mut serving = Vec::new();
-                for (sock, ctx) in socks.into_iter().zip(ctxs) {
+                for ((sock, ctx), protocol) in socks.into_iter().zip(ctxs).zip(protocols) {
                     let listener = match tokio::net::TcpListener::from_std(sock) {
                         Ok(l) => l,
                         Err(e) => {
@@ -211,7 +242,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                     };
                     let drain = drain_rx.clone();
                     serving.push(tokio::task::spawn_local(async move {
-                        match ctx.config.protocol {
+                        match protocol {
                             ListenerProtocol::Http => proxy::http::serve(listener, ctx, drain).await,
                             ListenerProtocol::Tcp => proxy::tcp::serve(listener, ctx, drain).await,
                         }
@@ -231,6 +262,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         health,
         metrics,
         config,
+        reload: reload_tx,
         drain_tx,
         stop_monitors,
         workers: worker_handles,
@@ -293,15 +325,20 @@ pub fn run(config: Config) -> Result<i32, StartError> {
             signal(SignalKind::terminate()).map_err(|source| StartError::Runtime { what: "signals", source })?;
         let mut int =
             signal(SignalKind::interrupt()).map_err(|source| StartError::Runtime { what: "signals", source })?;
+        let mut hup = signal(SignalKind::hangup()).map_err(|source| StartError::Runtime { what: "signals", source })?;
         let running = start(config)?;
         let listeners: Vec<String> = running.listeners.iter().map(|a| a.to_string()).collect();
         info!(
             listeners = %listeners.join(","), admin = %running.admin, workers = running.config.workers,
             dependencies = running.config.dependencies.len(), "healthgate started"
         );
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let which = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                // A reload runs on the monitor thread; its outcome is logged there.
+                _ = hup.recv() => crate::reload::on_sighup(&running.reload).await,
+            }
         };
         info!(signal = which, "shutdown requested");
         let second = async move {

@@ -14,6 +14,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -21,7 +23,8 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::check::{Cause, Details};
-use crate::config::{Config, Impact};
+use crate::config::{Config, DependencyConfig, Impact, SlowStart};
+use crate::fleet::ramp;
 
 /// A dependency's health verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -230,6 +233,13 @@ struct Facts {
     forced_up: u64,
     forced_down: u64,
     mode: Mode,
+    /// Bits of the dependencies of the config in force.
+    active: u64,
+    /// Bits given to the dependencies of a reload not yet committed
+    /// ([`Health::prepare`]); they count for nothing until [`Health::commit`].
+    pending: u64,
+    /// Bit i: dependency i came back up and is in its slow-start window.
+    ramping: u64,
 }
 
 impl Facts {
@@ -239,9 +249,15 @@ impl Facts {
         (self.checked_not_up & !self.forced_up) | self.forced_down | maintenance
     }
 
-    /// A forced dependency has a verdict, whether or not it was checked yet.
+    /// A forced dependency has a verdict, whether or not it was checked yet;
+    /// a dependency of a reload not yet in force does not hold the start back.
     fn unknown(&self) -> u64 {
-        self.checked_unknown & !(self.forced_up | self.forced_down)
+        self.checked_unknown & self.active & !(self.forced_up | self.forced_down)
+    }
+
+    /// The ramps in force: an operator's forced "up" admits everything.
+    fn ramping(&self) -> u64 {
+        self.ramping & !self.forced_up
     }
 }
 
@@ -256,12 +272,17 @@ pub enum Admission {
 
 /// One dependency's slot.
 pub struct DepSlot {
+    /// Its bit in the request-path masks, fixed for the dependency's life
+    /// across reloads (the config index is not: a reload may reorder).
+    pub bit: usize,
     /// Name.
     pub name: String,
     /// `type` label.
     pub kind: &'static str,
     /// Impact.
     pub impact: Impact,
+    /// Its slow start, if configured.
+    slow_start: Option<SlowStart>,
     /// Full status (the monitor holds the only `Sender`... through `publish`).
     tx: watch::Sender<DepStatus>,
 }
@@ -280,18 +301,22 @@ impl DepSlot {
 
 /// The shared health state of the process.
 pub struct Health {
-    deps: Vec<DepSlot>,
+    /// The dependencies of the config in force, in config order; swapped whole by a reload.
+    deps: ArcSwap<Vec<Arc<DepSlot>>>,
     /// What the masks are computed from; held only while writing them.
     facts: Mutex<Facts>,
     /// Bit i set = dependency i is not up (down or unknown), overrides
     /// applied; [`MAINTENANCE_BIT`] set in maintenance.
     not_up: AtomicU64,
+    /// What the request path loads: `not_up` plus the ramping dependencies,
+    /// so that a request needing none of them is admitted after one load.
+    gate_mask: AtomicU64,
     /// Bit i set = dependency i has no verdict yet.
     unknown: AtomicU64,
-    /// Bits of the `out_of_service` dependencies.
-    oos_mask: u64,
-    /// Bits of the `degraded` dependencies.
-    degraded_mask: u64,
+    /// Bits of the `out_of_service` dependencies (changed only by a reload).
+    oos_mask: AtomicU64,
+    /// Bits of the `degraded` dependencies (changed only by a reload).
+    degraded_mask: AtomicU64,
     draining: AtomicBool,
     /// When draining began (set once, with `draining`).
     drain_began: OnceLock<Instant>,
@@ -303,6 +328,66 @@ pub struct Health {
     epoch: watch::Sender<u64>,
     service: watch::Sender<(ServiceState, SystemTime)>,
     started: SystemTime,
+    /// Bit i set = the dependency with bit i came back up and is still in
+    /// its slow-start window: the request path admits only a share of what
+    /// needs it. Written with the other masks, under the facts lock.
+    ramping: AtomicU64,
+    /// Per bit: when that dependency's ramp began, in ms since `clock`.
+    ramp_began_ms: Vec<AtomicU64>,
+    /// The base of `ramp_began_ms`.
+    clock: std::time::Instant,
+    /// The slots of a reload between [`Health::prepare`] and [`Health::commit`].
+    staged: Mutex<Vec<Arc<DepSlot>>>,
+}
+
+impl DepSlot {
+    /// A slot for dependency `d` at `bit`, publishing into `tx`.
+    fn new(bit: usize, d: &DependencyConfig, tx: watch::Sender<DepStatus>) -> DepSlot {
+        DepSlot { bit, name: d.name.clone(), kind: d.kind.type_name(), impact: d.impact, slow_start: d.slow_start, tx }
+    }
+}
+
+/// How a reload keeps a dependency's slot ([`Health::prepare`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Same settings: the same slot, verdict, counters and check.
+    Same,
+    /// Changed settings: the same bit and verdict; the rise/fall counts start
+    /// over for the new check.
+    Restart,
+    /// Not in the old config: a new bit, no verdict yet.
+    New,
+}
+
+/// Why a reload cannot lay out its dependencies.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// Old and new dependencies together need more bits than the masks have
+    /// (a removed dependency's bit is only free once the reload is in force).
+    #[error(
+        "the old and the new config together have more than {} distinct dependencies; reload in two steps or restart",
+        crate::config::MAX_DEPENDENCIES
+    )]
+    NoFreeBit,
+}
+
+/// The bits of the `out_of_service` and of the `degraded` dependencies of one config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Classes {
+    /// Bits of the `out_of_service` dependencies.
+    pub oos: u64,
+    /// Bits of the `degraded` dependencies.
+    pub degraded: u64,
+}
+
+impl Classes {
+    /// The classes of `config`'s dependencies, `bits[i]` being the bit of dependency `i`.
+    pub fn of(config: &Config, bits: &[usize]) -> Classes {
+        let mask = |impact| {
+            config.dependencies.iter().zip(bits).filter(|(d, _)| d.impact == impact).fold(0u64, |m, (_, b)| m | 1 << b)
+        };
+        Classes { oos: mask(Impact::OutOfService), degraded: mask(Impact::Degraded) }
+    }
 }
 
 /// The mask with the first `n` bits set.
@@ -325,12 +410,8 @@ impl Health {
         let deps = config
             .dependencies
             .iter()
-            .map(|d| DepSlot {
-                name: d.name.clone(),
-                kind: d.kind.type_name(),
-                impact: d.impact,
-                tx: watch::Sender::new(DepStatus::unknown()),
-            })
+            .enumerate()
+            .map(|(bit, d)| Arc::new(DepSlot::new(bit, d, watch::Sender::new(DepStatus::unknown()))))
             .collect();
         let initial = if n == 0 { ServiceState::InService } else { ServiceState::Starting };
         let facts = Facts {
@@ -339,48 +420,241 @@ impl Health {
             forced_up: 0,
             forced_down: 0,
             mode: Mode::Normal,
+            active: low_bits(n),
+            pending: 0,
+            ramping: 0,
         };
         Arc::new(Health {
-            deps,
+            deps: ArcSwap::from_pointee(deps),
             facts: Mutex::new(facts),
             not_up: AtomicU64::new(low_bits(n)),
+            gate_mask: AtomicU64::new(low_bits(n)),
             unknown: AtomicU64::new(low_bits(n)),
-            oos_mask: mask_of(Impact::OutOfService),
-            degraded_mask: mask_of(Impact::Degraded),
+            oos_mask: AtomicU64::new(mask_of(Impact::OutOfService)),
+            degraded_mask: AtomicU64::new(mask_of(Impact::Degraded)),
             draining: AtomicBool::new(false),
             drain_began: OnceLock::new(),
             changed: Notify::new(),
             epoch: watch::Sender::new(0),
             service: watch::Sender::new((initial, SystemTime::now())),
             started: SystemTime::now(),
+            staged: Mutex::new(Vec::new()),
+            ramping: AtomicU64::new(0),
+            ramp_began_ms: (0..64).map(|_| AtomicU64::new(0)).collect(),
+            clock: std::time::Instant::now(),
         })
     }
 
-    /// The dependency slots, in config order.
-    pub fn deps(&self) -> &[DepSlot] {
-        &self.deps
+    /// First step of a reload: the slots of `config`'s dependencies, in its
+    /// order. `keep[i]` says how dependency `i` relates to the config in
+    /// force (matched by name). A kept dependency keeps its bit, so masks
+    /// built for the old config stay valid for requests still using it; a new
+    /// one gets a bit no dependency in force uses, and counts for nothing
+    /// (not in the start, the service state or any route) until [`Health::commit`].
+    pub fn prepare(&self, config: &Config, keep: &[Keep]) -> Result<Vec<Arc<DepSlot>>, LayoutError> {
+        let current = self.deps.load_full();
+        let mut facts = self.facts();
+        let mut taken = facts.active | facts.pending | MAINTENANCE_BIT;
+        let mut slots = Vec::with_capacity(config.dependencies.len());
+        let mut fresh = 0u64;
+        for (d, k) in config.dependencies.iter().zip(keep) {
+            let old = current.iter().find(|o| o.name == d.name);
+            let slot = match (k, old) {
+                (Keep::Same, Some(o)) if o.impact == d.impact => o.clone(),
+                (Keep::Same | Keep::Restart, Some(o)) => {
+                    if *k == Keep::Restart {
+                        o.tx.send_modify(|s| {
+                            s.consecutive_successes = 0;
+                            s.consecutive_failures = 0;
+                        });
+                    }
+                    Arc::new(DepSlot::new(o.bit, d, o.tx.clone()))
+                }
+                _ => {
+                    let bit = (!taken).trailing_zeros() as usize;
+                    if bit >= crate::config::MAX_DEPENDENCIES {
+                        facts.pending = 0;
+                        return Err(LayoutError::NoFreeBit);
+                    }
+                    taken |= 1 << bit;
+                    fresh |= 1 << bit;
+                    Arc::new(DepSlot::new(bit, d, watch::Sender::new(DepStatus::unknown())))
+                }
+            };
+            slots.push(slot);
+        }
+        // A fresh bit starts with no verdict and no override, whatever a
+        // dependency that held it before left there.
+        facts.pending = fresh;
+        facts.checked_not_up |= fresh;
+        facts.checked_unknown |= fresh;
+        facts.forced_up &= !fresh;
+        facts.forced_down &= !fresh;
+        facts.ramping &= !fresh;
+        self.not_up.store(facts.not_up(), Ordering::Relaxed);
+        self.unknown.store(facts.unknown(), Ordering::Relaxed);
+        drop(facts);
+        *self.staged.lock().unwrap_or_else(|e| e.into_inner()) = slots.clone();
+        Ok(slots)
+    }
+
+    /// Last step of a reload: `slots` (from [`Health::prepare`]) are the
+    /// dependencies in force. The bits of removed dependencies are cleared
+    /// (verdict and override): a request still under the old config that
+    /// needs one is no longer refused for it, and a later reload may reuse it.
+    pub fn commit(&self, slots: Vec<Arc<DepSlot>>) {
+        let bits = |f: &dyn Fn(&DepSlot) -> bool| slots.iter().filter(|d| f(d)).fold(0u64, |m, d| m | 1 << d.bit);
+        let active = bits(&|_| true);
+        let oos = bits(&|d| d.impact == Impact::OutOfService);
+        let degraded = bits(&|d| d.impact == Impact::Degraded);
+        let mut facts = self.facts();
+        let removed = facts.active & !active;
+        facts.active = active;
+        facts.pending = 0;
+        facts.checked_not_up &= !removed;
+        facts.checked_unknown &= !removed;
+        facts.forced_up &= !removed;
+        facts.forced_down &= !removed;
+        facts.ramping &= !removed;
+        self.oos_mask.store(oos, Ordering::Relaxed);
+        self.degraded_mask.store(degraded, Ordering::Relaxed);
+        self.deps.store(Arc::new(slots));
+        self.not_up.store(facts.not_up(), Ordering::Relaxed);
+        self.unknown.store(facts.unknown(), Ordering::Relaxed);
+        drop(facts);
+        self.staged.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.touch();
+    }
+
+    /// Drops a prepared reload that will not be committed.
+    pub fn abandon(&self) {
+        let mut facts = self.facts();
+        facts.pending = 0;
+        drop(facts);
+        self.staged.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// The dependency slots of the config in force, in config order (a
+    /// snapshot: a reload swaps the list, never changes it in place).
+    pub fn deps(&self) -> Arc<Vec<Arc<DepSlot>>> {
+        self.deps.load_full()
+    }
+
+    /// The slot of the dependency with this bit, if it is in force.
+    pub fn slot(&self, bit: usize) -> Option<Arc<DepSlot>> {
+        self.deps.load().iter().find(|d| d.bit == bit).cloned()
     }
 
     /// The request-path decision for a request needing the dependencies in `needs`.
     ///
-    /// One relaxed atomic load when everything is up; no lock, no allocation.
+    /// One relaxed atomic load when everything is up; no lock, no
+    /// allocation. While a needed dependency ramps up after an outage
+    /// (`slow_start`), only its current share of requests is admitted and the
+    /// rest are rejected as if it were still down.
     #[inline]
     pub fn admission(&self, needs: u64) -> Admission {
-        let missing = self.not_up.load(Ordering::Relaxed) & needs;
-        if missing == 0 {
-            return Admission::Admit;
-        }
-        Admission::Reject(self.classify(missing), missing)
+        self.admission_in(needs, self.classes())
     }
 
-    /// The class of a rejection for a non-empty set of missing dependencies.
+    /// The decision from the verdicts alone, without the slow-start draw:
+    /// for decisions about the pod (closing connections, `/status`), not
+    /// about one request.
+    pub fn gate(&self, needs: u64) -> Admission {
+        self.gate_in(needs, self.classes())
+    }
+
+    /// [`Health::gate`] with the impact classes of the config a connection
+    /// runs under (see [`Health::admission_in`]).
+    pub fn gate_in(&self, needs: u64, classes: Classes) -> Admission {
+        let missing = self.not_up.load(Ordering::Relaxed) & needs;
+        if missing == 0 { Admission::Admit } else { Admission::Reject(self.classify_in(missing, classes), missing) }
+    }
+
+    /// Admission while some needed dependency ramps: the lowest share among
+    /// them decides, by one draw of this thread's admission sequence.
     #[cold]
-    fn classify(&self, missing: u64) -> Reject {
+    fn ramp_admission(&self, needs: u64, classes: Classes) -> Admission {
+        let mut bits = self.ramping.load(Ordering::Acquire) & needs;
+        let now = self.clock.elapsed();
+        let (mut share, mut limiting) = (1.0f64, 0u64);
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(s) = self.ramp_share_at(i, now)
+                && s < share
+            {
+                (share, limiting) = (s, 1 << i);
+            }
+        }
+        if ramp::admit(share) {
+            Admission::Admit
+        } else {
+            Admission::Reject(self.classify_in(limiting, classes), limiting)
+        }
+    }
+
+    /// The admitted share at `now` (since `clock`) of the dependency with
+    /// bit `index`, if it has a slow start.
+    fn ramp_share_at(&self, index: usize, now: Duration) -> Option<f64> {
+        let r = self.slot(index)?.slow_start?;
+        let began = Duration::from_millis(self.ramp_began_ms[index].load(Ordering::Relaxed));
+        Some(ramp::share(now.saturating_sub(began), r.window, r.floor))
+    }
+
+    /// The share of requests needing dependency `index` that are admitted
+    /// now: 0 while it is not up, its ramp's share while it ramps, else 1.
+    pub fn admitted_share(&self, index: usize) -> f64 {
+        let bit = 1u64 << index;
+        if self.not_up.load(Ordering::Relaxed) & bit != 0 {
+            0.0
+        } else if self.ramping.load(Ordering::Acquire) & bit != 0 {
+            self.ramp_share_at(index, self.clock.elapsed()).unwrap_or(1.0)
+        } else {
+            1.0
+        }
+    }
+
+    /// Whether dependency `index` is in its slow-start window.
+    pub fn ramping(&self, index: usize) -> bool {
+        // The ramp itself, even while an operator's forced "up" suspends it:
+        // its monitor must still end it.
+        self.facts().ramping & (1 << index) != 0
+    }
+
+    /// Ends dependency `index`'s ramp once its window is over (called by
+    /// its monitor, so the request path never writes the mask).
+    pub fn end_ramp(&self, index: usize) {
+        self.update(|f| f.ramping &= !(1u64 << index));
+    }
+
+    /// [`Health::admission`] with the impact classes of the config the
+    /// request runs under (its listener context), so that a reload that
+    /// changes or removes a dependency never answers a request of the old
+    /// config with the new config's class.
+    #[inline]
+    pub fn admission_in(&self, needs: u64, classes: Classes) -> Admission {
+        if self.gate_mask.load(Ordering::Relaxed) & needs == 0 {
+            return Admission::Admit;
+        }
+        let missing = self.not_up.load(Ordering::Relaxed) & needs;
+        if missing != 0 {
+            return Admission::Reject(self.classify_in(missing, classes), missing);
+        }
+        self.ramp_admission(needs, classes)
+    }
+
+    /// The impact classes of the config in force.
+    pub fn classes(&self) -> Classes {
+        Classes { oos: self.oos_mask.load(Ordering::Relaxed), degraded: self.degraded_mask.load(Ordering::Relaxed) }
+    }
+
+    #[cold]
+    fn classify_in(&self, missing: u64, classes: Classes) -> Reject {
         if missing & MAINTENANCE_BIT != 0 {
             Reject::Maintenance
-        } else if missing & (self.oos_mask | self.unknown.load(Ordering::Relaxed)) != 0 {
+        } else if missing & (classes.oos | self.unknown.load(Ordering::Relaxed)) != 0 {
             Reject::OutOfService
-        } else if missing & self.degraded_mask != 0 {
+        } else if missing & classes.degraded != 0 {
             Reject::Degraded
         } else {
             // Only `observe` dependencies are missing: they never gate. A
@@ -391,7 +665,7 @@ impl Health {
 
     /// Whether a set of missing dependencies should gate at all (ignores `observe`).
     pub fn gating_mask(&self) -> u64 {
-        self.oos_mask | self.degraded_mask
+        self.oos_mask.load(Ordering::Relaxed) | self.degraded_mask.load(Ordering::Relaxed)
     }
 
     /// Locks the facts (a poisoned lock still holds valid bit masks).
@@ -406,24 +680,61 @@ impl Health {
         f(&mut facts);
         self.not_up.store(facts.not_up(), Ordering::Relaxed);
         self.unknown.store(facts.unknown(), Ordering::Relaxed);
+        // Release: a reader that sees a ramp's bit also sees when it began.
+        self.ramping.store(facts.ramping(), Ordering::Release);
+        self.gate_mask.store(facts.not_up() | facts.ramping(), Ordering::Release);
     }
 
-    /// Publishes a dependency's status; called only by that dependency's monitor.
+    /// Publishes the status of the dependency with bit `index` ([`DepSlot::bit`]);
+    /// called only by that dependency's monitor.
     pub fn publish(&self, index: usize, status: DepStatus) {
-        let bit = 1u64 << index;
-        match status.state {
-            DepHealth::Up => self.update(|f| {
-                f.checked_unknown &= !bit;
-                f.checked_not_up &= !bit;
-            }),
-            DepHealth::Down => self.update(|f| {
-                f.checked_not_up |= bit;
-                f.checked_unknown &= !bit;
-            }),
-            DepHealth::Unknown => {}
+        if let Some(slot) = self.slot(index).or_else(|| self.pending_slot(index)) {
+            self.publish_to(&slot, status);
         }
-        let verdict_changed = self.deps[index].tx.borrow().state != status.state;
-        self.deps[index].tx.send_replace(status);
+    }
+
+    /// A slot of a reload not yet committed (its monitor already runs).
+    fn pending_slot(&self, bit: usize) -> Option<Arc<DepSlot>> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|d| d.bit == bit).cloned()
+    }
+
+    /// Publishes a dependency's status into its slot; called only by that
+    /// dependency's monitor. The status of a dependency a reload removed
+    /// (its monitor is being stopped) no longer touches the masks.
+    ///
+    /// A dependency with `slow_start` that comes back up (down → up, not the
+    /// first verdict) starts its ramp here, in the same update that marks it
+    /// up, so no request sees it up without the ramp.
+    pub fn publish_to(&self, slot: &DepSlot, status: DepStatus) {
+        let bit = 1u64 << slot.bit;
+        let before = slot.tx.borrow().state;
+        let ramp = status.state == DepHealth::Up && before == DepHealth::Down && slot.slow_start.is_some();
+        if ramp {
+            let now = self.clock.elapsed().as_millis() as u64;
+            self.ramp_began_ms[slot.bit].store(now, Ordering::Relaxed);
+        }
+        self.update(|f| {
+            if (f.active | f.pending) & bit == 0 {
+                return;
+            }
+            match status.state {
+                DepHealth::Up => {
+                    f.checked_unknown &= !bit;
+                    f.checked_not_up &= !bit;
+                    if ramp {
+                        f.ramping |= bit;
+                    }
+                }
+                DepHealth::Down => {
+                    f.checked_not_up |= bit;
+                    f.checked_unknown &= !bit;
+                    f.ramping &= !bit;
+                }
+                DepHealth::Unknown => {}
+            }
+        });
+        let verdict_changed = before != status.state;
+        slot.tx.send_replace(status);
         if verdict_changed {
             self.touch();
         }
@@ -462,7 +773,7 @@ impl Health {
         match self.force(index) {
             Some(Force::Up) => DepHealth::Up,
             Some(Force::Down) => DepHealth::Down,
-            None => self.deps[index].tx.borrow().state,
+            None => self.slot(index).map_or(DepHealth::Unknown, |d| d.tx.borrow().state),
         }
     }
 
@@ -513,9 +824,9 @@ impl Health {
         let unknown = self.unknown.load(Ordering::Relaxed);
         if unknown != 0 {
             ServiceState::Starting
-        } else if not_up & self.oos_mask != 0 {
+        } else if not_up & self.oos_mask.load(Ordering::Relaxed) != 0 {
             ServiceState::OutOfService
-        } else if not_up & self.degraded_mask != 0 {
+        } else if not_up & self.degraded_mask.load(Ordering::Relaxed) != 0 {
             ServiceState::Degraded
         } else {
             ServiceState::InService
@@ -526,6 +837,12 @@ impl Health {
     fn touch(&self) {
         self.changed.notify_one();
         self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// Tells the watchers that readiness may have changed for a reason the
+    /// verdicts do not show (the fleet's verdict on a dependency).
+    pub fn readiness_inputs_changed(&self) {
+        self.touch();
     }
 
     /// A receiver that sees a new value whenever a verdict, an override, the
@@ -571,9 +888,9 @@ impl Health {
         self.started
     }
 
-    /// Names of the dependencies in a mask, for opt-in problem details.
-    pub fn names(&self, mask: u64) -> impl Iterator<Item = &str> {
-        self.deps.iter().enumerate().filter(move |(i, _)| mask & (1 << i) != 0).map(|(_, d)| d.name.as_str())
+    /// Names of the dependencies in a mask, in config order, for opt-in problem details.
+    pub fn names(&self, mask: u64) -> Vec<String> {
+        self.deps.load().iter().filter(|d| mask & (1 << d.bit) != 0).map(|d| d.name.clone()).collect()
     }
 
     /// The bit mask of a list of dependency indices.
@@ -587,6 +904,16 @@ impl Health {
     pub fn gate_mask(indices: &[usize]) -> u64 {
         Self::mask(indices) | MAINTENANCE_BIT
     }
+}
+
+/// The mask of the dependencies at config `indices`, `bits[i]` being the bit of dependency `i`.
+pub fn mask_of(bits: &[usize], indices: &[usize]) -> u64 {
+    indices.iter().fold(0, |m, i| m | 1 << bits[*i])
+}
+
+/// [`Health::gate_mask`] with the bits of a layout: the request-path mask of a gated route.
+pub fn gate_mask_of(bits: &[usize], indices: &[usize]) -> u64 {
+    mask_of(bits, indices) | MAINTENANCE_BIT
 }
 
 /// Uptime helper for `/status`.
@@ -712,7 +1039,7 @@ mod tests {
         assert_eq!(h.admission(gated), Admission::Reject(Reject::Maintenance, MAINTENANCE_BIT));
         assert_eq!(h.admission(needs_nothing), Admission::Reject(Reject::Maintenance, MAINTENANCE_BIT));
         assert_eq!(h.compute_service_state(), ServiceState::Maintenance);
-        assert_eq!(h.names(MAINTENANCE_BIT).count(), 0);
+        assert!(h.names(MAINTENANCE_BIT).is_empty());
         h.set_mode(Mode::Normal);
         assert_eq!(h.admission(gated), Admission::Admit);
         assert_eq!(h.compute_service_state(), ServiceState::InService);
@@ -728,6 +1055,121 @@ mod tests {
         assert_eq!(got.len(), HISTORY_LEN);
         assert_eq!(got[0], (false, 3.0));
         assert_eq!(got[HISTORY_LEN - 1], (true, (HISTORY_LEN + 2) as f32));
+    }
+
+    fn config(deps: &[(&str, &str)]) -> Config {
+        let mut yaml = String::from(
+            "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\ndependencies:\n",
+        );
+        for (name, impact) in deps {
+            yaml.push_str(&format!("  - name: {name}\n    type: tcp\n    address: x:1\n    impact: {impact}\n"));
+        }
+        Config::from_yaml(&yaml, Path::new("t")).unwrap()
+    }
+
+    #[test]
+    fn a_reload_keeps_the_bits_and_verdicts_of_kept_dependencies_and_remaps_the_rest() {
+        let h = health(&[("db", "out_of_service"), ("old", "out_of_service"), ("cache", "degraded")]);
+        set(&h, 0, DepHealth::Up);
+        set(&h, 1, DepHealth::Down);
+        set(&h, 2, DepHealth::Up);
+        let old_gate = Health::gate_mask(&[0, 1]);
+        // New order: a new dependency first, `cache` changed to out_of_service, `old` removed.
+        let next = config(&[("new", "out_of_service"), ("cache", "out_of_service"), ("db", "out_of_service")]);
+        let slots = h.prepare(&next, &[Keep::New, Keep::Restart, Keep::Same]).unwrap();
+        let bits: Vec<usize> = slots.iter().map(|s| s.bit).collect();
+        assert_eq!(&bits[1..], [2, 0], "kept dependencies keep their bits");
+        assert!(![0, 1, 2].contains(&bits[0]), "a new dependency takes no bit in force: {bits:?}");
+        // Before the commit: the new one does not hold the service back.
+        assert!(h.first_round_done());
+        assert_eq!(h.admission(old_gate), Admission::Reject(Reject::OutOfService, 0b10));
+        h.publish(bits[0], DepStatus { state: DepHealth::Up, ..DepStatus::unknown() });
+        h.commit(slots);
+        // A request still under the old config is not refused for the removed dependency.
+        assert_eq!(h.admission(old_gate), Admission::Admit);
+        let new_gate = gate_mask_of(&bits, &[0, 1, 2]);
+        assert_eq!(h.admission(new_gate), Admission::Admit);
+        assert_eq!(h.names(new_gate), ["new", "cache", "db"]);
+        // `cache` is now out_of_service: its outage is a 503.
+        set(&h, 2, DepHealth::Down);
+        assert_eq!(h.admission(new_gate), Admission::Reject(Reject::OutOfService, 0b100));
+        assert_eq!(h.compute_service_state(), ServiceState::OutOfService);
+    }
+
+    #[test]
+    fn a_request_is_classified_with_the_impacts_of_its_own_config_across_a_reload() {
+        let old = config(&[("db", "out_of_service")]);
+        let h = Health::new(&old);
+        set(&h, 0, DepHealth::Down);
+        let old_classes = Classes::of(&old, &[0]);
+        let new = config(&[("db", "degraded")]);
+        let slots = h.prepare(&new, &[Keep::Restart]).unwrap();
+        h.commit(slots);
+        let gate = Health::gate_mask(&[0]);
+        // A request that loaded the old context before the swap: 503, as the old config says.
+        assert_eq!(h.admission_in(gate, old_classes), Admission::Reject(Reject::OutOfService, 1));
+        // One under the new context: 500.
+        assert_eq!(h.admission_in(gate, Classes::of(&new, &[0])), Admission::Reject(Reject::Degraded, 1));
+        assert_eq!(h.admission(gate), Admission::Reject(Reject::Degraded, 1));
+    }
+
+    #[test]
+    fn a_removed_dependency_leaves_no_verdict_or_override_for_the_next_holder_of_its_bit() {
+        let h = health(&[("db", "out_of_service"), ("old", "out_of_service")]);
+        set(&h, 0, DepHealth::Up);
+        set(&h, 1, DepHealth::Up);
+        h.set_force(1, Some(Force::Up));
+        let one = config(&[("db", "out_of_service")]);
+        let slots = h.prepare(&one, &[Keep::Same]).unwrap();
+        h.commit(slots);
+        // A monitor of the removed dependency that publishes late changes nothing.
+        set(&h, 1, DepHealth::Down);
+        assert_eq!(h.compute_service_state(), ServiceState::InService);
+        let two = config(&[("db", "out_of_service"), ("fresh", "out_of_service")]);
+        let slots = h.prepare(&two, &[Keep::Same, Keep::New]).unwrap();
+        assert_eq!(slots[1].bit, 1, "a freed bit is reused by a later reload");
+        h.commit(slots);
+        assert_eq!(h.force(1), None);
+        assert_eq!(h.effective(1), DepHealth::Unknown);
+        assert_eq!(h.compute_service_state(), ServiceState::Starting);
+    }
+
+    #[test]
+    fn a_reload_needing_more_bits_than_the_masks_have_is_refused_and_changes_nothing() {
+        let names: Vec<String> = (0..crate::config::MAX_DEPENDENCIES).map(|i| format!("d{i}")).collect();
+        let full: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "out_of_service")).collect();
+        let h = health(&full);
+        // One removed, one added: the removed bit is only free after the swap.
+        let mut next = full[1..].to_vec();
+        next.push(("new", "out_of_service"));
+        let mut keep = vec![Keep::Same; next.len() - 1];
+        keep.push(Keep::New);
+        assert!(matches!(h.prepare(&config(&next), &keep), Err(LayoutError::NoFreeBit)));
+        assert_eq!(h.deps().len(), crate::config::MAX_DEPENDENCIES);
+        assert_eq!(h.names(1).as_slice(), ["d0"]);
+    }
+
+    #[test]
+    fn a_dependency_back_up_admits_only_its_slow_start_share_until_the_ramp_ends() {
+        let yaml = "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\ndependencies:\n  - name: db\n    type: tcp\n    address: x:1\n    slow_start:\n      window: 1h\n      floor: 0.25\n";
+        let h = Health::new(&Config::from_yaml(yaml, Path::new("t")).unwrap());
+        // The first verdict is no recovery: no ramp.
+        set(&h, 0, DepHealth::Up);
+        assert!(!h.ramping(0));
+        assert_eq!(h.admitted_share(0), 1.0);
+        set(&h, 0, DepHealth::Down);
+        assert_eq!(h.admitted_share(0), 0.0);
+        set(&h, 0, DepHealth::Up);
+        assert!(h.ramping(0));
+        let admitted = (0..1000).filter(|_| h.admission(0b1) == Admission::Admit).count();
+        assert!((240..=260).contains(&admitted), "{admitted} of 1000 admitted at a 25 % floor");
+        // A refused request gets the dependency's usual short-circuit class.
+        assert!((0..10).any(|_| h.admission(0b1) == Admission::Reject(Reject::OutOfService, 0b1)));
+        // Decisions about the pod ignore the draw.
+        assert_eq!(h.gate(0b1), Admission::Admit);
+        assert_eq!(h.admission(0b10), Admission::Admit);
+        h.end_ramp(0);
+        assert!((0..100).all(|_| h.admission(0b1) == Admission::Admit));
     }
 
     #[test]

@@ -881,6 +881,11 @@ listeners:
     protocol: http
     listen: "127.0.0.1:0"
     upstream: "127.0.0.1:{closed}"
+  - name: egress
+    protocol: tcp
+    listen: "127.0.0.1:0"
+    upstream: "127.0.0.1:{closed}"
+    needs: [up]
 dependencies:
   - name: up
     type: tcp
@@ -1014,7 +1019,7 @@ fn dashboard_and_alert_metric_names_are_exported_by_a_live_healthgate() {
 fn library_exposition() -> String {
     use healthgate::check::Cause;
     use healthgate::metrics::{Metrics, Outcome};
-    let yaml = "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\ndependencies:\n  - name: db\n    type: tcp\n    address: db:1\n";
+    let yaml = "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\ndependencies:\n  - name: db\n    type: tcp\n    address: db:1\n";
     let metrics = Metrics::new(&Config::from_yaml(yaml, Path::new("inline.yaml")).unwrap());
     metrics.check_failed("db", Cause::Refused);
     let route = metrics.route("web", "default");

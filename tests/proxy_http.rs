@@ -78,7 +78,7 @@ impl Proxy {
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                serve(listener, ctx, drain_rx).await;
+                serve(listener, healthgate::proxy::live(ctx), drain_rx).await;
             });
             let _ = done_tx.send(());
         });

@@ -70,7 +70,7 @@ impl Proxy {
                     // The aggregator publishes the service state `close_existing` reacts to.
                     tokio::task::spawn_local(healthgate::monitor::aggregate(h, m));
                     let listener = TcpListener::from_std(socket).unwrap();
-                    tcp::serve(listener, ctx, drain_rx).await;
+                    tcp::serve(listener, healthgate::proxy::live(ctx), drain_rx).await;
                     let _ = done_tx.send(());
                 });
             })

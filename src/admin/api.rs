@@ -11,6 +11,7 @@
 //! | DELETE | `/control/mode` | `reason`, `by` (optional) | ends drain or maintenance |
 //! | PUT/POST | `/control/dependencies/{name}/up` or `/down` | `ttl`, `reason`, `by` | forces the verdict |
 //! | DELETE | `/control/dependencies/{name}` | `reason`, `by` (optional) | the check decides again |
+//! | POST | `/control/reload` | `reason`, `by` (optional) | reloads the config file (docs/reload.md) |
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -38,6 +39,7 @@ fn reply(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
 fn refused(e: ControlError) -> Response<Full<Bytes>> {
     let status = match e {
         ControlError::UnknownDependency(_) => StatusCode::NOT_FOUND,
+        ControlError::Reload(_) => StatusCode::UNPROCESSABLE_ENTITY,
         _ => StatusCode::BAD_REQUEST,
     };
     reply(status, json!({ "error": e.to_string() }))
@@ -77,6 +79,10 @@ pub async fn handle(control: &Control, auth: &Auth, req: Request<Incoming>, peer
     let segments: Vec<&str> = path.split('/').skip(2).collect();
     let result = match (segments.as_slice(), &method) {
         ([], &Method::GET) => return reply(StatusCode::OK, control.to_json()),
+        (["reload"], &Method::POST) => match body(req).await {
+            Ok(b) => control.reload(&b).await,
+            Err(e) => Err(e),
+        },
         (["drain"], _) if set => set_mode(control, Mode::Drain, req).await,
         (["maintenance"], _) if set => set_mode(control, Mode::Maintenance, req).await,
         (["mode"], &Method::DELETE) => match body(req).await.and_then(|b| control.clear_mode(&b)) {
@@ -103,7 +109,16 @@ pub async fn handle(control: &Control, auth: &Auth, req: Request<Incoming>, peer
                 Err(e) => Err(e),
             }
         }
-        ([] | ["drain"] | ["maintenance"] | ["mode"] | ["dependencies", _] | ["dependencies", _, "up" | "down"], _) => {
+        (
+            []
+            | ["reload"]
+            | ["drain"]
+            | ["maintenance"]
+            | ["mode"]
+            | ["dependencies", _]
+            | ["dependencies", _, "up" | "down"],
+            _,
+        ) => {
             return super::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         }
         _ => return super::text(StatusCode::NOT_FOUND, "not found\n"),

@@ -13,7 +13,7 @@ impl Facts for Admin {
     }
 
     fn live(&self) -> bool {
-        self.heartbeats.stalled(self.config.liveness_stall).is_empty()
+        self.heartbeats.stalled(self.live.load().config.liveness_stall).is_empty()
     }
 
     fn started(&self) -> bool {
@@ -21,8 +21,8 @@ impl Facts for Admin {
     }
 
     fn dependency(&self, name: &str) -> Option<DepHealth> {
-        let i = self.health.deps().iter().position(|d| d.name == name)?;
-        Some(self.health.effective(i))
+        let bit = self.health.deps().iter().find(|d| d.name == name)?.bit;
+        Some(self.health.effective(bit))
     }
 }
 

@@ -50,7 +50,7 @@ pub const MAX_MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const MIN_TOKEN_LEN: usize = 16;
 
 /// Admin server settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     /// Listen address.
     pub listen: SocketAddr,

@@ -32,6 +32,11 @@ pub const MIN_MAX_HEADER_BYTES: usize = 8192;
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// Default idle time after which a relayed connection (TCP session, upgraded tunnel) is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default most refused TCP connections held for `reject_delay` at once, per listener.
+pub const DEFAULT_REJECT_HOLD_MAX: usize = 1000;
+/// Longest `reject_delay`: a client's own connect or handshake timeout is
+/// typically 10-30 s; holding longer only ties up sockets.
+pub const MAX_REJECT_DELAY: Duration = Duration::from_secs(60);
 
 /// Default most concurrent HTTP/2 streams per client connection.
 pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -69,7 +74,8 @@ const HTTP_KEYS: &[&str] = &[
     "abort_on_client_close",
 ];
 /// Keys of `protocol: tcp` listeners only.
-const TCP_KEYS: &[&str] = &["reject", "on_outage", "admit_degraded", "connect_timeout"];
+const TCP_KEYS: &[&str] =
+    &["reject", "on_outage", "admit_degraded", "connect_timeout", "reject_delay", "reject_hold_max"];
 
 /// Listener protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -97,7 +103,7 @@ pub enum UpstreamProtocol {
 }
 
 /// One inbound listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     /// Name (a metric label).
     pub name: String,
@@ -126,7 +132,7 @@ pub struct ListenerConfig {
 }
 
 /// HTTP listener options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpListenerConfig {
     /// Add/extend `X-Forwarded-For`.
     pub x_forwarded_for: bool,
@@ -189,7 +195,7 @@ pub enum TcpOnOutage {
 }
 
 /// TCP listener options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TcpListenerConfig {
     /// How a rejected connection is ended.
     pub reject: TcpReject,
@@ -199,6 +205,13 @@ pub struct TcpListenerConfig {
     pub admit_degraded: bool,
     /// Bound on connecting to the app.
     pub connect_timeout: Duration,
+    /// How long a refused connection is held (jittered down to half) before
+    /// it is ended, so clients that reconnect at once do not spin; zero ends
+    /// it at once.
+    pub reject_delay: Duration,
+    /// Most refused connections held at once (across workers); beyond it
+    /// they are ended at once.
+    pub reject_hold_max: usize,
 }
 
 /// Parses a listen address (`IP:port`); a problem gives the unspecified address.
@@ -336,6 +349,15 @@ fn listener(l: &Map<'_>, deps: &[Declared], p: &mut Problems) -> Option<Listener
             .map_or(TcpOnOutage::Keep, |v| v.value),
         admit_degraded: flag("admit_degraded", true, p),
         connect_timeout: dur("connect_timeout", DEFAULT_UPSTREAM_CONNECT_TIMEOUT, p),
+        reject_delay: match l.duration("reject_delay", p) {
+            Some(d) if d.value > MAX_REJECT_DELAY => {
+                p.at(d.pos, l.key("reject_delay"), "must be at most 60s");
+                MAX_REJECT_DELAY
+            }
+            Some(d) => d.value,
+            None => Duration::ZERO,
+        },
+        reject_hold_max: l.int::<usize>("reject_hold_max", p).map_or(DEFAULT_REJECT_HOLD_MAX, |v| v.value),
     };
     Some(ListenerConfig {
         name: name?.value,
@@ -350,4 +372,46 @@ fn listener(l: &Map<'_>, deps: &[Declared], p: &mut Problems) -> Option<Listener
         tcp,
         idle_timeout,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{Config, ConfigError};
+    use super::*;
+
+    const L4: &str =
+        "listeners:\n  - name: amqp\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: rabbitmq:5672\n";
+
+    #[test]
+    fn reject_delay_and_hold_max_default_to_an_immediate_close_and_load_when_set() {
+        let c = Config::from_yaml(L4, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.listeners[0].tcp.reject_delay, Duration::ZERO);
+        assert_eq!(c.listeners[0].tcp.reject_hold_max, DEFAULT_REJECT_HOLD_MAX);
+        let yaml = format!("{L4}    reject_delay: 2s\n    reject_hold_max: 50\n");
+        let c = Config::from_yaml(&yaml, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.listeners[0].tcp.reject_delay, Duration::from_secs(2));
+        assert_eq!(c.listeners[0].tcp.reject_hold_max, 50);
+    }
+
+    #[test]
+    fn a_reject_delay_over_a_minute_is_an_error_at_its_line() {
+        let yaml = format!("{L4}    reject_delay: 2m\n");
+        let Err(ConfigError::Invalid { problems, .. }) = Config::from_yaml(&yaml, Path::new("t.yaml")) else {
+            panic!("a 2m reject_delay must be refused")
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!((problems[0].key.as_str(), problems[0].line), ("listeners[0].reject_delay", 6), "{problems:?}");
+    }
+
+    #[test]
+    fn reject_delay_is_a_tcp_listener_key_only() {
+        let yaml =
+            "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    reject_delay: 1s\n";
+        let Err(ConfigError::Invalid { problems, .. }) = Config::from_yaml(yaml, Path::new("t.yaml")) else {
+            panic!("reject_delay on an HTTP listener must be refused")
+        };
+        assert_eq!(problems[0].key, "listeners[0].reject_delay", "{problems:?}");
+    }
 }

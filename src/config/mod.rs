@@ -23,10 +23,12 @@
 
 pub mod admin;
 pub mod dependency;
+pub mod fleet;
 pub mod hostport;
 pub mod listener;
 pub mod node;
 pub mod problem;
+pub mod reload;
 pub mod route;
 pub mod secret;
 
@@ -43,12 +45,14 @@ pub use dependency::redis::{RedisSettings, SentinelSettings, Target};
 pub use dependency::tcp::TcpSettings;
 pub use dependency::tls::TlsSettings;
 pub use dependency::{DependencyConfig, DependencyKind, Impact, MAX_DEPENDENCIES};
+pub use fleet::{FleetConfig, FleetReadiness, PeerSource, SlowStart};
 pub use hostport::{HostPort, HostPortError};
 pub use listener::{
     HttpListenerConfig, ListenerConfig, ListenerProtocol, TcpListenerConfig, TcpOnOutage, TcpReject, UpstreamProtocol,
 };
 pub use node::MAX_DURATION;
 pub use problem::{At, Pos, Problem};
+pub use reload::ReloadConfig;
 pub use route::{HeaderMatch, RouteConfig, RouteMatch};
 pub use secret::{Secret, SecretError, SecretSource};
 
@@ -56,12 +60,19 @@ use node::Map;
 use problem::Problems;
 
 /// Top-level keys.
-const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners", "dependencies"];
+const KEYS: &[&str] = &["workers", "admin", "drain", "short_circuit", "listeners", "dependencies", "reload", "fleet"];
 /// Keys of `drain`.
 const DRAIN_KEYS: &[&str] = &["delay", "timeout"];
 /// Keys of `short_circuit`.
-const SHORT_CIRCUIT_KEYS: &[&str] =
-    &["retry_after", "expose_dependencies", "out_of_service_body", "degraded_body", "maintenance_body", "grpc"];
+const SHORT_CIRCUIT_KEYS: &[&str] = &[
+    "retry_after",
+    "retry_after_spread",
+    "expose_dependencies",
+    "out_of_service_body",
+    "degraded_body",
+    "maintenance_body",
+    "grpc",
+];
 /// Keys of `short_circuit.grpc`.
 const GRPC_KEYS: &[&str] = &["out_of_service_status", "degraded_status"];
 
@@ -100,6 +111,8 @@ pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default `Retry-After` of 503 responses.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Longest `retry_after_spread` honoured (longer values are capped).
+pub const MAX_RETRY_AFTER_SPREAD: Duration = Duration::from_secs(300);
 
 // === Errors ===
 
@@ -153,10 +166,16 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Backing services to check.
     pub dependencies: Vec<DependencyConfig>,
+    /// How a changed file is noticed.
+    pub reload: ReloadConfig,
+    /// Hash of the file's text ([`reload::hash`]): which config is in force.
+    pub hash: u64,
+    /// Peers and the fleet readiness policy (`None`: this pod decides alone).
+    pub fleet: Option<FleetConfig>,
 }
 
 /// Graceful shutdown settings (see README "Reliability").
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Copy)]
 pub struct DrainConfig {
     /// After SIGTERM, keep serving this long while readiness is already 503.
     pub delay: Duration,
@@ -165,10 +184,13 @@ pub struct DrainConfig {
 }
 
 /// What a short-circuited request receives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShortCircuitConfig {
     /// `Retry-After` on 503 responses (whole seconds).
     pub retry_after: Duration,
+    /// Each 503's `Retry-After` is `retry_after` plus a random whole number
+    /// of seconds up to this, so rejected clients do not come back together.
+    pub retry_after_spread: Duration,
     /// Add the names of the missing dependencies to the problem body.
     pub expose_dependencies: bool,
     /// Body of the 503 (out of service / starting) response.
@@ -211,9 +233,14 @@ impl Config {
         let mut problems = Problems::default();
         let config = tree.map("", &mut problems).map(|m| parse(&m, path, &mut problems));
         match config {
-            Some(config) if problems.count() == 0 => Ok(config),
+            Some(config) if problems.count() == 0 => Ok(Config { hash: reload::hash(text), ..config }),
             _ => Err(invalid(problems.into_sorted())),
         }
+    }
+
+    /// The hash as `/status`, the logs and `healthgate validate` show it.
+    pub fn hash_hex(&self) -> String {
+        format!("{:014x}", self.hash)
     }
 
     /// Index of a dependency by name.
@@ -277,6 +304,10 @@ fn parse(top: &Map<'_>, path: &Path, p: &mut Problems) -> Config {
     let sc = section("short_circuit", SHORT_CIRCUIT_KEYS, p);
     let short_circuit = ShortCircuitConfig {
         retry_after: sc.as_ref().and_then(|s| s.duration("retry_after", p)).map_or(DEFAULT_RETRY_AFTER, |d| d.value),
+        retry_after_spread: sc
+            .as_ref()
+            .and_then(|s| s.duration("retry_after_spread", p))
+            .map_or(Duration::ZERO, |d| d.value.min(MAX_RETRY_AFTER_SPREAD)),
         expose_dependencies: sc.as_ref().and_then(|s| s.bool("expose_dependencies", p)).is_some_and(|b| b.value),
         out_of_service_body: sc
             .as_ref()
@@ -310,7 +341,20 @@ fn parse(top: &Map<'_>, path: &Path, p: &mut Problems) -> Config {
         p.at(top.get("listeners").map_or(Pos(1, 1), |l| l.pos), "listeners", "at least one listener is required");
     }
 
-    Config { path: path.to_path_buf(), workers, admin, drain, short_circuit, listeners, dependencies }
+    let reload = reload::reload(top.map("reload", p).as_ref(), p);
+    let fleet = top.map("fleet", p).and_then(|f| fleet::fleet(&f, admin.listen.port(), p));
+    Config {
+        path: path.to_path_buf(),
+        workers,
+        admin,
+        drain,
+        short_circuit,
+        listeners,
+        dependencies,
+        reload,
+        fleet,
+        hash: 0,
+    }
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ pub struct RouteMatch {
 }
 
 /// A validated route as configured.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// Name (the `route` metric label).
     pub name: String,

@@ -16,7 +16,9 @@ pub mod tcp;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
+use hyper::header::HeaderValue;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -24,11 +26,22 @@ use tokio::time::Instant;
 use crate::config::{Config, ListenerConfig, ListenerProtocol, ShortCircuitConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::{RouteConfig, RouteTable};
-use crate::state::{Health, Reject};
+use crate::state::{Admission, Classes, Health, Reject, gate_mask_of};
 
 /// The drain signal: `None` while running; `Some(deadline)` once the listener
 /// must stop accepting and finish in-flight work by `deadline`.
 pub type DrainSignal = watch::Receiver<Option<Instant>>;
+
+/// A listener's context as one worker sees it: a reload stores a new one,
+/// and each request (or TCP admission) loads the one in force once, so it
+/// runs under the old config or the new one, never a mix. One per worker and
+/// listener, so that loading it touches no cache line another worker writes.
+pub type LiveCtx = Arc<ArcSwap<ListenerCtx>>;
+
+/// A [`LiveCtx`] holding `ctx` until a reload replaces it.
+pub fn live(ctx: Arc<ListenerCtx>) -> LiveCtx {
+    Arc::new(ArcSwap::new(ctx))
+}
 
 /// Everything a listener's workers share (read-only but for atomics).
 pub struct ListenerCtx {
@@ -46,6 +59,8 @@ pub struct ListenerCtx {
     pub route_data: Vec<Route>,
     /// What a request matching no route gets.
     pub default_route: Route,
+    /// The impact classes of the dependencies of this context's config.
+    pub classes: Classes,
     /// `drain.delay`: during a drain, how long an idle HTTP client
     /// connection is left for its client's next request before it is closed.
     pub drain_delay: Duration,
@@ -68,6 +83,19 @@ pub struct Route {
 impl ListenerCtx {
     /// Builds the context of listener `index` of `config`.
     pub fn new(config: &Config, index: usize, health: Arc<Health>, registry: Arc<Metrics>) -> Arc<ListenerCtx> {
+        let bits: Vec<usize> = (0..config.dependencies.len()).collect();
+        Self::with_bits(config, index, health, registry, &bits)
+    }
+
+    /// Builds the context of listener `index` of `config`, `bits[i]` being
+    /// the mask bit of dependency `i` ([`crate::state::DepSlot::bit`]).
+    pub fn with_bits(
+        config: &Config,
+        index: usize,
+        health: Arc<Health>,
+        registry: Arc<Metrics>,
+        bits: &[usize],
+    ) -> Arc<ListenerCtx> {
         let l = &config.listeners[index];
         let base = Responses::new(&config.short_circuit);
         // Only HTTP listeners have requests: a TCP listener exports no
@@ -78,7 +106,7 @@ impl ListenerCtx {
         };
         let default_route = Route {
             name: "default".into(),
-            needs: Health::gate_mask(&l.needs),
+            needs: gate_mask_of(bits, &l.needs),
             responses: base.clone(),
             metrics: metrics("default"),
             bypass: false,
@@ -88,7 +116,7 @@ impl ListenerCtx {
             .iter()
             .map(|r| Route {
                 name: r.name.clone(),
-                needs: Health::gate_mask(&r.needs),
+                needs: gate_mask_of(bits, &r.needs),
                 responses: base.with_overrides(r),
                 metrics: metrics(&r.name),
                 bypass: r.bypass,
@@ -100,10 +128,23 @@ impl ListenerCtx {
             routes: RouteTable::new(l.routes.clone()),
             route_data,
             default_route,
+            classes: Classes::of(config, bits),
             drain_delay: config.drain.delay,
             health,
             registry,
         })
+    }
+
+    /// The admission of a request or connection needing `needs` under this
+    /// context's config (its impact classes, the verdicts in force).
+    #[inline]
+    pub fn admission(&self, needs: u64) -> Admission {
+        self.health.admission_in(needs, self.classes)
+    }
+
+    /// [`Health::gate`](crate::state::Health::gate) under this config's impact classes.
+    pub fn gate(&self, needs: u64) -> Admission {
+        self.health.gate_in(needs, self.classes)
     }
 
     /// The route a request takes: first match wins, else the default. Allocation-free.
@@ -127,6 +168,10 @@ pub struct Responses {
     pub maintenance: Bytes,
     /// `Retry-After` value (seconds) for the 503.
     pub retry_after: Bytes,
+    /// Base `Retry-After` in seconds.
+    retry_after_secs: u64,
+    /// Up to this many seconds are added to each 503's `Retry-After`.
+    retry_after_spread: u64,
     /// Whether to name missing dependencies in the body.
     pub expose_dependencies: bool,
     /// `short_circuit.retry_after`, for a gRPC answer's `RetryInfo`.
@@ -148,6 +193,8 @@ impl Responses {
             degraded: Bytes::from(c.degraded_body.clone()),
             maintenance: Bytes::from(c.maintenance_body.clone()),
             retry_after: Bytes::from(c.retry_after.as_secs().max(1).to_string()),
+            retry_after_secs: c.retry_after.as_secs().max(1),
+            retry_after_spread: c.retry_after_spread.as_secs(),
             expose_dependencies: c.expose_dependencies,
             retry_delay: c.retry_after.max(Duration::from_secs(1)),
             grpc_out_of_service: c.grpc_out_of_service_status,
@@ -166,9 +213,21 @@ impl Responses {
             degraded: r.degraded_body.clone().map(Bytes::from).unwrap_or_else(|| self.degraded.clone()),
             maintenance: self.maintenance.clone(),
             retry_after: self.retry_after.clone(),
+            retry_after_secs: self.retry_after_secs,
+            retry_after_spread: self.retry_after_spread,
             expose_dependencies: r.expose_dependencies.unwrap_or(self.expose_dependencies),
             ..self.clone()
         }
+    }
+
+    /// The `Retry-After` of one 503: the configured value plus a random
+    /// whole number of seconds up to `retry_after_spread`, so the clients
+    /// turned away together do not all come back in the same second.
+    pub fn retry_after_value(&self) -> HeaderValue {
+        if self.retry_after_spread == 0 {
+            return HeaderValue::from(self.retry_after_secs);
+        }
+        HeaderValue::from(self.retry_after_secs + rand::random_range(0..=self.retry_after_spread))
     }
 
     /// Status and body for a rejection; `missing` names the dependencies that
@@ -185,7 +244,7 @@ impl Responses {
         }
         // Opt-in detail: add `"dependencies":[...]` to the configured object.
         let mut obj: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(base).unwrap_or_default();
-        obj.insert("dependencies".into(), health.names(missing).map(|n| serde_json::Value::String(n.into())).collect());
+        obj.insert("dependencies".into(), health.names(missing).into_iter().map(serde_json::Value::String).collect());
         (status, Bytes::from(serde_json::to_vec(&obj).unwrap_or_else(|_| base.to_vec())))
     }
 }
@@ -195,6 +254,22 @@ mod tests {
     use super::*;
     use crate::config::DEFAULT_OUT_OF_SERVICE_BODY;
     use std::path::Path;
+
+    #[test]
+    fn retry_after_is_spread_over_the_configured_seconds() {
+        let yaml = "short_circuit:\n  retry_after: 5s\n  retry_after_spread: 4s\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n";
+        let c = Config::from_yaml(yaml, Path::new("t")).unwrap();
+        let r = Responses::new(&c.short_circuit);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..1000 {
+            seen.insert(r.retry_after_value().to_str().unwrap().parse::<u64>().unwrap());
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![5, 6, 7, 8, 9]);
+        let plain = Responses::new(
+            &Config::from_yaml(&yaml.replace("  retry_after_spread: 4s\n", ""), Path::new("t")).unwrap().short_circuit,
+        );
+        assert!((0..100).all(|_| plain.retry_after_value() == "5"));
+    }
 
     #[test]
     fn opt_in_body_names_the_missing_dependencies_only_when_asked() {

@@ -8,8 +8,12 @@
 //!
 //! 1. **Admission** at accept: one atomic load ([`Health::admission`](crate::state::Health::admission)). Out
 //!    of service (or degraded with `admit_degraded: false`) → the connection
-//!    is ended at once, per `reject` (`close`: FIN, `reset`: RST), never left
-//!    hanging.
+//!    is ended per `reject` (`close`: FIN, `reset`: RST): at once, or, with
+//!    `reject_delay`, after holding it unread for a jittered time (up to
+//!    `reject_hold_max` at once), so a client that reconnects at once (a
+//!    job consumer in front of its broker) makes one attempt per hold, not
+//!    hundreds a second. A held connection whose dependencies recover is
+//!    served after all.
 //! 2. **Limit**: at `max_connections` (per listener, across workers) the
 //!    connection waits unread, and the worker stops accepting, until a
 //!    permit frees up; admission is then decided again.
@@ -38,14 +42,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior, sleep, timeout_at};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::accept::{self, Permit, Permits, Serve};
-use super::{DrainSignal, ListenerCtx};
+use super::{DrainSignal, ListenerCtx, LiveCtx};
 use crate::config::{TcpOnOutage, TcpReject};
 use crate::metrics::{AtomicHistogram, ListenerLabels, TcpBytesLabels, TcpOutcomeLabels};
 use crate::net;
@@ -67,21 +72,28 @@ const OUTAGE_POLL: Duration = Duration::from_secs(1);
 /// before closing (so the close is a FIN, not an RST for unread data).
 const REJECT_DRAIN_MAX: usize = 64 * 1024;
 
+/// How long a refused connection is held: `reject_delay` scaled into its
+/// upper half by `unit` (uniform in [0, 1)), so clients refused together do
+/// not all come back in the same instant, and none comes back sooner than
+/// half the delay.
+pub fn hold_time(reject_delay: Duration, unit: f64) -> Duration {
+    reject_delay.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+}
+
 /// Serves one worker's socket of a `protocol: tcp` listener until drained.
 ///
 /// Runs inside a `tokio::task::LocalSet` on the worker's current-thread
 /// runtime. Returns once the drain signal fired and every connection ended
 /// (or the drain deadline passed, after which the rest are closed).
-pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: DrainSignal) {
-    let worker = Rc::new(Worker::new(ctx));
-    let close_existing = worker.ctx.config.tcp.on_outage == TcpOnOutage::CloseExisting;
-    let outages = close_existing.then(|| tokio::task::spawn_local(watch_outages(worker.clone())));
+pub async fn serve(listener: TcpListener, live: LiveCtx, mut drain: DrainSignal) {
+    let worker = Rc::new(Worker::new(live.load_full(), live));
+    let outages = tokio::task::spawn_local(watch_outages(worker.clone()));
     let name = worker.ctx.config.name.clone();
     let deadline = accept::run(&listener, &name, &worker.permits, &mut drain, &worker).await;
-    // Outages no longer close connections once the drain began.
-    if let Some(task) = outages {
-        task.abort();
-    }
+    // Outages no longer close connections once the drain began; held
+    // refused connections are ended now.
+    outages.abort();
+    worker.draining.send_replace(true);
 
     // Stop accepting: closing the socket makes the kernel refuse new clients
     // (the other workers' sockets close on the same signal).
@@ -96,9 +108,10 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: Drai
     }
 }
 
-/// `on_outage: close_existing`: closes the worker's connections when the
-/// service state changes, and every [`OUTAGE_POLL`] (a dependency this
-/// listener needs can go down while the service state stays the same).
+/// Keeps the listener's `paused` gauge current and, with `on_outage:
+/// close_existing`, closes the worker's connections, when the service state
+/// changes and every [`OUTAGE_POLL`] (a dependency this listener needs can
+/// go down while the service state stays the same).
 async fn watch_outages(worker: Rc<Worker>) {
     let mut service = worker.ctx.health.subscribe_service();
     let mut service_open = true;
@@ -108,9 +121,9 @@ async fn watch_outages(worker: Rc<Worker>) {
         tokio::select! {
             changed = service.changed(), if service_open => {
                 service_open = changed.is_ok();
-                worker.close_if_out_of_service();
+                worker.on_state();
             }
-            _ = outage_poll.tick() => worker.close_if_out_of_service(),
+            _ = outage_poll.tick() => worker.on_state(),
         }
     }
 }
@@ -120,10 +133,20 @@ async fn watch_outages(worker: Rc<Worker>) {
 /// A worker's state for one listener: metric handles resolved once, the
 /// buffer pool and the signal that closes existing connections.
 struct Worker {
+    /// The context at start: the connection-level settings (a reload refuses to change them).
     ctx: Arc<ListenerCtx>,
+    /// The context in force: what an admission needs.
+    live: LiveCtx,
     accepted: Counter,
     rejected: Counter,
     upstream_error: Counter,
+    /// Established connections cut by `on_outage: close_existing`.
+    outage_closes: Counter,
+    /// 1 while this listener refuses new connections (all workers set it alike).
+    paused: Gauge,
+    /// Refused connections held, all workers together; like the permits,
+    /// `inc` returning the previous value makes it the `reject_hold_max` cap.
+    held: Gauge,
     bytes_in: Counter,
     bytes_out: Counter,
     duration: AtomicHistogram,
@@ -135,10 +158,12 @@ struct Worker {
     cut: watch::Sender<u64>,
     /// Set at the drain deadline: every connection is dropped at once.
     stop: watch::Sender<bool>,
+    /// Set when the drain begins: held refused connections are ended.
+    draining: watch::Sender<bool>,
 }
 
 impl Worker {
-    fn new(ctx: Arc<ListenerCtx>) -> Worker {
+    fn new(ctx: Arc<ListenerCtx>, live: LiveCtx) -> Worker {
         let m = &ctx.registry;
         let name = &ctx.config.name;
         let outcome = |o: &str| {
@@ -150,6 +175,9 @@ impl Worker {
             accepted: outcome("accepted"),
             rejected: outcome("rejected"),
             upstream_error: outcome("upstream_error"),
+            outage_closes: m.tcp_outage_closes.get_or_create_owned(&ListenerLabels { listener: name.clone() }),
+            paused: m.tcp_paused.get_or_create_owned(&ListenerLabels { listener: name.clone() }),
+            held: m.tcp_held_connections.get_or_create_owned(&ListenerLabels { listener: name.clone() }),
             bytes_in: bytes("in"),
             bytes_out: bytes("out"),
             duration: m.tcp_connection_duration.get_or_create_owned(&ListenerLabels { listener: name.clone() }),
@@ -157,22 +185,59 @@ impl Worker {
             permits: Permits::new(&ctx),
             cut: watch::Sender::new(0),
             stop: watch::Sender::new(false),
+            draining: watch::Sender::new(false),
             ctx,
+            live,
         }
     }
 
-    /// `on_outage: close_existing`: closes this worker's connections while
+    /// Why a new connection would be refused now, with the mask of the
+    /// needed dependencies that are not up; `None` when it is admitted.
+    fn refusal(&self, draw: bool) -> Option<(Reject, u64)> {
+        let live = self.live.load();
+        let needs = live.default_route.needs;
+        match if draw { live.admission(needs) } else { live.gate(needs) } {
+            Admission::Admit => None,
+            Admission::Reject(Reject::Degraded, _) if live.config.tcp.admit_degraded => None,
+            Admission::Reject(reason, missing) => Some((reason, missing)),
+        }
+    }
+
+    /// On a state change (or poll): sets the `paused` gauge and, with
+    /// `on_outage: close_existing`, closes this worker's connections while
     /// the listener's needed dependencies put it out of service.
-    fn close_if_out_of_service(&self) {
-        if self.permits.held() == 0 {
+    fn on_state(&self) {
+        let refusal = self.refusal(false);
+        let paused = i64::from(refusal.is_some());
+        // `set` swaps atomically: of the workers, only the first to see the
+        // change logs it.
+        if self.paused.get() != paused && self.paused.set(paused) != paused {
+            match refusal {
+                Some((reason, missing)) => {
+                    info!(listener = %self.ctx.config.name, ?reason, missing, "tcp listener paused: refusing new connections")
+                }
+                None => info!(listener = %self.ctx.config.name, "tcp listener resumed: admitting connections"),
+            }
+        }
+        if self.ctx.config.tcp.on_outage != TcpOnOutage::CloseExisting || self.permits.held() == 0 {
             return;
         }
-        if let Admission::Reject(Reject::OutOfService, missing) =
-            self.ctx.health.admission(self.ctx.default_route.needs)
-        {
+        // Only out of service cuts: a degraded refusal (`admit_degraded: false`) keeps what is open.
+        if let Some((Reject::OutOfService, missing)) = refusal {
             debug!(listener = %self.ctx.config.name, connections = self.permits.held(), missing, "tcp outage: closing existing connections");
             self.cut.send_modify(|epoch| *epoch += 1);
         }
+    }
+
+    /// A slot for holding one more refused connection, or `None` at
+    /// `reject_hold_max` (the gauge is then left as it was).
+    fn hold_slot(self: &Rc<Self>) -> Option<HoldSlot> {
+        let max = i64::try_from(self.ctx.config.tcp.reject_hold_max).unwrap_or(i64::MAX);
+        if self.held.inc() >= max {
+            self.held.dec();
+            return None;
+        }
+        Some(HoldSlot(self.held.clone()))
     }
 
     /// Two relay buffers, from the pool when possible.
@@ -197,24 +262,94 @@ impl Worker {
 
 impl Serve for Rc<Worker> {
     /// Admission at accept: out of service (or degraded with
-    /// `admit_degraded: false`) ends the connection at once, per `reject`.
+    /// `admit_degraded: false`) ends the connection per `reject`, at once
+    /// or after holding it for `reject_delay`.
     fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
-        let tcp = &self.ctx.config.tcp;
-        match self.ctx.health.admission(self.ctx.default_route.needs) {
-            Admission::Admit => true,
-            Admission::Reject(Reject::Degraded, _) if tcp.admit_degraded => true,
-            Admission::Reject(reason, missing) => {
-                self.rejected.inc();
-                debug!(listener = %self.ctx.config.name, %peer, ?reason, missing, "tcp connection rejected");
-                end_client(stream, tcp.reject);
-                false
+        // What the config in force needs, and how it refuses (`reject`, `admit_degraded`).
+        let live = self.live.load();
+        let tcp = &live.config.tcp;
+        let Some((reason, missing)) = self.refusal(true) else { return true };
+        if !tcp.reject_delay.is_zero()
+            && !*self.draining.borrow()
+            && let Some(slot) = self.hold_slot()
+        {
+            // The accept loop drops (closes) its handle when we return false;
+            // a duplicate of the socket keeps the connection for the hold.
+            match socket2::SockRef::from(stream)
+                .try_clone()
+                .map(std::net::TcpStream::from)
+                .and_then(TcpStream::from_std)
+            {
+                Ok(dup) => {
+                    let wait = hold_time(tcp.reject_delay, rand::random::<f64>());
+                    debug!(listener = %self.ctx.config.name, %peer, ?reason, missing, ?wait, "tcp connection refused; holding it");
+                    tokio::task::spawn_local(hold(self.clone(), dup, peer, wait, slot));
+                    return false;
+                }
+                Err(e) => {
+                    debug!(listener = %self.ctx.config.name, %peer, error = %e, "tcp hold: cannot duplicate the socket")
+                }
             }
         }
+        self.rejected.inc();
+        debug!(listener = %self.ctx.config.name, %peer, ?reason, missing, "tcp connection rejected");
+        end_client(stream, tcp.reject);
+        false
     }
 
     fn serve(&self, stream: TcpStream, peer: SocketAddr, permit: Permit) {
         tokio::task::spawn_local(connection(self.clone(), stream, peer, permit));
     }
+}
+
+// === hold ===
+
+/// A refused connection's place under `reject_hold_max`; returned on drop.
+struct HoldSlot(Gauge);
+
+impl Drop for HoldSlot {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Holds a refused connection unread for `wait`, then ends it per `reject`.
+/// Its dependencies recovering meanwhile (seen at once on a service-state
+/// change, within [`OUTAGE_POLL`] otherwise, and at the end of the hold)
+/// gets it served instead, with the bytes the client sent still unread; the
+/// drain ends it at once.
+async fn hold(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, wait: Duration, slot: HoldSlot) {
+    let until = Instant::now() + wait;
+    let mut draining = worker.draining.subscribe();
+    // Its own re-check, not the listener's last verdict: that can be a
+    // poll old, and a dependency can go down and back up in between.
+    let mut service = worker.ctx.health.subscribe_service();
+    let mut service_open = true;
+    let mut poll = tokio::time::interval_at(Instant::now() + OUTAGE_POLL, OUTAGE_POLL);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let drained = loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => break false,
+            _ = draining.wait_for(|d| *d) => break true,
+            changed = service.changed(), if service_open => service_open = changed.is_ok(),
+            _ = poll.tick() => {}
+        }
+        if worker.refusal(true).is_none() {
+            break false;
+        }
+    };
+    drop(slot);
+    if !drained
+        && worker.refusal(true).is_none()
+        && let Some(permit) = worker.permits.try_take()
+    {
+        debug!(listener = %worker.ctx.config.name, %peer, "tcp held connection admitted: dependencies recovered");
+        tokio::task::spawn_local(connection(worker.clone(), stream, peer, permit));
+        return;
+    }
+    worker.rejected.inc();
+    debug!(listener = %worker.ctx.config.name, %peer, "tcp held connection rejected");
+    end_client(&stream, worker.ctx.config.tcp.reject);
 }
 
 // === connection ===
@@ -233,9 +368,11 @@ enum End {
     Done,
     /// No traffic either way for `idle_timeout`.
     Idle,
-    /// Cut by healthgate: the service went out of service
-    /// (`close_existing`), or the drain deadline passed.
-    Cut,
+    /// Cut by healthgate: the listener's needed dependencies put it out
+    /// of service (`close_existing`).
+    Outage,
+    /// Cut by healthgate: the drain deadline passed.
+    Stopped,
     /// A read or write on this side failed (typically a reset).
     Failed(Side),
 }
@@ -285,7 +422,10 @@ async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, per
         End::Done | End::Idle => {}
         // A cut session is incomplete: the app gets a reset (a FIN could
         // make it act on a truncated request); the client what `reject` says.
-        End::Cut => {
+        End::Outage | End::Stopped => {
+            if end == End::Outage {
+                worker.outage_closes.inc();
+            }
             reset(&upstream);
             end_client(&client, tcp.reject);
         }
@@ -405,8 +545,8 @@ async fn relay(
                 traffic.flush(worker);
                 timer.as_mut().reset(idle_at.min(now + FLUSH_EVERY));
             }
-            Ok(()) = cuts.outage.changed() => return End::Cut,
-            _ = cuts.stop.wait_for(|stop| *stop) => return End::Cut,
+            Ok(()) = cuts.outage.changed() => return End::Outage,
+            _ = cuts.stop.wait_for(|stop| *stop) => return End::Stopped,
         }
         if in_done && out_done {
             return End::Done;
@@ -501,8 +641,41 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_connection_is_held_between_half_and_all_of_reject_delay() {
+        let d = Duration::from_secs(2);
+        assert_eq!(hold_time(d, 0.0), Duration::from_secs(1));
+        assert_eq!(hold_time(d, 0.5), Duration::from_millis(1500));
+        assert!(hold_time(d, 0.999_999) < d);
+        // Out-of-range draws stay within the bounds.
+        assert_eq!(hold_time(d, -1.0), Duration::from_secs(1));
+        assert_eq!(hold_time(d, 7.0), d);
+        assert_eq!(hold_time(Duration::ZERO, 0.7), Duration::ZERO);
+    }
+
+    #[test]
+    fn held_refused_connections_are_capped_by_reject_hold_max_across_workers() {
+        let yaml = "listeners:\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    \
+                    reject_delay: 1s\n    reject_hold_max: 2\n";
+        let c = Config::from_yaml(yaml, Path::new("t")).unwrap();
+        let ctx = ListenerCtx::new(&c, 0, Health::new(&c), Metrics::new(&c));
+        let (a, b) = (
+            Rc::new(Worker::new(ctx.clone(), crate::proxy::live(ctx.clone()))),
+            Rc::new(Worker::new(ctx.clone(), crate::proxy::live(ctx))),
+        );
+        let one = a.hold_slot().expect("first slot");
+        let two = b.hold_slot().expect("second slot, on another worker");
+        assert!(a.hold_slot().is_none() && b.hold_slot().is_none(), "the cap is listener-wide");
+        assert_eq!(a.held.get(), 2);
+        drop(one);
+        let three = b.hold_slot().expect("a returned slot is free again");
+        drop((two, three));
+        assert_eq!(a.held.get(), 0);
+    }
+
+    #[test]
     fn relay_buffers_are_reused_and_the_pool_is_bounded() {
-        let w = Worker::new(ctx(1));
+        let c = ctx(1);
+        let w = Worker::new(c.clone(), crate::proxy::live(c));
         let bufs = w.take_buffers();
         let ptr = bufs[0].as_ptr();
         w.return_buffers(bufs);

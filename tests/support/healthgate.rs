@@ -25,7 +25,9 @@ pub struct Healthgate {
     pub admin: SocketAddr,
     /// Every log line so far (JSON).
     pub logs: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
+    /// The config file it runs with (a test rewrites it to reload).
+    pub config: PathBuf,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Healthgate {
@@ -40,8 +42,15 @@ impl Healthgate {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config).unwrap();
+        let mut hg = Self::start_at(&path, env);
+        hg._dir = Some(dir);
+        hg
+    }
+
+    /// Starts healthgate with the config file at `path` (which the caller keeps).
+    pub fn start_at(path: &std::path::Path, env: &[(&str, &str)]) -> Healthgate {
         let mut cmd = Command::new(binary());
-        cmd.args(["--log-format", "json", "run", "--config"]).arg(&path);
+        cmd.args(["--log-format", "json", "run", "--config"]).arg(path);
         cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
@@ -77,7 +86,7 @@ impl Healthgate {
             .filter(|s| !s.is_empty())
             .map(|s| s.parse().unwrap())
             .collect();
-        Healthgate { child, listeners, admin, logs, _dir: dir }
+        Healthgate { child, listeners, admin, logs, config: path.to_path_buf(), _dir: None }
     }
 
     /// The process id.

@@ -103,7 +103,7 @@ pub struct AmqpNode {
 }
 
 /// Settings of an `amqp` dependency.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AmqpSettings {
     /// The nodes, from `url`, `urls` or `url` + `nodes`.
     pub nodes: Vec<AmqpNode>,

@@ -17,7 +17,7 @@ pub const DEFAULT_HTTPS_PORT: u16 = 443;
 const STATUS_RANGE: std::ops::RangeInclusive<u16> = 100..=599;
 
 /// Settings of an `http` dependency.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     /// Where to connect.
     pub address: HostPort,

@@ -45,7 +45,7 @@ pub const MAX_JITTER: f64 = 0.5;
 
 /// Keys every dependency has, whatever its type.
 const COMMON_KEYS: &[&str] =
-    &["name", "type", "impact", "interval", "interval_down", "timeout", "rise", "fall", "jitter"];
+    &["name", "type", "impact", "interval", "interval_down", "timeout", "rise", "fall", "jitter", "slow_start"];
 /// The characters a dependency name may use besides letters and digits.
 const NAME_CHARS: &[char] = &['_', '-', '.'];
 
@@ -77,7 +77,7 @@ impl Impact {
 }
 
 /// One checked dependency.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DependencyConfig {
     /// Unique name (a metric label).
     pub name: String,
@@ -95,6 +95,9 @@ pub struct DependencyConfig {
     pub fall: u32,
     /// Random spread applied to each interval, as a fraction (0.1 = ±10 %).
     pub jitter: f64,
+    /// Herd-safe recovery: after the dependency comes back up, the share of
+    /// requests needing it that are admitted ramps up over a window.
+    pub slow_start: Option<super::fleet::SlowStart>,
     /// Protocol-specific settings.
     pub kind: DependencyKind,
 }
@@ -128,7 +131,7 @@ struct TypeEntry {
 macro_rules! dependency_types {
     ($($(#[$doc:meta])* $variant:ident($settings:ty),)*) => {
         /// Protocol-specific settings of a dependency.
-        #[derive(Debug, Clone)]
+        #[derive(Debug, Clone, PartialEq)]
         pub enum DependencyKind {
             $($(#[$doc])* $variant($settings),)*
         }
@@ -259,6 +262,7 @@ fn dependency(d: &Map<'_>, p: &mut Problems) -> (Option<DependencyConfig>, Optio
         Some(j) => j.value,
         None => DEFAULT_JITTER,
     };
+    let slow_start = d.map("slow_start", p).and_then(|m| super::fleet::slow_start(&m, p));
     let settings = kind.and_then(|k| (k.parse)(d, p));
 
     let declared = name.map(|n| Declared { name: n.value, impact });
@@ -272,6 +276,7 @@ fn dependency(d: &Map<'_>, p: &mut Problems) -> (Option<DependencyConfig>, Optio
             rise,
             fall,
             jitter,
+            slow_start,
             kind,
         }),
         _ => None,

@@ -11,7 +11,7 @@ use crate::config::secret::SecretSource;
 pub const DEFAULT_PORT: u16 = 3306;
 
 /// Settings of a `mysql` dependency.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MysqlSettings {
     /// Server address (`host:port`, default port 3306).
     pub address: HostPort,

@@ -47,7 +47,7 @@ pub struct Address {
 }
 
 /// Settings of a `postgres` dependency.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PostgresSettings {
     /// Server address (`host:port`, default port 5432).
     pub address: HostPort,

@@ -18,7 +18,7 @@ pub enum EscapeError {
 }
 
 /// Settings of a `tcp` dependency.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TcpSettings {
     /// Where to connect.
     pub address: HostPort,

@@ -47,6 +47,7 @@ use super::headers::transfer_codings;
 use super::headers::upgrade_requested;
 use super::target::canonicalize;
 use crate::metrics::{Outcome, RouteMetrics};
+use crate::proxy::ListenerCtx;
 use crate::state::Admission;
 
 /// Largest request body a short-circuited request is read to its end for, so
@@ -64,8 +65,10 @@ pub(super) const SHORT_CIRCUIT_DRAIN_MAX: u64 = 64 * 1024;
 pub(super) async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Response<ResBody> {
     let start = Instant::now();
     let w = conn.worker.clone();
-    let unanswered = Unanswered { metrics: Cell::new(&w.ctx.default_route.metrics), start, armed: Cell::new(true) };
-    let mut res = respond(conn, req, start, &w, &unanswered).await;
+    // The config in force as the request arrives: a reload during it applies to later requests.
+    let ctx = w.live.load_full();
+    let unanswered = Unanswered { metrics: Cell::new(&ctx.default_route.metrics), start, armed: Cell::new(true) };
+    let mut res = respond(conn, req, start, &w, &ctx, &unanswered).await;
     unanswered.armed.set(false);
     if w.ctx.health.is_draining() && res.status() != StatusCode::SWITCHING_PROTOCOLS {
         res.headers_mut().insert(header::CONNECTION, CLOSE_VALUE.clone());
@@ -96,10 +99,10 @@ async fn respond<'w>(
     mut req: Request<Incoming>,
     start: Instant,
     w: &'w Rc<Worker>,
+    ctx: &'w ListenerCtx,
     unanswered: &Unanswered<'w>,
 ) -> Response<ResBody> {
     let busy = Busy::begin(conn);
-    let ctx = &w.ctx;
 
     // Absolute-form becomes origin-form and the path is normalized: routing
     // and admission below, and the app, all read this same target.
@@ -155,7 +158,7 @@ async fn respond<'w>(
     let outcome = if route.bypass {
         Outcome::Bypassed
     } else {
-        match ctx.health.admission(route.needs) {
+        match ctx.admission(route.needs) {
             Admission::Admit => Outcome::Proxied,
             Admission::Reject(class, missing) => {
                 let (status, body) = route.responses.body(class, missing, &ctx.health);
@@ -169,7 +172,7 @@ async fn respond<'w>(
                 headers.clear();
                 let mut res = problem_with(headers, status, body, busy, !keep_alive);
                 if status == StatusCode::SERVICE_UNAVAILABLE {
-                    res.headers_mut().insert(header::RETRY_AFTER, w.retry_after.clone());
+                    res.headers_mut().insert(header::RETRY_AFTER, route.responses.retry_after_value());
                 }
                 metrics.record(Outcome::ShortCircuited, start.elapsed());
                 return res;

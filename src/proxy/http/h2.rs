@@ -52,7 +52,7 @@ use crate::grpc::status::{self as grpc, LocalStatus};
 use crate::metrics::{Outcome, RouteMetrics};
 use crate::net;
 use crate::proxy::accept::Permit;
-use crate::proxy::{DrainSignal, Route};
+use crate::proxy::{DrainSignal, ListenerCtx, Route};
 use crate::state::{Admission, Reject};
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
@@ -253,7 +253,8 @@ impl Drop for Unanswered<'_> {
 async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody> {
     let start = Instant::now();
     let w = conn.worker.clone();
-    let ctx = &w.ctx;
+    // The config in force as the stream arrives: a reload during it applies to later streams.
+    let ctx = w.live.load_full();
     let busy = Busy::begin(conn);
     let mut unanswered = Unanswered { metrics: &ctx.default_route.metrics, start, armed: true };
     let is_grpc = grpc::is_grpc(req.headers().get(header::CONTENT_TYPE));
@@ -267,7 +268,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
         if max_body > 0 && req.body().size_hint().exact().is_some_and(|n| n > max_body) {
             local_error(&route.metrics, busy, start, (is_grpc, false), Outcome::BadRequest, Fail::TooLarge)
         } else {
-            match admit(&w, route) {
+            match admit(&ctx, route) {
                 Ok(outcome) => forward(busy, req, &route.metrics, outcome, start).await,
                 Err((class, missing)) => short_circuit(busy, req, route, class, missing, start, is_grpc),
             }
@@ -278,11 +279,11 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
 }
 
 /// The outcome of a forwarded request, or why it is answered here.
-fn admit(w: &Worker, route: &Route) -> Result<Outcome, (Reject, u64)> {
+fn admit(ctx: &ListenerCtx, route: &Route) -> Result<Outcome, (Reject, u64)> {
     if route.bypass {
         return Ok(Outcome::Bypassed);
     }
-    match w.ctx.health.admission(route.needs) {
+    match ctx.admission(route.needs) {
         Admission::Admit => Ok(Outcome::Proxied),
         Admission::Reject(class, missing) => Err((class, missing)),
     }
@@ -314,7 +315,7 @@ fn short_circuit(
         // Named only on the operator's opt-in, as in the problem+json body;
         // never during maintenance (no dependency is the cause).
         let names = if r.expose_dependencies && class != Reject::Maintenance {
-            ctx.health.names(missing).collect::<Vec<_>>().join(",")
+            ctx.health.names(missing).join(",")
         } else {
             String::new()
         };
@@ -326,7 +327,7 @@ fn short_circuit(
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut res = problem(status, body, busy, false);
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        res.headers_mut().insert(header::RETRY_AFTER, w.retry_after.clone());
+        res.headers_mut().insert(header::RETRY_AFTER, route.responses.retry_after_value());
     }
     res
 }

@@ -108,7 +108,7 @@ use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use super::accept::{self, Permit, Permits, Serve};
-use super::{DrainSignal, ListenerCtx};
+use super::{DrainSignal, ListenerCtx, LiveCtx};
 use crate::metrics::Outcome;
 use conn::{ClientIo, Conn, DrainIdle, HeadRead, IoState, TimerAction, TimerConfig, decide};
 use forward::{handle, tunnel};
@@ -140,8 +140,8 @@ const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 /// for TCP listeners): a connection accepted at the limit waits, unread as
 /// in the kernel backlog, until a permit frees up ([`super::accept`]). Returns once the drain
 /// signal fired and every connection ended (or the drain deadline passed).
-pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, mut drain: DrainSignal) {
-    let w = Rc::new(Worker::new(ctx));
+pub async fn serve(listener: TcpListener, live: LiveCtx, mut drain: DrainSignal) {
+    let w = Rc::new(Worker::new(live.load_full(), live));
     let sweeper = tokio::task::spawn_local(sweep_pool(w.clone()));
     let accepting = Accepting { w: w.clone(), drain: drain.clone() };
     let deadline = accept::run(&listener, &w.ctx.config.name, &w.permits, &mut drain, &accepting).await;
@@ -173,7 +173,11 @@ impl Serve for Accepting {
 
 /// Per-worker state: config-derived constants, the upstream pool, counters.
 struct Worker {
+    /// The context at start: the connection-level settings (a reload refuses
+    /// to change them). What a request needs comes from `live`.
     ctx: Arc<ListenerCtx>,
+    /// The context in force, loaded once per request.
+    live: LiveCtx,
     http: hyper::server::conn::http1::Builder,
     client: hyper::client::conn::http1::Builder,
     /// Idle upstream connections, oldest first (used from the back: the
@@ -183,7 +187,6 @@ struct Worker {
     /// This worker's share of the listener's connection permits (held by
     /// every open client connection, upgraded tunnels included).
     permits: Rc<Permits>,
-    retry_after: HeaderValue,
     /// `Host` for a request that has none (HTTP/1.0): the upstream's authority.
     upstream_host: HeaderValue,
     /// The client connection timer's limits.
@@ -209,7 +212,7 @@ fn limit(d: Duration) -> Option<Duration> {
 }
 
 impl Worker {
-    fn new(ctx: Arc<ListenerCtx>) -> Worker {
+    fn new(ctx: Arc<ListenerCtx>, live: LiveCtx) -> Worker {
         let c = &ctx.config.http;
         let mut http = hyper::server::conn::http1::Builder::new();
         // Our own timer handles header and idle timeouts (see module doc),
@@ -232,8 +235,6 @@ impl Worker {
         }
         let mut client = hyper::client::conn::http1::Builder::new();
         client.writev(false);
-        let retry_after = HeaderValue::from_maybe_shared(ctx.default_route.responses.retry_after.clone())
-            .unwrap_or_else(|_| HeaderValue::from_static("1"));
         let header_read_timeout = limit(c.header_read_timeout);
         let client_idle_timeout = limit(c.client_idle_timeout);
         // The timer never sleeps longer than the shorter timeout, so a
@@ -251,7 +252,6 @@ impl Worker {
             client,
             pool: RefCell::new(VecDeque::new()),
             permits: Permits::new(&ctx),
-            retry_after,
             upstream_host: HeaderValue::from_str(&ctx.config.upstream.to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             timer: TimerConfig { header_read_timeout, client_idle_timeout, tick },
@@ -263,6 +263,7 @@ impl Worker {
             h2: h2::H2::new(c),
             watch_resets: !c.abort_on_client_close,
             ctx,
+            live,
         }
     }
 }
