@@ -2,8 +2,8 @@
 # healthgate vs HAProxy on this machine; prints ratios and writes
 # bench/results/latest.md and bench/results/latest.jsonl.
 #
-#   bench/compare.sh              # full run (~6 minutes on 2 cores)
-#   QUICK=1 bench/compare.sh      # one repeat, short runs (~4 minutes)
+#   bench/compare.sh              # full run (~12 minutes on 2 cores)
+#   QUICK=1 bench/compare.sh      # one repeat, short runs (~7 minutes)
 #
 # Needs the machine's MariaDB (127.0.0.1:3306, passwordless root over TCP),
 # Redis (6379) and RabbitMQ (5672, guest): they are only checked, never
@@ -18,6 +18,8 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v valgrind >/dev/null || missing+=(valgrind)
 command -v strace >/dev/null || missing+=(strace)
 command -v python3 >/dev/null || missing+=(python3)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+command -v cc >/dev/null || missing+=(gcc)
 if ((${#missing[@]})); then
     echo "installing ${missing[*]}" >&2
     apt-get update -qq

@@ -995,6 +995,28 @@ async fn parked_idle_connection_serves_the_next_requests() {
     assert_eq!(p.gauge_active(), 1);
 }
 
+/// A request head that arrives in pieces, on a new connection and on a
+/// parked one, is served once it is complete (the wait for a head without
+/// hyper keeps every byte, in order), and a pipelined request behind it too.
+#[tokio::test]
+async fn a_head_arriving_in_pieces_is_served_on_new_and_parked_connections() {
+    let app = App::start().await;
+    let p = Proxy::in_service(&yaml(app.addr, "", &[]));
+    let mut c = p.client().await;
+    for piece in [&b"GET /pie"[..], b"ces HTTP/1.1\r\nHo", b"st: h\r\n", b"\r"] {
+        c.send(piece).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    c.send(b"\n").await;
+    assert_eq!(c.response().await.text(), "app:/pieces");
+    p.until_parked(1).await;
+    c.send(b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Le").await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    c.send(b"ngth: 3\r\n\r\nabcGET /next HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    assert_eq!(c.response().await.text(), "app:/b");
+    assert_eq!(c.response().await.text(), "app:/next");
+}
+
 /// A parked connection still closes at client_idle_timeout, and on drain.
 #[tokio::test]
 async fn parked_connection_closes_on_idle_timeout_and_on_drain() {

@@ -139,6 +139,75 @@ pub(super) fn parked_until(state: &IoState, cfg: &TimerConfig) -> Option<Instant
     cfg.client_idle_timeout.map(|t| state.idle_since() + t)
 }
 
+/// While a connection waits for a whole request head without hyper (see
+/// [`read_head`]): when it is closed if the head is still not complete
+/// (none: never). A head that started arriving is held to
+/// `header_read_timeout`; an idle connection is closed at
+/// `client_idle_timeout`, or earlier by the drain's rule (`drain`).
+pub(super) fn head_wait_until(state: &IoState, cfg: &TimerConfig, drain: Option<DrainIdle>) -> Option<Instant> {
+    match state.head_started() {
+        Some(head) => cfg.header_read_timeout.map(|t| head + t),
+        None => parked_until(state, cfg).into_iter().chain(drain.and_then(|d| d.close_at(state))).min(),
+    }
+}
+
+/// Headers a waited-for head may have before hyper is asked to decide
+/// (hyper's default `max_headers`; more, and hyper applies its own limit).
+const HEAD_WAIT_HEADERS: usize = 100;
+
+/// Whether hyper can act on `buf` as it is: a whole request head, or bytes
+/// its parser already refuses (answered `400` at once, as when hyper read
+/// them itself). Parsed by hyper's parser with hyper's server options
+/// (httparse, defaults), so only a head that is valid so far and not yet
+/// complete is waited for. hyper too parses the whole buffer again on each
+/// read of a head, so this costs no more per arrival than hyper did.
+pub(super) fn head_ready(buf: &[u8]) -> bool {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; HEAD_WAIT_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut headers);
+    !matches!(parsed, Ok(httparse::Status::Partial))
+}
+
+/// What one [`read_head`] round got.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum HeadRead {
+    /// Bytes arrived (`buf` may now hold a whole head).
+    Bytes,
+    /// Nothing to read yet (readiness was stale).
+    Nothing,
+    /// The client closed its side (end of stream) before any byte of this round.
+    Closed,
+}
+
+/// Reads what the client sent so far into `buf`, without waiting, up to
+/// `limit` bytes in all: the buffer of a connection waiting for its next
+/// request head without hyper. It grows with what arrives (starting at
+/// 1 KiB) rather than being hyper's 8 KiB read buffer plus its 8 KiB write
+/// buffer, so a client that trickles a head (slowloris) costs about the
+/// bytes it sent. Stops at a short read: the next one would find nothing
+/// (one `recvfrom` per segment, as hyper's read).
+pub(super) fn read_head(stream: &TcpStream, buf: &mut Vec<u8>, limit: usize) -> io::Result<HeadRead> {
+    let mut got = false;
+    while buf.len() < limit {
+        if buf.capacity() == buf.len() {
+            buf.reserve_exact(buf.len().max(1024).min(limit - buf.len()));
+        }
+        let spare = buf.capacity() - buf.len();
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Ok(if got { HeadRead::Bytes } else { HeadRead::Closed }),
+            Ok(n) => {
+                got = true;
+                if n < spare {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(if got { HeadRead::Bytes } else { HeadRead::Nothing })
+}
+
 /// The drain's rule for idle client connections, from the moment the drain
 /// began (SIGTERM, `began`): every response then carries `Connection: close`
 /// (see `forward::handle`), and an idle connection is closed only once its
@@ -232,13 +301,21 @@ impl IoState {
         if self.busy.load(Relaxed) != 0 {
             return;
         }
-        if self.head_started.load(Relaxed) == 0 {
+        self.head_arriving();
+        if self.line_open.load(Relaxed) != 0 {
+            self.scan_line(bytes);
+        }
+    }
+
+    /// Notes when a request head started arriving (once per head, while no
+    /// request is in progress): the head is held to `header_read_timeout`
+    /// from then on.
+    #[inline]
+    pub(super) fn head_arriving(&self) {
+        if self.busy.load(Relaxed) == 0 && self.head_started.load(Relaxed) == 0 {
             self.head_started.store(self.nanos(Instant::now()) + 1, Relaxed);
             self.line_open.store(1, Relaxed);
             self.fragment_at.store(0, Relaxed);
-        }
-        if self.line_open.load(Relaxed) != 0 {
-            self.scan_line(bytes);
         }
     }
 
@@ -620,5 +697,96 @@ mod tests {
         let started = s.head_started().expect("a head started");
         assert!(started >= t0);
         assert_eq!(decide(&s, None, started + MS * 300, &c), TimerAction::SlowHead, "held to the header timeout");
+    }
+
+    #[test]
+    fn a_whole_head_or_one_hyper_refuses_is_ready_and_a_valid_partial_one_is_waited_for() {
+        assert!(head_ready(b"GET / HTTP/1.1\r\nHost: h\r\n\r\nbody"));
+        assert!(head_ready(b"GET / HTTP/1.1\nHost: h\n\n"), "bare LF, as hyper accepts");
+        assert!(!head_ready(b""));
+        assert!(!head_ready(b"GET / HTTP/1.1\r\nHost: h\r\n"), "the empty line has not arrived");
+        assert!(!head_ready(b"GET / HTTP/1.1\r\nHost: h\r\n\r"));
+        assert!(!head_ready(b"GE"));
+        // Refused before the head ends: hyper answers 400 at once.
+        assert!(head_ready(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"), "a TLS ClientHello");
+        assert!(head_ready(b"G\x01T / HTTP/1.1\r\n"));
+        assert!(head_ready(b"GET / HTTP/1.1\r\nBad Header: x\r\n"));
+    }
+
+    #[test]
+    fn a_head_arriving_byte_by_byte_is_ready_only_at_its_end() {
+        let head = b"GET /x HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n";
+        for end in 0..head.len() {
+            assert!(!head_ready(&head[..end]), "ready after {end} bytes");
+        }
+        assert!(head_ready(head));
+    }
+
+    #[test]
+    fn a_parked_connection_waits_until_its_idle_timeout_or_the_drain_rule() {
+        let t0 = Instant::now();
+        let s = idle_at(t0);
+        let c = cfg(Some(1000), Some(3000));
+        assert_eq!(head_wait_until(&s, &c, None), Some(t0 + MS * 3000));
+        assert_eq!(head_wait_until(&s, &cfg(Some(1000), None), None), None, "no idle limit: waits for ever");
+        let drain = DrainIdle { began: t0 + MS * 100, delay: MS * 500 };
+        assert_eq!(head_wait_until(&s, &c, Some(drain)), Some(t0 + MS * 600), "the drain closes it earlier");
+    }
+
+    #[test]
+    fn a_head_waited_for_without_hyper_is_held_to_the_header_read_timeout() {
+        let t0 = Instant::now();
+        let fresh = IoState::new(t0);
+        let c = cfg(Some(300), Some(60_000));
+        assert_eq!(head_wait_until(&fresh, &c, None), Some(t0 + MS * 300), "a new connection's first head");
+        let s = idle_at(t0);
+        s.head_arriving();
+        let started = s.head_started().expect("a head started");
+        let drain = DrainIdle { began: t0, delay: Duration::ZERO };
+        assert_eq!(head_wait_until(&s, &c, Some(drain)), Some(started + MS * 300), "the drain does not cut a head");
+        assert_eq!(head_wait_until(&s, &cfg(None, Some(100)), None), None, "no header limit: never cut");
+        s.head_arriving();
+        assert_eq!(s.head_started(), Some(started), "noted once per head");
+    }
+
+    /// A connected pair of loopback sockets (client, server side).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (c, l.accept().await.unwrap().0)
+    }
+
+    /// Waits (bounded) until the server side has something to read, then reads it.
+    async fn read_once(s: &TcpStream, buf: &mut Vec<u8>, limit: usize) -> HeadRead {
+        let wait = tokio::time::timeout(Duration::from_secs(10), s.readable());
+        wait.await.expect("readable in time").unwrap();
+        read_head(s, buf, limit).unwrap()
+    }
+
+    #[tokio::test]
+    async fn reading_a_head_keeps_what_arrived_stops_at_the_limit_and_sees_the_close() {
+        use tokio::io::AsyncWriteExt;
+        let (mut c, s) = pair().await;
+        let mut buf = Vec::new();
+        c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(read_once(&s, &mut buf, 100).await, HeadRead::Bytes);
+        assert_eq!(buf, b"GET / HTTP/1.1\r\n");
+        assert!(buf.capacity() <= 100, "no more than the limit reserved: {}", buf.capacity());
+        c.write_all(&[b'a'; 200]).await.unwrap();
+        while buf.len() < 100 {
+            assert_eq!(read_once(&s, &mut buf, 100).await, HeadRead::Bytes);
+        }
+        assert_eq!(buf.len(), 100, "stops at the limit");
+        let mut rest = Vec::new();
+        c.shutdown().await.unwrap();
+        let mut total = 0;
+        loop {
+            match read_once(&s, &mut rest, 1000).await {
+                HeadRead::Bytes => total = rest.len(),
+                HeadRead::Nothing => {}
+                HeadRead::Closed => break,
+            }
+        }
+        assert_eq!(total, 116, "what was left unread is still there, then the end of stream");
     }
 }

@@ -110,7 +110,7 @@ use tracing::debug;
 use super::accept::{self, Permit, Permits, Serve};
 use super::{DrainSignal, ListenerCtx, LiveCtx};
 use crate::metrics::Outcome;
-use conn::{ClientIo, Conn, DrainIdle, IoState, TimerAction, TimerConfig, decide, parked_until};
+use conn::{ClientIo, Conn, DrainIdle, HeadRead, IoState, TimerAction, TimerConfig, decide};
 use forward::{handle, tunnel};
 use pool::{Pooled, sweep_pool};
 
@@ -270,10 +270,12 @@ impl Worker {
 
 /// Serves one client connection until it closes, idles out or is drained.
 ///
-/// Runs hyper on the socket; when the connection has been idle for
-/// [`PARK_AFTER`], hyper is shut down without touching the socket (the
-/// client sees nothing) and the bare socket waits for the next request,
-/// which gets a fresh hyper connection.
+/// Between requests the connection holds no hyper state: the task waits for
+/// a whole request head itself ([`wait_for_head`]), then runs hyper on it
+/// ([`serve_hyper`], boxed, so that the task's own future stays small while
+/// it waits). When the connection has been idle for [`PARK_AFTER`], hyper is
+/// shut down without touching the socket (the client sees nothing) and the
+/// wait starts again.
 async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: SocketAddr, mut drain: DrainSignal) {
     let opened = Instant::now();
     if w.h2.enabled {
@@ -304,148 +306,209 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
         switched: Cell::new(None),
         _permit: permit,
     });
-    let this = conn.clone();
-    let svc = service_fn(move |req| {
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(conn, req).await) }
-    });
     let timer = tokio::time::sleep(w.timer.tick);
     tokio::pin!(timer);
-    if let TimerAction::Rearm(t) = decide(&state, None, Instant::now(), &w.timer) {
-        timer.as_mut().reset(t);
-    }
     let mut drain_seen = drain.borrow_and_update().is_some();
     let max_line = w.ctx.config.http.max_header_bytes;
     let mut io = ClientIo { stream, state: state.clone(), prefix: Bytes::new(), max_line };
+    let mut parked = false;
     loop {
-        // Boxed: while parked, the connection's task then holds a pointer
-        // rather than hyper's whole connection struct.
-        // Without hyper's `with_upgrades`: a request carrying `Upgrade` makes
-        // hyper hold its socket for an upgrade even after a refusal, so the
-        // tunnel is started here instead, only after a relayed `101`.
-        let mut http = Box::new(w.http.serve_connection(TokioIo::new(io), svc.clone()));
-        if stopped_without_drain(&w, drain_seen) {
-            Pin::new(&mut *http).graceful_shutdown();
-        }
-        let mut timer_on = true;
-        let mut parking = false;
-        let result = loop {
-            tokio::select! {
-                biased;
-                r = &mut *http => break r,
-                _ = timer.as_mut(), if timer_on => match timer_action(&w, &state, this.upstream_due.get()) {
-                    // The reset check runs when hyper polls its socket, next in this loop.
-                    TimerAction::Rearm(t) if w.watch_resets && state.busy.load(Relaxed) > 0 => {
-                        state.check_reset.store(true, Relaxed);
-                        timer.as_mut().reset(t);
-                    }
-                    TimerAction::Rearm(t) => timer.as_mut().reset(t),
-                    TimerAction::UpstreamTimeout(t) => {
-                        // Answered `504` when hyper polls the request, next
-                        // in this loop.
-                        this.upstream_expired.set(true);
-                        timer.as_mut().reset(t);
-                    }
-                    TimerAction::Idle => {
-                        timer_on = false;
-                        Pin::new(&mut *http).graceful_shutdown();
-                    }
-                    TimerAction::Park => {
-                        // Once stopped without a drain, an idle connection closes instead.
-                        let closing = stopped_without_drain(&w, drain_seen);
-                        debug!(closing, "parking idle connection");
-                        timer_on = false;
-                        parking = !closing;
-                        state.parking.store(parking, Relaxed);
-                        Pin::new(&mut *http).graceful_shutdown();
-                    }
-                    TimerAction::SlowHead => {
-                        debug!("request head not received within header_read_timeout; closing");
-                        return;
-                    }
-                },
-                r = drain.changed(), if !drain_seen => {
-                    if r.is_err() || drain.borrow_and_update().is_some() {
-                        drain_seen = true;
-                        if !stopped_without_drain(&w, drain_seen) {
-                            // The drain's own rule (`DrainIdle`) closes this
-                            // connection; the timer looks at it now.
-                            if timer_on {
-                                timer.as_mut().reset(Instant::now());
-                            }
-                            continue;
-                        }
-                        // Close rather than park.
-                        parking = false;
-                        state.parking.store(false, Relaxed);
-                        // Idle: closes now; in flight: finishes, answers with
-                        // `Connection: close`, then closes.
-                        Pin::new(&mut *http).graceful_shutdown();
-                    }
-                }
-            }
-        };
-        if let Err(e) = result {
-            if e.is_parse() {
-                // hyper answered 400/431 itself; our service never saw it.
-                w.ctx.default_route.metrics.record(Outcome::BadRequest, Duration::ZERO);
-            }
-            debug!(error = %e, "client connection ended with an error");
+        if !wait_for_head(&w, &mut io, parked, timer.as_mut(), &mut drain, &mut drain_seen).await {
             return;
         }
-        if let Some(app) = this.switched.take() {
-            // hyper wrote the `101` and let go: the socket, and any bytes
-            // read past the request, join the tunnel.
-            let hyper::server::conn::http1::Parts { io: tokio_io, read_buf, .. } = http.into_parts();
-            let mut client = tokio_io.into_inner();
-            client.prefix = read_buf;
-            state.parking.store(false, Relaxed);
-            tunnel(client, app, this.clone(), w.tunnel_idle_timeout).await;
-            return;
+        let session = serve_hyper(&w, &conn, io, timer.as_mut(), &mut drain, &mut drain_seen);
+        match Box::pin(session).await {
+            Some(back) => (io, parked) = (back, true),
+            None => return,
         }
-        // Without parking, hyper finished the connection (closed it).
-        if !parking {
-            return;
-        }
-        let parts = http.into_parts();
-        state.parking.store(false, Relaxed);
-        debug!("connection parked");
-        let hyper::server::conn::http1::Parts { io: tokio_io, read_buf, .. } = parts;
-        io = tokio_io.into_inner();
-        // Copied, and the original dropped before waiting: the (normally
-        // empty) remainder still points into hyper's 8 KiB read buffer and
-        // would keep it alive for as long as the connection stays parked.
-        io.prefix = if read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read_buf) };
-        drop(read_buf);
-        if io.prefix.is_empty() {
-            // Parked: only the socket is held until the client speaks again.
-            let _parked = Parked::new(&w.parked);
-            loop {
-                let drain_close = drain_idle(&w).and_then(|d| d.close_at(&state));
-                match parked_until(&state, &w.timer).into_iter().chain(drain_close).min() {
-                    Some(t) => timer.as_mut().reset(t),
-                    None => timer.as_mut().reset(Instant::now() + Duration::from_secs(365 * 24 * 3600)),
-                }
-                tokio::select! {
-                    // A request that arrives as the timer fires is served.
-                    biased;
-                    r = io.stream.readable() => if r.is_err() { return } else { break },
-                    // Idle timeout or the drain's idle rule: dropping the
-                    // socket closes it (FIN).
-                    _ = timer.as_mut() => return,
-                    r = drain.changed(), if !drain_seen => {
-                        if r.is_err() || drain.borrow_and_update().is_some() {
-                            drain_seen = true;
-                            if stopped_without_drain(&w, drain_seen) {
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        timer.as_mut().reset(Instant::now() + w.timer.tick);
     }
+}
+
+/// Waits, without hyper, until a whole request head (or `max_header_bytes`
+/// of one, or bytes hyper's parser refuses: see [`conn::head_ready`]) is in
+/// `io.prefix`, where hyper will read it first. A parked
+/// connection (`parked`, counted in the gauge until bytes arrive) and a new
+/// one wait here, holding the socket and a buffer the size of what arrived.
+/// Returns false when the connection is to be closed: the client closed
+/// it, its head is too slow, it idled out or the drain closes it.
+async fn wait_for_head(
+    w: &Worker,
+    io: &mut ClientIo,
+    parked: bool,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    drain: &mut DrainSignal,
+    drain_seen: &mut bool,
+) -> bool {
+    let limit = w.ctx.config.http.max_header_bytes.max(1);
+    // Bytes hyper read but did not parse before it was parked (normally none).
+    let mut buf = std::mem::take(&mut io.prefix).to_vec();
+    let mut gauge = (parked && buf.is_empty()).then(|| Parked::new(&w.parked));
+    let mut ready = !buf.is_empty() && conn::head_ready(&buf);
+    while !ready && buf.len() < limit {
+        let until = conn::head_wait_until(&io.state, &w.timer, drain_idle(w));
+        timer.as_mut().reset(until.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600)));
+        tokio::select! {
+            // Bytes that arrive as the timer fires are read.
+            biased;
+            r = io.stream.readable() => {
+                if r.is_err() {
+                    return false;
+                }
+                match conn::read_head(&io.stream, &mut buf, limit) {
+                    Ok(HeadRead::Bytes) => {
+                        io.state.head_arriving();
+                        gauge = None;
+                        ready = conn::head_ready(&buf);
+                        if !ready && buf.capacity() > 2 * buf.len() {
+                            // A head arriving in pieces keeps only what came.
+                            buf.shrink_to_fit();
+                        }
+                    }
+                    Ok(HeadRead::Nothing) => {}
+                    // hyper sees a partial head end as it would have.
+                    Ok(HeadRead::Closed) if !buf.is_empty() => break,
+                    Ok(HeadRead::Closed) | Err(_) => return false,
+                }
+            }
+            // Idle timeout, the drain's idle rule or a head too slow:
+            // dropping the socket closes it (FIN).
+            _ = timer.as_mut() => return false,
+            r = drain.changed(), if !*drain_seen => {
+                if r.is_err() || drain.borrow_and_update().is_some() {
+                    *drain_seen = true;
+                    if stopped_without_drain(w, true) {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+    drop(gauge);
+    io.prefix = Bytes::from(buf);
+    true
+}
+
+/// Runs hyper on a connection whose next request head is buffered, until
+/// the connection is parked (the socket is given back), closes or is
+/// upgraded (`None`).
+async fn serve_hyper(
+    w: &Worker,
+    conn: &Rc<Conn>,
+    io: ClientIo,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    drain: &mut DrainSignal,
+    drain_seen: &mut bool,
+) -> Option<ClientIo> {
+    let state = &conn.state;
+    let svc = {
+        let conn = conn.clone();
+        service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(handle(conn, req).await) }
+        })
+    };
+    let now = Instant::now();
+    timer.as_mut().reset(match decide(state, None, now, &w.timer) {
+        TimerAction::Rearm(t) => t,
+        _ => now,
+    });
+    // Without hyper's `with_upgrades`: a request carrying `Upgrade` makes
+    // hyper hold its socket for an upgrade even after a refusal, so the
+    // tunnel is started here instead, only after a relayed `101`.
+    let mut http = w.http.serve_connection(TokioIo::new(io), svc);
+    if stopped_without_drain(w, *drain_seen) {
+        Pin::new(&mut http).graceful_shutdown();
+    }
+    let mut timer_on = true;
+    let mut parking = false;
+    let result = loop {
+        tokio::select! {
+            biased;
+            r = Pin::new(&mut http) => break r,
+            _ = timer.as_mut(), if timer_on => match timer_action(w, state, conn.upstream_due.get()) {
+                // The reset check runs when hyper polls its socket, next in this loop.
+                TimerAction::Rearm(t) if w.watch_resets && state.busy.load(Relaxed) > 0 => {
+                    state.check_reset.store(true, Relaxed);
+                    timer.as_mut().reset(t);
+                }
+                TimerAction::Rearm(t) => timer.as_mut().reset(t),
+                TimerAction::UpstreamTimeout(t) => {
+                    // Answered `504` when hyper polls the request, next
+                    // in this loop.
+                    conn.upstream_expired.set(true);
+                    timer.as_mut().reset(t);
+                }
+                TimerAction::Idle => {
+                    timer_on = false;
+                    Pin::new(&mut http).graceful_shutdown();
+                }
+                TimerAction::Park => {
+                    // Once stopped without a drain, an idle connection closes instead.
+                    let closing = stopped_without_drain(w, *drain_seen);
+                    debug!(closing, "parking idle connection");
+                    timer_on = false;
+                    parking = !closing;
+                    state.parking.store(parking, Relaxed);
+                    Pin::new(&mut http).graceful_shutdown();
+                }
+                TimerAction::SlowHead => {
+                    debug!("request head not received within header_read_timeout; closing");
+                    return None;
+                }
+            },
+            r = drain.changed(), if !*drain_seen => {
+                if r.is_err() || drain.borrow_and_update().is_some() {
+                    *drain_seen = true;
+                    if !stopped_without_drain(w, true) {
+                        // The drain's own rule (`DrainIdle`) closes this
+                        // connection; the timer looks at it now.
+                        if timer_on {
+                            timer.as_mut().reset(Instant::now());
+                        }
+                        continue;
+                    }
+                    // Close rather than park.
+                    parking = false;
+                    state.parking.store(false, Relaxed);
+                    // Idle: closes now; in flight: finishes, answers with
+                    // `Connection: close`, then closes.
+                    Pin::new(&mut http).graceful_shutdown();
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        if e.is_parse() {
+            // hyper answered 400/431 itself; our service never saw it.
+            w.ctx.default_route.metrics.record(Outcome::BadRequest, Duration::ZERO);
+        }
+        debug!(error = %e, "client connection ended with an error");
+        return None;
+    }
+    if let Some(app) = conn.switched.take() {
+        // hyper wrote the `101` and let go: the socket, and any bytes
+        // read past the request, join the tunnel.
+        let hyper::server::conn::http1::Parts { io: tokio_io, read_buf, .. } = http.into_parts();
+        let mut client = tokio_io.into_inner();
+        client.prefix = read_buf;
+        state.parking.store(false, Relaxed);
+        tunnel(client, app, conn.clone(), w.tunnel_idle_timeout).await;
+        return None;
+    }
+    // Without parking, hyper finished the connection (closed it).
+    if !parking {
+        return None;
+    }
+    let parts = http.into_parts();
+    state.parking.store(false, Relaxed);
+    debug!("connection parked");
+    let hyper::server::conn::http1::Parts { io: tokio_io, read_buf, .. } = parts;
+    let mut io = tokio_io.into_inner();
+    // Copied, and the original dropped: the (normally empty) remainder
+    // still points into hyper's 8 KiB read buffer and would keep it alive
+    // for as long as the connection stays parked.
+    io.prefix = if read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read_buf) };
+    Some(io)
 }
 
 /// The drain's rule for idle connections, once the drain began (SIGTERM).

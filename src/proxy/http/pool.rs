@@ -138,18 +138,100 @@ impl Worker {
     }
 }
 
+/// An idle upstream connection unused this long is closed, unless it is one
+/// of the [`POOL_KEEP_IDLE`] most recently used: hyper keeps an 8 KiB read
+/// buffer, an 8 KiB write buffer and about 9 KiB of state for each pooled
+/// connection, so a pool filled by a burst (up to
+/// `upstream_pool_max_idle`, 256 by default: 6.4 MiB) shrinks back within
+/// this time once the burst is over. Under steady load every pooled
+/// connection is reused within milliseconds and none is closed.
+pub const POOL_SHRINK_AFTER: Duration = Duration::from_secs(1);
+/// Idle upstream connections kept past [`POOL_SHRINK_AFTER`] (until
+/// `upstream_idle_timeout`), so that a quiet client's next requests need no
+/// new connection to the app.
+pub const POOL_KEEP_IDLE: usize = 8;
+
+/// How many of the oldest idle connections (`since`: when each became
+/// idle, oldest first; `len` of them) are due to close at `now`: those
+/// past `upstream_idle_timeout`, and those past [`POOL_SHRINK_AFTER`]
+/// beyond the newest [`POOL_KEEP_IDLE`].
+pub(super) fn pool_due(
+    since: impl Iterator<Item = Instant>,
+    len: usize,
+    now: Instant,
+    timeout: Option<Duration>,
+) -> usize {
+    let mut n = 0;
+    for t in since {
+        let shrink = len - n > POOL_KEEP_IDLE && t + POOL_SHRINK_AFTER <= now;
+        if !(shrink || timeout.is_some_and(|d| t + d <= now)) {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// When the sweeper looks at the pool next: when its oldest connection
+/// (idle since `oldest`, `len` in the pool) is due.
+pub(super) fn pool_next_sweep(oldest: Option<Instant>, len: usize, now: Instant, timeout: Option<Duration>) -> Instant {
+    let Some(t) = oldest else {
+        // Empty: checked again after the shrink delay (a check-in does not wake the sweeper).
+        return now + POOL_SHRINK_AFTER;
+    };
+    let shrink = (len > POOL_KEEP_IDLE).then_some(t + POOL_SHRINK_AFTER);
+    let expire = timeout.map(|d| t + d);
+    // With neither due (a few connections, no idle timeout), a new
+    // connection may join: look again after the shrink delay.
+    shrink.into_iter().chain(expire).min().unwrap_or(now + POOL_SHRINK_AFTER).max(now)
+}
+
 /// Closes idle upstream connections once they are `upstream_idle_timeout`
-/// old (dropping the last `SendRequest` ends hyper's connection task).
+/// old, and shrinks the pool after a burst (see [`POOL_SHRINK_AFTER`]);
+/// dropping the last `SendRequest` ends hyper's connection task.
 pub(super) async fn sweep_pool(w: Rc<Worker>) {
-    let Some(timeout) = w.upstream_idle_timeout else { return };
+    let timeout = w.upstream_idle_timeout;
     loop {
-        let next = w.pool.borrow().front().map(|p| p.since + timeout);
-        sleep_until(next.unwrap_or_else(|| Instant::now() + timeout)).await;
+        let next = {
+            let pool = w.pool.borrow();
+            pool_next_sweep(pool.front().map(|p| p.since), pool.len(), Instant::now(), timeout)
+        };
+        // Never busier than the shrink delay allows.
+        sleep_until(next.max(Instant::now() + Duration::from_millis(100))).await;
         let now = Instant::now();
         let mut pool = w.pool.borrow_mut();
-        while pool.front().is_some_and(|p| p.since + timeout <= now) {
-            pool.pop_front();
-        }
+        let due = pool_due(pool.iter().map(|p| p.since), pool.len(), now, timeout);
+        pool.drain(..due);
         pool.retain(|p| !p.tx.is_closed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn after_a_burst_the_pool_shrinks_to_the_newest_few() {
+        let t0 = Instant::now();
+        // 20 connections idle since t0 .. t0 + 19 ms (oldest first).
+        let since = || (0..20u32).map(|i| t0 + MS * i);
+        assert_eq!(pool_due(since(), 20, t0 + MS * 999, None), 0, "none idle for the shrink delay yet");
+        assert_eq!(pool_due(since(), 20, t0 + POOL_SHRINK_AFTER + MS * 5, None), 6, "the 6 idle long enough");
+        assert_eq!(pool_due(since(), 20, t0 + MS * 60_000, None), 20 - POOL_KEEP_IDLE, "the newest are kept");
+        assert_eq!(pool_due(since(), 20, t0 + MS * 60_000, Some(MS * 30_000)), 20, "until the idle timeout");
+        assert_eq!(pool_due(since().take(3), 3, t0 + MS * 60_000, None), 0, "a small pool is left alone");
+    }
+
+    #[test]
+    fn the_sweeper_wakes_when_the_oldest_connection_is_due() {
+        let t0 = Instant::now();
+        let idle = Some(MS * 30_000);
+        assert_eq!(pool_next_sweep(Some(t0), 20, t0, idle), t0 + POOL_SHRINK_AFTER);
+        assert_eq!(pool_next_sweep(Some(t0), 3, t0, idle), t0 + MS * 30_000, "few: only the idle timeout");
+        assert_eq!(pool_next_sweep(Some(t0), 3, t0, None), t0 + POOL_SHRINK_AFTER, "nothing due: look again later");
+        assert_eq!(pool_next_sweep(None, 0, t0, idle), t0 + POOL_SHRINK_AFTER);
+        assert_eq!(pool_next_sweep(Some(t0), 20, t0 + MS * 5000, idle), t0 + MS * 5000, "overdue: now");
     }
 }
