@@ -448,6 +448,10 @@ impl Metrics {
             "gRPC health calls on the admin port by method and status",
             grpc_health_requests.clone(),
         );
+        // The probes' methods, at zero from the start (for rate() in dashboards).
+        for method in ["check", "watch"] {
+            let _ = grpc_health_requests.get_or_create(&GrpcLabels { method: method.into(), code: "ok".into() });
+        }
         for kind in OVERRIDE_KINDS {
             overrides_active.get_or_create(&KindLabels { kind: kind.into() }).set(0);
         }

@@ -666,6 +666,11 @@ fn a_held_connection_is_served_when_its_needed_dependency_recovers_while_the_ser
     dep.kill();
     other.kill();
     hg.wait_state("out_of_service", WITHIN);
+    // `other` alone may have put the service out first: connect only once
+    // `dep`, the one the listener needs, is down too.
+    eventually_blocking("dep down", STEP, || {
+        (metric(&hg, "healthgate_dependency_up{dependency=\"dep\",type=\"tcp\"}") == 0.0).then_some(())
+    });
 
     let mut s = client(&hg);
     eventually_blocking("the connection to be held", STEP, || (held(&hg) == 1.0).then_some(()));

@@ -894,6 +894,8 @@ dependencies:
     timeout: 500ms
     rise: 1
     fall: 1
+    slow_start:
+      window: 10s
   - name: down
     type: tcp
     address: "127.0.0.1:{closed}"
@@ -902,6 +904,10 @@ dependencies:
     timeout: 500ms
     rise: 1
     fall: 1
+fleet:
+  instance_id: live
+  peers:
+    static: ["127.0.0.1:{closed}"]
 "#
         );
         Live { hg: support::healthgate::Healthgate::start(&config) }
@@ -1018,10 +1024,13 @@ fn dashboard_and_alert_metric_names_are_exported_by_a_live_healthgate() {
 /// registry and renderer the admin server uses).
 fn library_exposition() -> String {
     use healthgate::check::Cause;
-    use healthgate::metrics::{Metrics, Outcome};
-    let yaml = "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\ndependencies:\n  - name: db\n    type: tcp\n    address: db:1\n";
+    use healthgate::metrics::{Metrics, Outcome, VerdictLabels};
+    let yaml = "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\ndependencies:\n  - name: db\n    type: tcp\n    address: db:1\n    slow_start:\n      window: 10s\nfleet:\n  instance_id: lib\n  peers:\n    static: [\"127.0.0.1:1\"]\n";
     let metrics = Metrics::new(&Config::from_yaml(yaml, Path::new("inline.yaml")).unwrap());
     metrics.check_failed("db", Cause::Refused);
+    // Set by the fleet loop at start (crate::fleet), which is not running here.
+    let verdict = VerdictLabels { dependency: "db".into(), verdict: "healthy".into() };
+    metrics.fleet.verdict.get_or_create(&verdict).set(1);
     let route = metrics.route("web", "default");
     for outcome in Outcome::ALL {
         route.record(outcome, Duration::from_millis(3));

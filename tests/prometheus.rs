@@ -113,6 +113,8 @@ dependencies:
     interval: 200ms
     rise: 1
     fall: 1
+    slow_start:
+      window: 10s
   - name: partial
     type: tcp
     address: "{partial}"
@@ -144,6 +146,9 @@ dependencies:
     timeout: 2s
     rise: 1
     fall: 1
+fleet:
+  peers:
+    static: ["{dead}"]
 "#
     )
 }
@@ -152,9 +157,19 @@ dependencies:
 /// short-circuited on the pod that is out of service), short-circuited by
 /// route, bypassed, to an unreachable app, malformed, and TCP sessions.
 fn load(hg: &Healthgate, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let (web, broken, l4) = (hg.listeners[0], hg.listeners[1], hg.listeners[2]);
+    let (web, broken, l4, admin) = (hg.listeners[0], hg.listeners[1], hg.listeners[2], hg.admin);
     std::thread::spawn(move || {
-        while !stop.load(Ordering::SeqCst) {
+        for round in 0u64.. {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if round % 10 == 0 {
+                // A gRPC call healthgate answers itself (short-circuited, or
+                // UNIMPLEMENTED towards this HTTP/1.1 app) and a gRPC health
+                // check on the admin port (an empty HealthCheckRequest).
+                grpc_call(web, "/shop.Cart/Get");
+                grpc_call(admin, "/grpc.health.v1.Health/Check");
+            }
             for (addr, target) in
                 [(web, "/"), (web, "/cart/1"), (web, "/healthz"), (broken, "/"), (web, "/../climbs-above-root")]
             {
@@ -169,6 +184,31 @@ fn load(hg: &Healthgate, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
     })
+}
+
+/// One unary gRPC call with an empty message, by curl over h2c; the answer does not matter.
+fn grpc_call(addr: SocketAddr, path: &str) {
+    let _ = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "2",
+            "--http2-prior-knowledge",
+            "-H",
+            "content-type: application/grpc",
+        ])
+        .args(["-H", "te: trailers", "--data-binary", "@-"])
+        .arg(format!("http://{addr}{path}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("piped").write_all(&[0u8; 5])?;
+            c.wait()
+        });
 }
 
 // === Prometheus ===
@@ -404,10 +444,21 @@ fn every_dashboard_query_and_alert_returns_finite_values_from_a_real_prometheus(
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let (up, slow, echo) = (always_up(), slow_dependency(), echo());
     let mut flappy = Dep::up();
-    let pods: Vec<Healthgate> = [up, dead]
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = [up, dead]
         .into_iter()
-        .map(|partial| Healthgate::start(&pod_config(app.addr, dead, up, partial, flappy.addr, slow, echo)))
+        .enumerate()
+        .map(|(i, partial)| {
+            let file = dir.path().join(format!("pod-{i}.yaml"));
+            std::fs::write(&file, pod_config(app.addr, dead, up, partial, flappy.addr, slow, echo)).unwrap();
+            file
+        })
         .collect();
+    let pods: Vec<Healthgate> = files.iter().map(|f| Healthgate::start_at(f, &[])).collect();
+    // A reload of a broken file on the second pod: the old config stays in
+    // force and the reload-failure alert fires.
+    std::fs::write(&files[1], "listeners: [oops\n").unwrap();
+    pods[1].signal("HUP");
     let stop = Arc::new(AtomicBool::new(false));
     let loads: Vec<_> = pods.iter().map(|hg| load(hg, stop.clone())).collect();
     let flapper = {
