@@ -638,9 +638,11 @@ fn redis_huge_array_arriving_in_small_pieces_is_parsed_once() {
     std::thread::sleep(Duration::from_secs(2));
     let share = (cpu_time(hg.pid()) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
     eprintln!("healthgate used {:.0} % of a core", share * 100.0);
-    // Linear: ~35 ms per check in a debug build; parsing again on every
-    // read (the old way) kept the check busy to its timeout, every time.
-    assert!(share < 0.3, "healthgate used {:.0} % of a core", share * 100.0);
+    // Linear: ~35 ms per check in a debug build (25 % of a core measured
+    // with the 200 ms interval, up to a third on a loaded machine); parsing
+    // again on every read (the old way) kept the check busy to its timeout,
+    // every time: a whole core.
+    assert!(share < 0.6, "healthgate used {:.0} % of a core", share * 100.0);
     let d = dep_status(&hg, "cache");
     assert!(d["last_message"].as_str().unwrap().contains("array of 50000"), "{d}");
 }

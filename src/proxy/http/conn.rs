@@ -525,6 +525,30 @@ pub(super) struct Conn {
     pub(super) _permit: Permit,
 }
 
+/// The peer's address as an `X-Forwarded-For` element.
+pub(super) fn peer_value(peer: std::net::SocketAddr) -> HeaderValue {
+    let ip = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_canonical(),
+        ip => ip,
+    };
+    HeaderValue::from_maybe_shared(Bytes::from(ip.to_string())).expect("an IP address is a valid header")
+}
+
+impl Conn {
+    /// A client connection with no request in progress.
+    pub(super) fn new(worker: Rc<Worker>, state: Arc<IoState>, peer: HeaderValue, permit: Permit) -> Conn {
+        Conn {
+            worker,
+            state,
+            peer,
+            upstream_due: Cell::new(None),
+            upstream_expired: Cell::new(false),
+            switched: Cell::new(None),
+            _permit: permit,
+        }
+    }
+}
+
 /// Clears the connection's upstream deadline when the wait ends (or the
 /// request is dropped).
 pub(super) struct UpstreamWait<'a>(pub(super) &'a Conn);

@@ -22,10 +22,9 @@
 //! so the one-deadline-per-connection scheme of HTTP/1.1 does not fit; each
 //! request on these paths arms its own timer (`timeout_at`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -50,7 +49,6 @@ use super::{BAD_GATEWAY_BODY, BAD_REQUEST_BODY, GATEWAY_TIMEOUT_BODY, TOO_LARGE_
 use crate::config::UpstreamProtocol;
 use crate::grpc::status::{self as grpc, LocalStatus};
 use crate::metrics::{Outcome, RouteMetrics};
-use crate::net;
 use crate::proxy::accept::Permit;
 use crate::proxy::{DrainSignal, ListenerCtx, Route};
 use crate::state::{Admission, Reject};
@@ -184,15 +182,7 @@ pub(super) async fn connection(
     state.head_started.store(0, Relaxed);
     state.line_open.store(0, Relaxed);
     state.idle_since.store(0, Relaxed);
-    let conn = Rc::new(Conn {
-        worker: w.clone(),
-        state: state.clone(),
-        peer,
-        upstream_due: Cell::new(None),
-        upstream_expired: Cell::new(false),
-        switched: Cell::new(None),
-        _permit: permit,
-    });
+    let conn = Rc::new(Conn::new(w.clone(), state.clone(), peer, permit));
     let svc = service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(conn, req).await) }
@@ -564,17 +554,7 @@ async fn send_h2(w: &Worker, mut req: Request<ReqBody>, deadline: Option<Instant
 
 /// Opens the worker's HTTP/2 connection to the app.
 async fn connect_h2(w: &Worker) -> Result<hyper::client::conn::http2::SendRequest<ReqBody>, Fail> {
-    let budget = w.connect_timeout.unwrap_or(Duration::from_secs(3600));
-    let deadline = Instant::now() + budget;
-    let upstream = &w.ctx.config.upstream;
-    let addrs = net::resolve(upstream, deadline).await.map_err(|e| {
-        debug!(upstream = %upstream.host, error = %e, "upstream resolve failed");
-        Fail::Connect
-    })?;
-    let (stream, _) = net::connect_addrs(&addrs, deadline).await.map_err(|e| {
-        debug!(error = %e, "upstream connect failed");
-        Fail::Connect
-    })?;
+    let (stream, deadline) = w.connect_upstream().await?;
     let handshake = w.h2.client.handshake(TokioIo::new(stream));
     let (tx, conn) = match timeout_at(deadline, handshake).await {
         Ok(Ok(r)) => r,
@@ -590,15 +570,6 @@ async fn connect_h2(w: &Worker) -> Result<hyper::client::conn::http2::SendReques
         }
     });
     Ok(tx)
-}
-
-/// The peer's address as an `X-Forwarded-For` element.
-pub(super) fn peer_value(peer: SocketAddr) -> HeaderValue {
-    let ip = match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6.to_canonical(),
-        ip => ip,
-    };
-    HeaderValue::from_maybe_shared(Bytes::from(ip.to_string())).expect("an IP address is a valid header")
 }
 
 #[cfg(test)]

@@ -88,10 +88,10 @@ pub use expect::CONTINUE_WAIT;
 pub use forward::REPLAY_AFTER_IDLE;
 pub use headers::strip_hop_by_hop;
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -281,7 +281,7 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
     if w.h2.enabled {
         // HTTP/2 with prior knowledge shares the port: told apart by its preface.
         match h2::sniff(&stream, w.timer.header_read_timeout.map(|t| opened + t)).await {
-            h2::Sniffed::Http2 => return h2::connection(w, permit, stream, h2::peer_value(peer), drain).await,
+            h2::Sniffed::Http2 => return h2::connection(w, permit, stream, conn::peer_value(peer), drain).await,
             h2::Sniffed::Closed => return,
             h2::Sniffed::Http1 => {}
         }
@@ -292,20 +292,7 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
     // This task writes the app's 1xx responses (`conn::relay_informational`).
     let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
     state.informational.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waker = Some(waker);
-    let ip = match peer.ip() {
-        IpAddr::V6(v6) => v6.to_canonical(),
-        ip => ip,
-    };
-    let peer = HeaderValue::from_maybe_shared(Bytes::from(ip.to_string())).expect("an IP address is a valid header");
-    let conn = Rc::new(Conn {
-        worker: w.clone(),
-        state: state.clone(),
-        peer,
-        upstream_due: Cell::new(None),
-        upstream_expired: Cell::new(false),
-        switched: Cell::new(None),
-        _permit: permit,
-    });
+    let conn = Rc::new(Conn::new(w.clone(), state.clone(), conn::peer_value(peer), permit));
     let timer = tokio::time::sleep(w.timer.tick);
     tokio::pin!(timer);
     let mut drain_seen = drain.borrow_and_update().is_some();

@@ -112,17 +112,7 @@ impl Worker {
     /// Opens a new upstream connection (resolving the host each time, every
     /// address tried, bounded by `upstream_connect_timeout`).
     pub(super) async fn connect(&self) -> Result<(SendRequest<ReqBody>, Arc<AtomicU64>), Fail> {
-        let budget = self.connect_timeout.unwrap_or(Duration::from_secs(3600));
-        let deadline = Instant::now() + budget;
-        let upstream = &self.ctx.config.upstream;
-        let addrs = net::resolve(upstream, deadline).await.map_err(|e| {
-            debug!(upstream = %upstream.host, error = %e, "upstream resolve failed");
-            Fail::Connect
-        })?;
-        let (stream, _) = net::connect_addrs(&addrs, deadline).await.map_err(|e| {
-            debug!(error = %e, "upstream connect failed");
-            Fail::Connect
-        })?;
+        let (stream, _) = self.connect_upstream().await?;
         let read = Arc::<AtomicU64>::default();
         let io = UpstreamIo { stream, read: read.clone() };
         let (tx, conn) = self.client.handshake(TokioIo::new(io)).await.map_err(|e| {
@@ -135,6 +125,24 @@ impl Worker {
             }
         });
         Ok((tx, read))
+    }
+
+    /// A socket to the app: its host resolved each time, every address
+    /// tried, within `upstream_connect_timeout`; with that deadline, which
+    /// the protocol handshake that follows shares.
+    pub(super) async fn connect_upstream(&self) -> Result<(TcpStream, Instant), Fail> {
+        let budget = self.connect_timeout.unwrap_or(Duration::from_secs(3600));
+        let deadline = Instant::now() + budget;
+        let upstream = &self.ctx.config.upstream;
+        let addrs = net::resolve(upstream, deadline).await.map_err(|e| {
+            debug!(upstream = %upstream.host, error = %e, "upstream resolve failed");
+            Fail::Connect
+        })?;
+        let (stream, _) = net::connect_addrs(&addrs, deadline).await.map_err(|e| {
+            debug!(error = %e, "upstream connect failed");
+            Fail::Connect
+        })?;
+        Ok((stream, deadline))
     }
 }
 
