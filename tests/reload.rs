@@ -17,7 +17,7 @@ use support::app::App;
 use support::healthgate::{Healthgate, http_request};
 use support::relay::Relay;
 use support::{STEP, always_up, eventually_blocking, free_port};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 /// Bound for a reload or a state change on a loaded 2-core machine.
@@ -98,43 +98,6 @@ impl Tally {
     }
 }
 
-/// One keep-alive exchange: (status, lower-cased headers, body), or what went wrong.
-async fn exchange(
-    conn: &mut BufReader<TcpStream>,
-    path: &str,
-) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
-    conn.get_mut().write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
-    let mut line = String::new();
-    match conn.read_line(&mut line).await {
-        Ok(0) => return Err("connection closed before a response".into()),
-        Ok(_) => {}
-        Err(e) => return Err(format!("read status line: {e}")),
-    }
-    let status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad status line {line:?}"))?;
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        match conn.read_line(&mut h).await {
-            Ok(0) => return Err("truncated head".into()),
-            Ok(_) if h == "\r\n" => break,
-            Ok(_) => {
-                let (k, v) = h.split_once(':').ok_or(format!("bad header {h:?}"))?;
-                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-            }
-            Err(e) => return Err(format!("read head: {e}")),
-        }
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .ok_or(format!("{status} without content-length: {headers:?}"))?;
-    let mut body = vec![0; len];
-    conn.read_exact(&mut body).await.map_err(|e| format!("truncated body ({status}, {len} bytes): {e}"))?;
-    Ok((status, headers, body))
-}
-
 /// `/free/..` is always the app's; `/gated/..` the app's (config B) or the
 /// 503 problem+json of config A. Anything else is a failure.
 fn judge(tally: &Tally, path: &str, (status, headers, body): (u16, Vec<(String, String)>, Vec<u8>)) {
@@ -189,7 +152,7 @@ fn load(
                         n += 1;
                         let kind = if gated && n.is_multiple_of(2) { "gated" } else { "free" };
                         let path = format!("/{kind}/c{c}/r{n}");
-                        match tokio::time::timeout(STEP, exchange(conn.as_mut().unwrap(), &path)).await {
+                        match tokio::time::timeout(STEP, support::exchange(conn.as_mut().unwrap(), &path)).await {
                             Ok(Ok(r)) => {
                                 let close =
                                     r.1.iter().any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"));

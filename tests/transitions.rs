@@ -15,7 +15,7 @@ use std::time::Duration;
 use support::app::App;
 use support::healthgate::Healthgate;
 use support::{STEP, eventually_blocking};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 /// Bound for a state change on a loaded 2-core machine (the checks below
@@ -92,43 +92,6 @@ impl Tally {
     }
 }
 
-/// One response: (status, lower-cased headers, body), or what went wrong.
-async fn exchange(
-    conn: &mut BufReader<TcpStream>,
-    path: &str,
-) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
-    conn.get_mut().write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
-    let mut line = String::new();
-    match conn.read_line(&mut line).await {
-        Ok(0) => return Err("connection closed before a response".into()),
-        Ok(_) => {}
-        Err(e) => return Err(format!("read status line: {e}")),
-    }
-    let status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad status line {line:?}"))?;
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        match conn.read_line(&mut h).await {
-            Ok(0) => return Err("truncated head".into()),
-            Ok(_) if h == "\r\n" => break,
-            Ok(_) => {
-                let (k, v) = h.split_once(':').ok_or(format!("bad header {h:?}"))?;
-                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-            }
-            Err(e) => return Err(format!("read head: {e}")),
-        }
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .ok_or(format!("{status} without content-length: {headers:?}"))?;
-    let mut body = vec![0; len];
-    conn.read_exact(&mut body).await.map_err(|e| format!("truncated body ({status}, {len} bytes): {e}"))?;
-    Ok((status, headers, body))
-}
-
 /// Checks one response against what healthgate may answer.
 fn judge(tally: &Tally, path: &str, r: (u16, Vec<(String, String)>, Vec<u8>), reject: (u16, &str)) {
     let (status, headers, body) = r;
@@ -178,7 +141,7 @@ fn load(
                         n += 1;
                         let path = format!("/c{c}/r{n}");
                         let c = conn.as_mut().unwrap();
-                        match tokio::time::timeout(STEP, exchange(c, &path)).await {
+                        match tokio::time::timeout(STEP, support::exchange(c, &path)).await {
                             Ok(Ok(r)) => {
                                 let close =
                                     r.1.iter().any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"));

@@ -131,3 +131,42 @@ pub fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("kill");
     assert!(status.success(), "kill -{sig} {pid} failed");
 }
+
+/// One `GET path` on a keep-alive connection: (status, lower-cased
+/// headers, body by `Content-Length`), or what went wrong.
+pub async fn exchange(
+    conn: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+    path: &str,
+) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+    conn.get_mut().write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    match conn.read_line(&mut line).await {
+        Ok(0) => return Err("connection closed before a response".into()),
+        Ok(_) => {}
+        Err(e) => return Err(format!("read status line: {e}")),
+    }
+    let status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad status line {line:?}"))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        match conn.read_line(&mut h).await {
+            Ok(0) => return Err("truncated head".into()),
+            Ok(_) if h == "\r\n" => break,
+            Ok(_) => {
+                let (k, v) = h.split_once(':').ok_or(format!("bad header {h:?}"))?;
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+            }
+            Err(e) => return Err(format!("read head: {e}")),
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or(format!("{status} without content-length: {headers:?}"))?;
+    let mut body = vec![0; len];
+    conn.read_exact(&mut body).await.map_err(|e| format!("truncated body ({status}, {len} bytes): {e}"))?;
+    Ok((status, headers, body))
+}
