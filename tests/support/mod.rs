@@ -126,10 +126,28 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Sends SIGSTOP / SIGCONT / SIGKILL / SIGTERM to a process.
+/// Sends SIGSTOP / SIGCONT / SIGKILL / SIGTERM to a process. A SIGSTOP
+/// returns only once every thread of the process has stopped: `kill` returns
+/// when the signal is queued, and a thread that was running on another core
+/// may still answer a request sent in that instant.
 pub fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("kill");
     assert!(status.success(), "kill -{sig} {pid} failed");
+    if sig == "STOP" {
+        eventually_blocking("every thread stopped after SIGSTOP", Duration::from_secs(5), || {
+            all_threads_stopped(pid).then_some(())
+        });
+    }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|task| {
+        // The state follows the parenthesised command name, which may hold spaces.
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+    })
 }
 
 /// One `GET path` on a keep-alive connection: (status, lower-cased
