@@ -134,11 +134,6 @@ pub(super) fn decide(state: &IoState, upstream_due: Option<Instant>, now: Instan
     }
 }
 
-/// When a parked connection reaches `client_idle_timeout` (none: never).
-pub(super) fn parked_until(state: &IoState, cfg: &TimerConfig) -> Option<Instant> {
-    cfg.client_idle_timeout.map(|t| state.idle_since() + t)
-}
-
 /// While a connection waits for a whole request head without hyper (see
 /// [`read_head`]): when it is closed if the head is still not complete
 /// (none: never). A head that started arriving is held to
@@ -147,8 +142,17 @@ pub(super) fn parked_until(state: &IoState, cfg: &TimerConfig) -> Option<Instant
 pub(super) fn head_wait_until(state: &IoState, cfg: &TimerConfig, drain: Option<DrainIdle>) -> Option<Instant> {
     match state.head_started() {
         Some(head) => cfg.header_read_timeout.map(|t| head + t),
-        None => parked_until(state, cfg).into_iter().chain(drain.and_then(|d| d.close_at(state))).min(),
+        None => idle_due(state.idle_since(), cfg, drain),
     }
+}
+
+/// When a connection idle since `idle_since`, with no head arriving, is
+/// closed if it stays so: at `client_idle_timeout` or by the drain's rule,
+/// whichever comes first (none: never).
+pub(super) fn idle_due(idle_since: Instant, cfg: &TimerConfig, drain: Option<DrainIdle>) -> Option<Instant> {
+    let timeout = cfg.client_idle_timeout.map(|t| idle_since + t);
+    let drained = drain.map(|d| idle_since.max(d.began) + d.delay);
+    timeout.into_iter().chain(drained).min()
 }
 
 /// Headers a waited-for head may have before hyper is asked to decide
@@ -273,6 +277,15 @@ impl IoState {
         }
     }
 
+    /// A connection idle since `since`, coming back from the lot (`lot`)
+    /// because its client sent bytes: its next head starts with them.
+    pub(super) fn unparked(since: Instant) -> IoState {
+        let state = IoState::new(since);
+        state.head_started.store(0, Relaxed);
+        state.line_open.store(0, Relaxed);
+        state
+    }
+
     pub(super) fn nanos(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.epoch).as_nanos() as u64
     }
@@ -381,7 +394,7 @@ impl IoState {
     }
 
     /// When the connection last became idle.
-    fn idle_since(&self) -> Instant {
+    pub(super) fn idle_since(&self) -> Instant {
         self.at(self.idle_since.load(Relaxed))
     }
 }
@@ -624,9 +637,9 @@ mod tests {
         assert_eq!(decide(&s, None, t0 + PARK_AFTER - MS, &c), TimerAction::Rearm(t0 + PARK_AFTER + MS * 49));
         assert_eq!(decide(&s, None, t0 + PARK_AFTER, &c), TimerAction::Park);
         assert_eq!(decide(&s, None, t0 + MS * 3000, &c), TimerAction::Idle, "closing wins over parking");
-        assert_eq!(parked_until(&s, &c), Some(t0 + MS * 3000));
+        assert_eq!(idle_due(t0, &c, None), Some(t0 + MS * 3000));
         assert_eq!(decide(&s, None, t0 + MS * 3000, &cfg(Some(1000), None)), TimerAction::Park, "no idle limit");
-        assert_eq!(parked_until(&s, &cfg(Some(1000), None)), None);
+        assert_eq!(idle_due(t0, &cfg(Some(1000), None), None), None);
     }
 
     #[test]
@@ -755,6 +768,18 @@ mod tests {
         assert_eq!(head_wait_until(&s, &cfg(Some(1000), None), None), None, "no idle limit: waits for ever");
         let drain = DrainIdle { began: t0 + MS * 100, delay: MS * 500 };
         assert_eq!(head_wait_until(&s, &c, Some(drain)), Some(t0 + MS * 600), "the drain closes it earlier");
+    }
+
+    #[test]
+    fn an_idle_connection_is_due_at_its_timeout_or_a_drain_delay_after_the_later_of_drain_and_idle() {
+        let t0 = Instant::now();
+        let c = cfg(Some(1000), Some(3000));
+        let drain = DrainIdle { began: t0 + MS * 100, delay: MS * 500 };
+        assert_eq!(idle_due(t0, &c, None), Some(t0 + MS * 3000));
+        assert_eq!(idle_due(t0, &c, Some(drain)), Some(t0 + MS * 600), "idle before the drain: delay from the drain");
+        assert_eq!(idle_due(t0 + MS * 400, &c, Some(drain)), Some(t0 + MS * 900), "idle after it: delay from then");
+        assert_eq!(idle_due(t0, &cfg(Some(1000), None), None), None, "no idle limit, no drain: never");
+        assert_eq!(idle_due(t0, &cfg(Some(1000), None), Some(drain)), Some(t0 + MS * 600));
     }
 
     #[test]

@@ -79,6 +79,7 @@ mod expect;
 mod forward;
 mod h2;
 mod headers;
+mod lot;
 mod pool;
 mod target;
 
@@ -112,6 +113,7 @@ use super::{DrainSignal, ListenerCtx, LiveCtx};
 use crate::metrics::Outcome;
 use conn::{ClientIo, Conn, DrainIdle, HeadRead, IoState, TimerAction, TimerConfig, decide};
 use forward::{handle, tunnel};
+use lot::{Lot, NotParked, ParkedConn};
 use pool::{Pooled, sweep_pool};
 
 /// `502` body (RFC 9457, same shape as the short-circuit bodies).
@@ -143,6 +145,7 @@ const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 pub async fn serve(listener: TcpListener, live: LiveCtx, mut drain: DrainSignal) {
     let w = Rc::new(Worker::new(live.load_full(), live));
     let sweeper = tokio::task::spawn_local(sweep_pool(w.clone()));
+    let attendant = tokio::task::spawn_local(attend_lot(w.clone(), drain.clone()));
     let accepting = Accepting { w: w.clone(), drain: drain.clone() };
     let deadline = accept::run(&listener, &w.ctx.config.name, &w.permits, &mut drain, &accepting).await;
     // Closing the socket makes new connects fail at once (this worker's part
@@ -151,7 +154,9 @@ pub async fn serve(listener: TcpListener, live: LiveCtx, mut drain: DrainSignal)
     drop(listener);
     let _ = timeout_at(deadline, w.permits.all_returned()).await;
     sweeper.abort();
+    attendant.abort();
     w.pool.borrow_mut().clear();
+    w.lot.borrow_mut().close_all();
 }
 
 /// What the accept loop does with a connection: every one is admitted (the
@@ -193,6 +198,8 @@ struct Worker {
     timer: TimerConfig,
     /// The listener's parked-connections gauge.
     parked: Gauge,
+    /// Idle client connections held as bare sockets ([`attend_lot`]).
+    lot: RefCell<Lot>,
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     upstream_idle_timeout: Option<Duration>,
@@ -256,6 +263,7 @@ impl Worker {
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             timer: TimerConfig { header_read_timeout, client_idle_timeout, tick },
             parked: ctx.registry.parked_connections(&ctx.config.name),
+            lot: RefCell::new(Lot::new(ctx.registry.parked_connections(&ctx.config.name))),
             connect_timeout: limit(c.upstream_connect_timeout),
             response_timeout: limit(c.upstream_response_timeout),
             upstream_idle_timeout: limit(c.upstream_idle_timeout),
@@ -269,14 +277,7 @@ impl Worker {
 }
 
 /// Serves one client connection until it closes, idles out or is drained.
-///
-/// Between requests the connection holds no hyper state: the task waits for
-/// a whole request head itself ([`wait_for_head`]), then runs hyper on it
-/// ([`serve_hyper`], boxed, so that the task's own future stays small while
-/// it waits). When the connection has been idle for [`PARK_AFTER`], hyper is
-/// shut down without touching the socket (the client sees nothing) and the
-/// wait starts again.
-async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: SocketAddr, mut drain: DrainSignal) {
+async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: SocketAddr, drain: DrainSignal) {
     let opened = Instant::now();
     if w.h2.enabled {
         // HTTP/2 with prior knowledge shares the port: told apart by its preface.
@@ -288,11 +289,27 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
     }
     // The first head's `header_read_timeout` counts from the accept, the
     // wait for the first bytes included.
-    let state = Arc::new(IoState::new(opened));
+    let parked = ParkedConn { stream, permit, peer: conn::peer_value(peer), idle_since: opened };
+    serve_http1(w, parked, IoState::new(opened), drain).await;
+}
+
+/// Serves HTTP/1.1 on a client connection until it closes, idles out, is
+/// drained or is parked in the worker's lot.
+///
+/// Between requests the connection holds no hyper state: the task waits for
+/// a whole request head itself ([`wait_for_head`]), then runs hyper on it
+/// ([`serve_hyper`], boxed, so that the task's own future stays small while
+/// it waits). When the connection has been idle for [`PARK_AFTER`], hyper is
+/// shut down without touching the socket (the client sees nothing) and the
+/// socket goes to the lot, which gives it a new task when the client sends
+/// its next request ([`attend_lot`]).
+async fn serve_http1(w: Rc<Worker>, client: ParkedConn, state: IoState, mut drain: DrainSignal) {
+    let ParkedConn { stream, permit, peer, .. } = client;
+    let state = Arc::new(state);
     // This task writes the app's 1xx responses (`conn::relay_informational`).
     let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
     state.informational.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waker = Some(waker);
-    let conn = Rc::new(Conn::new(w.clone(), state.clone(), conn::peer_value(peer), permit));
+    let mut conn = Rc::new(Conn::new(w.clone(), state.clone(), peer, permit));
     let timer = tokio::time::sleep(w.timer.tick);
     tokio::pin!(timer);
     let mut drain_seen = drain.borrow_and_update().is_some();
@@ -304,9 +321,74 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
             return;
         }
         let session = serve_hyper(&w, &conn, io, timer.as_mut(), &mut drain, &mut drain_seen);
-        match Box::pin(session).await {
-            Some(back) => (io, parked) = (back, true),
+        let back = match Box::pin(session).await {
+            Some(back) => back,
             None => return,
+        };
+        // Bytes hyper read past its last request (rare) are served by this
+        // task; otherwise the bare socket waits in the lot.
+        if back.prefix.is_empty() {
+            match Rc::try_unwrap(conn) {
+                Ok(c) => {
+                    let idle_since = state.idle_since();
+                    let client = ParkedConn { stream: back.stream, permit: c._permit, peer: c.peer, idle_since };
+                    match w.lot.borrow_mut().park(client) {
+                        Ok(()) => {
+                            debug!("connection parked");
+                            return;
+                        }
+                        Err(NotParked::Gone) => return,
+                        // The client is already sending its next request.
+                        Err(NotParked::Bytes(client)) => {
+                            conn = Rc::new(Conn::new(w.clone(), state.clone(), client.peer, client.permit));
+                            io = ClientIo {
+                                stream: client.stream,
+                                state: state.clone(),
+                                prefix: Bytes::new(),
+                                max_line,
+                            };
+                            parked = false;
+                            continue;
+                        }
+                    }
+                }
+                Err(c) => conn = c,
+            }
+        }
+        (io, parked) = (back, true);
+    }
+}
+
+/// Watches the worker's parked connections: a client that sends bytes gets
+/// its connection back on a new task, one that closes it is closed; the
+/// idle timeout and the drain's rule for idle connections close the rest.
+async fn attend_lot(w: Rc<Worker>, mut drain: DrainSignal) {
+    let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let timer = tokio::time::sleep_until(far());
+    tokio::pin!(timer);
+    let mut drain_seen = drain.borrow_and_update().is_some();
+    loop {
+        let due = w.lot.borrow_mut().next_due(&w.timer, drain_idle(&w));
+        timer.as_mut().reset(due.unwrap_or_else(far));
+        tokio::select! {
+            ready = std::future::poll_fn(|cx| w.lot.borrow_mut().poll_woken(cx)) => {
+                for client in ready {
+                    let state = IoState::unparked(client.idle_since);
+                    tokio::task::spawn_local(serve_http1(w.clone(), client, state, drain.clone()));
+                }
+            }
+            _ = timer.as_mut() => {
+                let closed = w.lot.borrow_mut().close_due(Instant::now(), &w.timer, drain_idle(&w));
+                debug!(closed, "parked connections idled out");
+            }
+            r = drain.changed(), if !drain_seen => {
+                if r.is_err() || drain.borrow_and_update().is_some() {
+                    drain_seen = true;
+                    if stopped_without_drain(&w, true) {
+                        w.lot.borrow_mut().close_all();
+                    }
+                }
+            }
         }
     }
 }

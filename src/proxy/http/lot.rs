@@ -1,0 +1,409 @@
+//! The worker's parking lot: idle keep-alive client connections held as
+//! bare sockets, watched by one task for the whole worker.
+//!
+//! A parked connection costs its socket's registration with the runtime, a
+//! slot here (the socket, its connection permit, its `X-Forwarded-For`
+//! value, when it became idle) and a 32-byte waker, rather than a task with
+//! its future, its timer and its per-connection state. When the client
+//! sends a byte the connection leaves the lot and gets a fresh task (see
+//! `serve_http1`); when it closes, the lot closes it without one. The lot
+//! also closes its connections at `client_idle_timeout` and by the drain's
+//! rule for idle connections, from one timer: connections are parked in the
+//! order they became idle, so the oldest one is due first.
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem::MaybeUninit;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+
+use hyper::header::HeaderValue;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::ReadBuf;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::conn::{DrainIdle, TimerConfig, idle_due};
+use crate::proxy::accept::Permit;
+
+/// An idle client connection as the lot holds it.
+pub(super) struct ParkedConn {
+    pub(super) stream: TcpStream,
+    pub(super) permit: Permit,
+    /// The client's `X-Forwarded-For` element.
+    pub(super) peer: HeaderValue,
+    /// When its last response ended.
+    pub(super) idle_since: Instant,
+}
+
+/// What watching a parked socket found.
+enum Seen {
+    /// Nothing yet: the socket's registration holds the slot's waker.
+    Quiet,
+    /// The client sent something.
+    Bytes,
+    /// The client closed the connection (or it failed).
+    Gone,
+}
+
+/// Whether the client sent anything, without consuming it; registers
+/// `waker` for the next readiness when nothing came.
+fn look(stream: &TcpStream, waker: &Waker) -> Seen {
+    let mut byte = [MaybeUninit::uninit()];
+    let mut buf = ReadBuf::uninit(&mut byte);
+    match stream.poll_peek(&mut Context::from_waker(waker), &mut buf) {
+        Poll::Pending => Seen::Quiet,
+        Poll::Ready(Ok(0)) => Seen::Gone,
+        Poll::Ready(Ok(_)) => Seen::Bytes,
+        Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Seen::Quiet,
+        Poll::Ready(Err(_)) => Seen::Gone,
+    }
+}
+
+/// A slot's identity: its index and the generation of its occupant, so a
+/// late wake-up for a connection that already left finds nothing.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Key {
+    index: u32,
+    generation: u32,
+}
+
+/// Keys whose sockets became readable, and the lot task's waker. Behind a
+/// mutex only because a `Waker` must be `Send`; every lock is taken on the
+/// worker's thread, uncontended.
+#[derive(Default)]
+struct Woken {
+    keys: Vec<Key>,
+    /// A connection was parked in an empty lot: the timer needs re-arming.
+    rearm: bool,
+    task: Option<Waker>,
+}
+
+/// The waker a parked socket's registration holds: it notes the slot and
+/// wakes the lot task.
+struct SlotWaker {
+    key: Key,
+    woken: Arc<Mutex<Woken>>,
+}
+
+impl Wake for SlotWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+        woken.keys.push(self.key);
+        if let Some(task) = woken.task.take() {
+            task.wake();
+        }
+    }
+}
+
+struct Slot {
+    generation: u32,
+    parked: Option<(ParkedConn, Waker)>,
+}
+
+/// The parked connections of one worker.
+pub(super) struct Lot {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Parked connections in the order they were parked (oldest first), by
+    /// key; keys of connections that left are skipped when met, and
+    /// dropped in bulk when they outnumber the parked ones.
+    order: VecDeque<(Instant, Key)>,
+    len: usize,
+    woken: Arc<Mutex<Woken>>,
+    gauge: Gauge,
+}
+
+/// Why [`Lot::park`] did not keep a connection.
+pub(super) enum NotParked {
+    /// The client already sent bytes: serve them.
+    Bytes(ParkedConn),
+    /// The client closed it; it is closed.
+    Gone,
+}
+
+impl Lot {
+    /// An empty lot counting its connections in `gauge`.
+    pub(super) fn new(gauge: Gauge) -> Lot {
+        Lot { slots: Vec::new(), free: Vec::new(), order: VecDeque::new(), len: 0, woken: Arc::default(), gauge }
+    }
+
+    /// Keeps `conn` until its client sends something or closes it, or it
+    /// is due ([`Lot::close_due`]).
+    pub(super) fn park(&mut self, conn: ParkedConn) -> Result<(), NotParked> {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot { generation: 0, parked: None });
+            (self.slots.len() - 1) as u32
+        });
+        let key = Key { index, generation: self.slots[index as usize].generation };
+        let waker = Waker::from(Arc::new(SlotWaker { key, woken: self.woken.clone() }));
+        match look(&conn.stream, &waker) {
+            Seen::Quiet => {}
+            Seen::Bytes => {
+                self.free.push(index);
+                return Err(NotParked::Bytes(conn));
+            }
+            Seen::Gone => {
+                self.free.push(index);
+                return Err(NotParked::Gone);
+            }
+        }
+        self.order.push_back((conn.idle_since, key));
+        self.slots[index as usize].parked = Some((conn, waker));
+        self.len += 1;
+        self.gauge.inc();
+        if self.len == 1 {
+            // The lot task sleeps without a deadline while the lot is empty.
+            let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+            woken.rearm = true;
+            if let Some(task) = woken.task.take() {
+                task.wake();
+            }
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, key: Key) -> Option<ParkedConn> {
+        self.slot(key)?;
+        let slot = &mut self.slots[key.index as usize];
+        let (conn, _waker) = slot.parked.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(key.index);
+        self.len -= 1;
+        self.gauge.dec();
+        if self.order.len() > 2 * self.len + 64 {
+            let slots = &self.slots;
+            self.order.retain(|(_, k)| slots[k.index as usize].generation == k.generation);
+        }
+        Some(conn)
+    }
+
+    fn slot(&self, key: Key) -> Option<&(ParkedConn, Waker)> {
+        let slot = self.slots.get(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        slot.parked.as_ref()
+    }
+
+    /// Waits until parked sockets became readable, and returns the
+    /// connections whose clients sent bytes (those whose clients closed are
+    /// closed here). Also ready, possibly with none, once a connection was
+    /// parked in an empty lot: the caller then re-arms its timer.
+    pub(super) fn poll_woken(&mut self, cx: &mut Context<'_>) -> Poll<Vec<ParkedConn>> {
+        let keys = {
+            let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+            woken.task = Some(cx.waker().clone());
+            if woken.keys.is_empty() && !std::mem::take(&mut woken.rearm) {
+                return Poll::Pending;
+            }
+            woken.rearm = false;
+            std::mem::take(&mut woken.keys)
+        };
+        let mut ready = Vec::new();
+        for key in keys {
+            let seen = match self.slot(key) {
+                Some((conn, waker)) => look(&conn.stream, waker),
+                None => continue,
+            };
+            match seen {
+                Seen::Quiet => {}
+                Seen::Gone => drop(self.take(key)),
+                Seen::Bytes => ready.extend(self.take(key)),
+            }
+        }
+        Poll::Ready(ready)
+    }
+
+    /// When the oldest parked connection is due to be closed (none: no
+    /// connection is, or none will be).
+    pub(super) fn next_due(&mut self, cfg: &TimerConfig, drain: Option<DrainIdle>) -> Option<Instant> {
+        self.skip_departed();
+        self.order.front().and_then(|&(since, _)| idle_due(since, cfg, drain))
+    }
+
+    /// Closes the connections due at `now` (idle timeout or the drain's
+    /// rule); returns how many.
+    pub(super) fn close_due(&mut self, now: Instant, cfg: &TimerConfig, drain: Option<DrainIdle>) -> usize {
+        let mut closed = 0;
+        loop {
+            self.skip_departed();
+            match self.order.front() {
+                Some(&(since, key)) if idle_due(since, cfg, drain).is_some_and(|due| now >= due) => {
+                    self.order.pop_front();
+                    if self.take(key).is_some() {
+                        closed += 1;
+                    }
+                }
+                _ => return closed,
+            }
+        }
+    }
+
+    /// Closes every parked connection (stopped without a drain).
+    pub(super) fn close_all(&mut self) {
+        while let Some((_, key)) = self.order.pop_front() {
+            self.take(key);
+        }
+    }
+
+    fn skip_departed(&mut self) {
+        while let Some(&(_, key)) = self.order.front() {
+            if self.slot(key).is_some() {
+                return;
+            }
+            self.order.pop_front();
+        }
+    }
+}
+
+impl Drop for Lot {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.len as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::proxy::ListenerCtx;
+    use crate::proxy::accept::Permits;
+    use crate::state::Health;
+    use std::path::Path;
+    use std::rc::Rc;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const MS: Duration = Duration::from_millis(1);
+    const WITHIN: Duration = Duration::from_secs(5);
+
+    fn permits() -> Rc<Permits> {
+        let yaml = "listeners:\n  - name: h\n    protocol: http\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n";
+        let c = Config::from_yaml(yaml, Path::new("t")).unwrap();
+        Permits::new(&ListenerCtx::new(&c, 0, Health::new(&c), Metrics::new(&c)))
+    }
+
+    fn cfg(idle_ms: Option<u64>) -> TimerConfig {
+        TimerConfig { header_read_timeout: None, client_idle_timeout: idle_ms.map(|m| MS * m as u32), tick: MS * 100 }
+    }
+
+    /// A parked server side of a fresh loopback connection, and its client.
+    async fn parked(permits: &Rc<Permits>, idle_since: Instant) -> (ParkedConn, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = l.accept().await.unwrap();
+        let permit = permits.try_take().expect("a permit");
+        (ParkedConn { stream, permit, peer: HeaderValue::from_static("127.0.0.1"), idle_since }, client)
+    }
+
+    async fn woken(lot: &mut Lot) -> Vec<ParkedConn> {
+        let wait = std::future::poll_fn(|cx| match lot.poll_woken(cx) {
+            Poll::Ready(v) if v.is_empty() => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            p => p,
+        });
+        tokio::time::timeout(WITHIN, wait).await.expect("a parked client woke up")
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_gets_its_connection_back_with_the_bytes_unread() {
+        let (gauge, permits) = (Gauge::default(), permits());
+        let mut lot = Lot::new(gauge.clone());
+        let (conn, mut client) = parked(&permits, Instant::now()).await;
+        assert!(lot.park(conn).is_ok());
+        assert_eq!(gauge.get(), 1);
+        client.write_all(b"GET").await.unwrap();
+        let mut back = woken(&mut lot).await;
+        assert_eq!((back.len(), gauge.get(), permits.held()), (1, 0, 1), "left the lot, permit still held");
+        let mut buf = [0; 3];
+        back[0].stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"GET", "the lot only peeked");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_is_closed_by_the_lot_and_returns_its_permit() {
+        let (gauge, permits) = (Gauge::default(), permits());
+        let mut lot = Lot::new(gauge.clone());
+        let (conn, client) = parked(&permits, Instant::now()).await;
+        assert!(lot.park(conn).is_ok());
+        drop(client);
+        let wait = std::future::poll_fn(|cx| match lot.poll_woken(cx) {
+            Poll::Ready(v) if gauge.get() == 0 => Poll::Ready(v),
+            _ => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        });
+        let back = tokio::time::timeout(WITHIN, wait).await.expect("the close was noticed");
+        assert!(back.is_empty(), "nothing to serve");
+        assert_eq!(permits.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_already_sending_is_not_parked() {
+        let (gauge, permits) = (Gauge::default(), permits());
+        let mut lot = Lot::new(gauge.clone());
+        let (conn, mut client) = parked(&permits, Instant::now()).await;
+        client.write_all(b"G").await.unwrap();
+        // The byte may take a moment to arrive on loopback.
+        let readable = tokio::time::timeout(WITHIN, conn.stream.readable()).await;
+        assert!(readable.is_ok(), "the byte arrived");
+        match lot.park(conn) {
+            Err(NotParked::Bytes(_)) => {}
+            Err(NotParked::Gone) => panic!("the client is there"),
+            Ok(()) => panic!("parked a connection with bytes waiting"),
+        }
+        assert_eq!(gauge.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_are_closed_oldest_first_at_the_idle_timeout_and_all_on_a_stop() {
+        let (gauge, permits) = (Gauge::default(), permits());
+        let mut lot = Lot::new(gauge.clone());
+        let t0 = Instant::now();
+        let (a, mut client_a) = parked(&permits, t0).await;
+        let (b, _client_b) = parked(&permits, t0 + MS * 1000).await;
+        let (c, _client_c) = parked(&permits, t0 + MS * 2000).await;
+        for conn in [a, b, c] {
+            assert!(lot.park(conn).is_ok());
+        }
+        let idle = cfg(Some(3000));
+        assert_eq!(lot.next_due(&idle, None), Some(t0 + MS * 3000));
+        assert_eq!(lot.close_due(t0 + MS * 2999, &idle, None), 0);
+        assert_eq!(lot.close_due(t0 + MS * 3000, &idle, None), 1);
+        assert_eq!(lot.next_due(&idle, None), Some(t0 + MS * 4000));
+        let mut buf = [0; 1];
+        let eof = tokio::time::timeout(WITHIN, client_a.read(&mut buf)).await.expect("closed at once");
+        assert_eq!(eof.unwrap(), 0, "the oldest was closed");
+        assert_eq!(lot.next_due(&cfg(None), None), None, "no idle limit, no drain: never due");
+        let drain = DrainIdle { began: t0 + MS * 2500, delay: MS * 100 };
+        assert_eq!(lot.next_due(&cfg(None), Some(drain)), Some(t0 + MS * 2600), "the drain's rule");
+        lot.close_all();
+        assert_eq!((gauge.get(), permits.held()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_connection_parked_again_and_again_leaves_no_growing_trail() {
+        let (gauge, permits) = (Gauge::default(), permits());
+        let mut lot = Lot::new(gauge.clone());
+        let (mut conn, mut client) = parked(&permits, Instant::now()).await;
+        for i in 0..300u32 {
+            assert!(lot.park(conn).is_ok());
+            client.write_all(b"x").await.unwrap();
+            let mut back = woken(&mut lot).await;
+            conn = back.pop().expect("woken");
+            let mut buf = [0; 1];
+            conn.stream.read_exact(&mut buf).await.unwrap();
+            assert!(lot.order.len() <= 2 * lot.len + 64 && lot.slots.len() == 1, "round {i}: {}", lot.order.len());
+        }
+        assert_eq!(gauge.get(), 0);
+    }
+}
