@@ -19,7 +19,8 @@ Every number is measured in the same run for both proxies, runs interleaved
   stall; RSS while both proxies hold them;
 * cache and branch simulation (callgrind --cache-sim=yes --branch-sim=yes);
 * HTTP/2 (h2load, 32 connections x 10 streams, h2c both sides) when h2load
-  is installed and healthgate accepts `upstream_protocol: h2c`.
+  is installed and healthgate accepts `upstream_protocol: h2c`, and callgrind
+  instructions per HTTP/2 request (h2load -c1 -m1, same setup).
 
 The proxied path has every dependency up (the machine's MariaDB, Redis and
 RabbitMQ, never reconfigured); the short-circuit path points both proxies'
@@ -27,9 +28,9 @@ MySQL check at a port with nothing listening, so both answer 503 themselves.
 
 Environment: QUICK=1 (one repeat, short runs), REPEATS, DURATION (s),
 CONNS (e.g. "32,256"), IDLE_CONNS, SLOW_CONNS, CG_REQUESTS, HG_BIN,
-SKIP_CALLGRIND=1, PHASES (subset of load,multicore,routes,idle,slowloris,
-callgrind,cachesim,syscalls,h2; a partial run writes results/partial.*
-instead of latest.*).
+SKIP_CALLGRIND=1 (no callgrind or callgrind-h2 phase), PHASES (subset of
+load,multicore,routes,idle,slowloris,callgrind,cachesim,syscalls,h2,
+callgrind-h2; a partial run writes results/partial.* instead of latest.*).
 """
 
 import datetime
@@ -61,10 +62,11 @@ MAXCONN = min(12000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 100) // 2)
 IDLE_CONNS = int(os.environ.get("IDLE_CONNS", str(min(10000, MAXCONN - 50))))
 SLOW_CONNS = int(os.environ.get("SLOW_CONNS", str(min(8000, MAXCONN - 50))))
 CG_REQUESTS = int(os.environ.get("CG_REQUESTS", "2000" if QUICK else "5000"))
-ALL_PHASES = {"load", "multicore", "routes", "idle", "slowloris", "callgrind", "cachesim", "syscalls", "h2"}
+ALL_PHASES = {"load", "multicore", "routes", "idle", "slowloris", "callgrind", "cachesim", "syscalls", "h2",
+              "callgrind-h2"}
 PHASES = set(os.environ.get("PHASES", ",".join(sorted(ALL_PHASES))).split(","))
 if os.environ.get("SKIP_CALLGRIND") == "1":
-    PHASES.discard("callgrind")
+    PHASES -= {"callgrind", "callgrind-h2"}
 HG_BIN = os.environ.get("HG_BIN", os.path.join(ROOT, "target", "release", "healthgate"))
 FLOOR_BIN = None  # built from bench/floor.c into TMP by main()
 MYSQL = "127.0.0.1:3306"
@@ -498,6 +500,27 @@ def keepalive_requests(port, n, path="/"):
 CACHE_EVENTS = ("Ir", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bc", "Bcm", "Bi", "Bim")
 
 
+def callgrind_zero(proxy):
+    """Zeroes the counters of a proxy running under callgrind (after its warm-up)."""
+    subprocess.run(["callgrind_control", "-z", str(proxy.pid)], check=True, capture_output=True)
+
+
+def callgrind_dump(proxy, keep):
+    """Dumps the counters of a proxy running under callgrind, copies the dump
+    to `keep` (for callgrind_annotate) and returns its totals by event name."""
+    subprocess.run(["callgrind_control", "-d", str(proxy.pid)], check=True, capture_output=True)
+    dumps = sorted(f for f in os.listdir(TMP) if f.startswith(os.path.basename(proxy.cg_out) + "."))
+    if not dumps:
+        raise RuntimeError("callgrind wrote no dump")
+    dump = os.path.join(TMP, dumps[-1])
+    with open(dump) as f:
+        lines = f.readlines()
+    names = next(line.split()[1:] for line in lines if line.startswith("events:"))
+    totals = [line for line in lines if line.startswith(("summary:", "totals:"))]
+    shutil.copy(dump, keep)
+    return dict(zip(names, (int(v) for v in totals[-1].split()[1:])))
+
+
 def callgrind(kind, app_port, mysql, scenario, want, routes=0, path="/", cachesim=False):
     tag = f"{scenario}{routes or ''}{'-cachesim' if cachesim else ''}"
     flags = ["--dump-instr=no"] + (["--cache-sim=yes", "--branch-sim=yes"] if cachesim else [])
@@ -505,21 +528,11 @@ def callgrind(kind, app_port, mysql, scenario, want, routes=0, path="/", cachesi
     try:
         p.wait(want, path, timeout=180)
         keepalive_requests(p.port, 200, path)  # warm up
-        subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
+        callgrind_zero(p)
         keepalive_requests(p.port, CG_REQUESTS, path)
-        subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
-        dumps = sorted(f for f in os.listdir(TMP) if f.startswith(os.path.basename(p.cg_out) + "."))
-        if not dumps:
-            raise RuntimeError("callgrind wrote no dump")
-        dump = os.path.join(TMP, dumps[-1])
-        with open(dump) as f:
-            lines = f.readlines()
-        names = next(line.split()[1:] for line in lines if line.startswith("events:"))
-        totals = [line for line in lines if line.startswith(("summary:", "totals:"))]
-        values = dict(zip(names, (int(v) for v in totals[-1].split()[1:])))
-        ir = values["Ir"]
         keep = os.path.join(TMP, f"callgrind-{kind}-{tag}.out")
-        shutil.copy(dump, keep)
+        values = callgrind_dump(p, keep)
+        ir = values["Ir"]
     finally:
         p.stop()
     r = dict(kind="cachesim" if cachesim else "callgrind", proxy=kind, scenario=scenario, routes=routes,
@@ -643,18 +656,78 @@ def wait_listen(port, timeout=10.0):
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def h2_status_count(out, want):
+    """How many responses of `want`'s class h2load's output reports (0 if none)."""
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    return int(m.group(want // 100 - 1)) if m else 0
+
+
 def wait_h2(proxy, want, timeout=60.0):
     """Until one h2c request through the proxy gets `want` (its class)."""
     deadline = time.time() + timeout
     last = ""
     while time.time() < deadline:
+        if proxy.proc.poll() is not None:
+            raise RuntimeError(f"{proxy.kind} exited before answering over h2c (log in {TMP})")
         last = subprocess.run(["h2load", "-n1", "-c1", f"http://127.0.0.1:{proxy.port}/"], capture_output=True,
                               text=True).stdout
-        m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", last)
-        if m and int(m.group(want // 100 - 1)) == 1:
+        if h2_status_count(last, want) == 1:
             return
         time.sleep(0.3)
     raise RuntimeError(f"{proxy.kind} never answered {want} over h2c: {last[-800:]}")
+
+
+# === callgrind over HTTP/2 ===
+
+
+def h2_requests(port, n, want):
+    """n requests on one prior-knowledge h2c connection, one stream at a time
+    (h2load -c1 -m1); fails unless all n got `want` (its class)."""
+    argv = ["h2load", f"-n{n}", "-c1", "-m1", "-t1", f"http://127.0.0.1:{port}/"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=1800).stdout
+    got = h2_status_count(out, want)
+    if got != n:
+        raise RuntimeError(f"h2load: {got}/{n} answered {want}:\n{out[-2000:]}")
+
+
+def callgrind_h2(kind, app_port, mysql, scenario, want):
+    """Callgrind instructions per HTTP/2 request, the proxy configured as in
+    the h2 phase. One stream at a time (like the sequential HTTP/1.1
+    requests of callgrind()), so that every stream is its own read, dispatch
+    and write: with streams in flight, how many share a read or a write
+    depends on how fast the proxy runs under valgrind relative to h2load,
+    which is the machine's timing, not the proxy's work."""
+    p = Proxy(kind, app_port, mysql, "cg-h2-" + scenario, h2=True, valgrind=["--dump-instr=no"])
+    try:
+        wait_h2(p, want, timeout=180)
+        h2_requests(p.port, 200, want)  # warm up (upstream connection, pools, caches)
+        time.sleep(0.5)  # the warm-up connection's teardown is not counted
+        callgrind_zero(p)
+        h2_requests(p.port, CG_REQUESTS, want)
+        keep = os.path.join(TMP, f"callgrind-{kind}-h2-{scenario}.out")
+        ir = callgrind_dump(p, keep)["Ir"]
+    finally:
+        p.stop()
+    r = dict(kind="callgrind-h2", proxy=kind, scenario=scenario, requests=CG_REQUESTS, client="h2load -c1 -m1",
+             instructions=ir, instr_per_req=ir / CG_REQUESTS, dump=keep)
+    RUNS.append(r)
+    log(f"  callgrind h2 {kind:10} {scenario:8} {ir / CG_REQUESTS:9.0f} instructions/request")
+    return r
+
+
+def callgrind_h2_phase(dead):
+    """callgrind_h2 for both proxies, proxied and 503, against the h2c app."""
+    if not shutil.which("h2load"):
+        log("  callgrind h2: h2load missing (apt install nghttp2-client); skipped")
+        return
+    app, port = start_h2_app()
+    try:
+        wait_listen(port)
+        for kind in ("healthgate", "haproxy"):
+            callgrind_h2(kind, port, MYSQL, "proxied", 200)
+            callgrind_h2(kind, port, dead, "503", 503)
+    finally:
+        stop(app)
 
 
 # === syscalls ===
@@ -771,6 +844,10 @@ def report(started, info, idle, slow, h2_note, cmd):
     for sc in ("proxied", "503"):
         if ("healthgate", sc, 0) in cg and ("haproxy", sc, 0) in cg:
             ratios.append((f"{sc} callgrind instr/req", ratio(cg[("healthgate", sc, 0)], cg[("haproxy", sc, 0)])))
+    cg_h2 = {(r["proxy"], r["scenario"]): r["instr_per_req"] for r in RUNS if r["kind"] == "callgrind-h2"}
+    for sc in ("proxied", "503"):
+        if ("healthgate", sc) in cg_h2 and ("haproxy", sc) in cg_h2:
+            ratios.append((f"h2 {sc} callgrind instr/req", ratio(cg_h2[("healthgate", sc)], cg_h2[("haproxy", sc)])))
     if idle:
         ratios.append(("idle RSS", ratio(idle["healthgate"]["idle_rss_kib"], idle["haproxy"]["idle_rss_kib"])))
         ratios.append((f"RSS with {IDLE_CONNS} idle conns", ratio(idle["healthgate"]["rss_kib"], idle["haproxy"]["rss_kib"])))
@@ -850,6 +927,16 @@ def report(started, info, idle, slow, h2_note, cmd):
                               f"{sum(r['failed'] for r in rs)} |")
     else:
         md.append(f"not measured: {h2_note or 'phase not run'}")
+    if cg_h2:
+        md.append("")
+        md.append(f"Callgrind, instructions per HTTP/2 request (h2load -n{CG_REQUESTS} -c1 -m1: one h2c connection, one "
+                  "stream at a time, counters zeroed after a 200-request warm-up; proxies configured as above):\n")
+        md.append("| path | healthgate | HAProxy | ratio |")
+        md.append("|---|---|---|---|")
+        for sc in ("proxied", "503"):
+            if ("healthgate", sc) in cg_h2:
+                h, a = cg_h2[("healthgate", sc)], cg_h2.get(("haproxy", sc), float("nan"))
+                md.append(f"| {sc} | {h:.0f} | {a:.0f} | {ratio(h, a):.2f} |")
     sc_runs = {(r["proxy"], r["scenario"]): r for r in RUNS if r["kind"] == "syscalls"}
     if sc_runs:
         md.append("")
@@ -957,6 +1044,12 @@ def main():
         if "h2" in PHASES:
             log("HTTP/2 (h2load -c32 -m10):")
             h2_note = h2_phase(dead)
+
+        # h2_note says why the h2 phase could not run (no h2load, or a
+        # healthgate build without h2c): this phase could not either.
+        if "callgrind-h2" in PHASES and not h2_note:
+            log(f"callgrind over HTTP/2 ({CG_REQUESTS} requests each, h2load -c1 -m1):")
+            callgrind_h2_phase(dead)
     finally:
         for p in list(PROCS):
             stop(p)
