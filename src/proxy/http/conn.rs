@@ -539,8 +539,8 @@ pub(super) struct Conn {
 }
 
 /// The peer's address as an `X-Forwarded-For` element.
-pub(super) fn peer_value(peer: std::net::SocketAddr) -> HeaderValue {
-    let ip = match peer.ip() {
+pub(super) fn peer_value(ip: std::net::IpAddr) -> HeaderValue {
+    let ip = match ip {
         std::net::IpAddr::V6(v6) => v6.to_canonical(),
         ip => ip,
     };

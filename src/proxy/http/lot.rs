@@ -1,44 +1,62 @@
 //! The worker's parking lot: idle keep-alive client connections held as
 //! bare sockets, watched by one task for the whole worker.
 //!
-//! A parked connection costs its socket's registration with the runtime, a
-//! slot here (the socket, its connection permit, its `X-Forwarded-For`
-//! value, when it became idle) and a 32-byte waker, rather than a task with
-//! its future, its timer and its per-connection state. When the client
-//! sends a byte the connection leaves the lot and gets a fresh task (see
-//! `serve_http1`); when it closes, the lot closes it without one. The lot
-//! also closes its connections at `client_idle_timeout` and by the drain's
-//! rule for idle connections, from one timer: connections are parked in the
-//! order they became idle, so the oldest one is due first.
+//! A parked connection costs a slot here (its file descriptor, its
+//! connection permit, the client's address, when it became idle: 56 bytes)
+//! and an entry in the parking order, rather than a task with its future,
+//! its timer, its per-connection state and the runtime's registration of
+//! its socket (256 bytes each, allocated when the connection opened and so
+//! scattered among the allocations of every request served since). The
+//! socket leaves the runtime's poller for the lot's own (an epoll instance
+//! of its own, itself watched by the runtime), so a thousand idle clients
+//! cost the process a few dozen KiB. When the client sends a byte, the
+//! connection returns to the runtime and gets a fresh task (see
+//! `serve_http1`); when it closes, the lot closes it without one. Parking
+//! and returning cost two `epoll_ctl` calls each, paid only by clients idle
+//! for longer than `PARK_AFTER`. The lot also closes its connections at
+//! `client_idle_timeout` and by the drain's rule for idle connections, from
+//! one timer: connections are parked in the order they became idle, so the
+//! oldest one is due first.
 
 use std::collections::VecDeque;
 use std::io;
-use std::mem::MaybeUninit;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use hyper::header::HeaderValue;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Token};
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::ReadBuf;
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tracing::debug;
 
 use super::conn::{DrainIdle, TimerConfig, idle_due};
 use crate::proxy::accept::Permit;
 
-/// An idle client connection as the lot holds it.
+/// An idle client connection, as it enters and leaves the lot.
 pub(super) struct ParkedConn {
     pub(super) stream: TcpStream,
     pub(super) permit: Permit,
-    /// The client's `X-Forwarded-For` element.
-    pub(super) peer: HeaderValue,
+    /// The client's address.
+    pub(super) peer: IpAddr,
     /// When its last response ended.
     pub(super) idle_since: Instant,
 }
 
-/// What watching a parked socket found.
+/// A connection in the lot: its socket is out of the runtime.
+struct Parked {
+    stream: std::net::TcpStream,
+    permit: Permit,
+    peer: IpAddr,
+    idle_since: Instant,
+}
+
+/// What a look at a parked socket found.
 enum Seen {
-    /// Nothing yet: the socket's registration holds the slot's waker.
+    /// Nothing to read yet.
     Quiet,
     /// The client sent something.
     Bytes,
@@ -46,67 +64,48 @@ enum Seen {
     Gone,
 }
 
-/// Whether the client sent anything, without consuming it; registers
-/// `waker` for the next readiness when nothing came.
-fn look(stream: &TcpStream, waker: &Waker) -> Seen {
-    let mut byte = [MaybeUninit::uninit()];
-    let mut buf = ReadBuf::uninit(&mut byte);
-    match stream.poll_peek(&mut Context::from_waker(waker), &mut buf) {
-        Poll::Pending => Seen::Quiet,
-        Poll::Ready(Ok(0)) => Seen::Gone,
-        Poll::Ready(Ok(_)) => Seen::Bytes,
-        Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Seen::Quiet,
-        Poll::Ready(Err(_)) => Seen::Gone,
+/// Whether the client sent anything, without consuming it (the socket is
+/// non-blocking).
+fn look(stream: &std::net::TcpStream) -> Seen {
+    match stream.peek(&mut [0]) {
+        Ok(0) => Seen::Gone,
+        Ok(_) => Seen::Bytes,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Seen::Quiet,
+        Err(_) => Seen::Gone,
     }
 }
 
-/// A slot's identity: its index and the generation of its occupant, so a
-/// late wake-up for a connection that already left finds nothing.
+/// A slot's identity, the poller's token: its index and the generation of
+/// its occupant, so an event for a connection that already left finds
+/// nothing.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Key {
     index: u32,
     generation: u32,
 }
 
-/// Keys whose sockets became readable, and the lot task's waker. Behind a
-/// mutex only because a `Waker` must be `Send`; every lock is taken on the
-/// worker's thread, uncontended.
-#[derive(Default)]
-struct Woken {
-    keys: Vec<Key>,
-    /// A connection was parked in an empty lot: the timer needs re-arming.
-    rearm: bool,
-    task: Option<Waker>,
-}
-
-/// The waker a parked socket's registration holds: it notes the slot and
-/// wakes the lot task.
-struct SlotWaker {
-    key: Key,
-    woken: Arc<Mutex<Woken>>,
-}
-
-impl Wake for SlotWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
+impl Key {
+    fn token(self) -> Token {
+        Token(((self.generation as usize) << 32) | self.index as usize)
     }
 
-    fn wake_by_ref(self: &Arc<Self>) {
-        let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
-        woken.keys.push(self.key);
-        if let Some(task) = woken.task.take() {
-            task.wake();
-        }
+    fn of(token: Token) -> Key {
+        Key { index: token.0 as u32, generation: (token.0 >> 32) as u32 }
     }
 }
 
 struct Slot {
     generation: u32,
-    parked: Option<(ParkedConn, Waker)>,
+    parked: Option<Parked>,
 }
+
+/// Events taken from the lot's poller per look; more wait for the next.
+const EVENTS: usize = 256;
 
 /// The parked connections of one worker.
 pub(super) struct Lot {
+    poller: AsyncFd<mio::Poll>,
+    events: Events,
     slots: Vec<Slot>,
     free: Vec<u32>,
     /// Parked connections in the order they were parked (oldest first), by
@@ -114,63 +113,91 @@ pub(super) struct Lot {
     /// dropped in bulk when they outnumber the parked ones.
     order: VecDeque<(Instant, Key)>,
     len: usize,
-    woken: Arc<Mutex<Woken>>,
+    /// The lot task, woken when a connection is parked in an empty lot
+    /// (its timer then needs arming).
+    task: Option<Waker>,
+    rearm: bool,
     gauge: Gauge,
 }
 
 /// Why [`Lot::park`] did not keep a connection.
 pub(super) enum NotParked {
-    /// The client already sent bytes: serve them.
-    Bytes(ParkedConn),
+    /// The client already sent bytes (or the socket could not be watched):
+    /// serve it.
+    Ready(ParkedConn),
     /// The client closed it; it is closed.
     Gone,
 }
 
 impl Lot {
-    /// An empty lot counting its connections in `gauge`.
-    pub(super) fn new(gauge: Gauge) -> Lot {
-        Lot { slots: Vec::new(), free: Vec::new(), order: VecDeque::new(), len: 0, woken: Arc::default(), gauge }
+    /// An empty lot counting its connections in `gauge`; needs the
+    /// runtime (its poller is watched by the runtime's).
+    pub(super) fn new(gauge: Gauge) -> io::Result<Lot> {
+        // tokio deprecated its safe constructor because an arbitrary `T`
+        // may change or close the descriptor it reports while registered.
+        // A `mio::Poll` owns its epoll descriptor for its whole life and
+        // never exchanges it, and the lot only calls `poll` on it: the
+        // condition of tokio's `unsafe` constructor holds.
+        #[allow(deprecated)]
+        let poller = AsyncFd::with_interest(mio::Poll::new()?, tokio::io::Interest::READABLE)?;
+        Ok(Lot {
+            poller,
+            events: Events::with_capacity(EVENTS),
+            slots: Vec::new(),
+            free: Vec::new(),
+            order: VecDeque::new(),
+            len: 0,
+            task: None,
+            rearm: false,
+            gauge,
+        })
     }
 
     /// Keeps `conn` until its client sends something or closes it, or it
     /// is due ([`Lot::close_due`]).
     pub(super) fn park(&mut self, conn: ParkedConn) -> Result<(), NotParked> {
+        let ParkedConn { stream, permit, peer, idle_since } = conn;
+        let Ok(stream) = stream.into_std() else { return Err(NotParked::Gone) };
+        match look(&stream) {
+            Seen::Quiet => {}
+            Seen::Gone => return Err(NotParked::Gone),
+            Seen::Bytes => {
+                return back(Parked { stream, permit, peer, idle_since })
+                    .map_or(Err(NotParked::Gone), |c| Err(NotParked::Ready(c)));
+            }
+        }
         let index = self.free.pop().unwrap_or_else(|| {
             self.slots.push(Slot { generation: 0, parked: None });
             (self.slots.len() - 1) as u32
         });
         let key = Key { index, generation: self.slots[index as usize].generation };
-        let waker = Waker::from(Arc::new(SlotWaker { key, woken: self.woken.clone() }));
-        match look(&conn.stream, &waker) {
-            Seen::Quiet => {}
-            Seen::Bytes => {
-                self.free.push(index);
-                return Err(NotParked::Bytes(conn));
-            }
-            Seen::Gone => {
-                self.free.push(index);
-                return Err(NotParked::Gone);
-            }
+        // Bytes that arrived since the look make the socket ready when it
+        // is added: none are missed.
+        let fd = stream.as_raw_fd();
+        if let Err(e) = self.poller.get_ref().registry().register(&mut SourceFd(&fd), key.token(), Interest::READABLE) {
+            debug!(error = %e, "cannot watch an idle connection; it keeps its task");
+            self.free.push(index);
+            return back(Parked { stream, permit, peer, idle_since })
+                .map_or(Err(NotParked::Gone), |c| Err(NotParked::Ready(c)));
         }
-        self.order.push_back((conn.idle_since, key));
-        self.slots[index as usize].parked = Some((conn, waker));
+        self.order.push_back((idle_since, key));
+        self.slots[index as usize].parked = Some(Parked { stream, permit, peer, idle_since });
         self.len += 1;
         self.gauge.inc();
         if self.len == 1 {
             // The lot task sleeps without a deadline while the lot is empty.
-            let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
-            woken.rearm = true;
-            if let Some(task) = woken.task.take() {
+            self.rearm = true;
+            if let Some(task) = self.task.take() {
                 task.wake();
             }
         }
         Ok(())
     }
 
-    fn take(&mut self, key: Key) -> Option<ParkedConn> {
+    fn take(&mut self, key: Key) -> Option<Parked> {
         self.slot(key)?;
         let slot = &mut self.slots[key.index as usize];
-        let (conn, _waker) = slot.parked.take()?;
+        let parked = slot.parked.take()?;
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(key.index);
         self.len -= 1;
@@ -179,10 +206,10 @@ impl Lot {
             let slots = &self.slots;
             self.order.retain(|(_, k)| slots[k.index as usize].generation == k.generation);
         }
-        Some(conn)
+        Some(parked)
     }
 
-    fn slot(&self, key: Key) -> Option<&(ParkedConn, Waker)> {
+    fn slot(&self, key: Key) -> Option<&Parked> {
         let slot = self.slots.get(key.index as usize)?;
         if slot.generation != key.generation {
             return None;
@@ -195,26 +222,49 @@ impl Lot {
     /// closed here). Also ready, possibly with none, once a connection was
     /// parked in an empty lot: the caller then re-arms its timer.
     pub(super) fn poll_woken(&mut self, cx: &mut Context<'_>) -> Poll<Vec<ParkedConn>> {
-        let keys = {
-            let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
-            woken.task = Some(cx.waker().clone());
-            if woken.keys.is_empty() && !std::mem::take(&mut woken.rearm) {
-                return Poll::Pending;
-            }
-            woken.rearm = false;
-            std::mem::take(&mut woken.keys)
-        };
+        self.task = Some(cx.waker().clone());
         let mut ready = Vec::new();
+        let mut keys = Vec::new();
+        loop {
+            let Lot { poller, events, .. } = self;
+            let mut guard = match poller.poll_read_ready_mut(cx) {
+                Poll::Ready(Ok(guard)) => guard,
+                // Not seen in practice: the idle timeout and the drain still close parked connections.
+                Poll::Ready(Err(e)) => {
+                    debug!(error = %e, "the parking lot's poller failed");
+                    break;
+                }
+                Poll::Pending => break,
+            };
+            if let Err(e) = guard.get_inner_mut().poll(events, Some(Duration::ZERO)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    debug!(error = %e, "the parking lot's poller failed");
+                }
+                continue;
+            }
+            if events.iter().count() < EVENTS {
+                guard.clear_ready();
+            }
+            keys.extend(events.iter().map(|e| Key::of(e.token())));
+        }
         for key in keys {
             let seen = match self.slot(key) {
-                Some((conn, waker)) => look(&conn.stream, waker),
+                Some(parked) => look(&parked.stream),
                 None => continue,
             };
             match seen {
                 Seen::Quiet => {}
                 Seen::Gone => drop(self.take(key)),
-                Seen::Bytes => ready.extend(self.take(key)),
+                Seen::Bytes => {
+                    let parked = self.take(key).expect("looked up above");
+                    let fd = parked.stream.as_raw_fd();
+                    let _ = self.poller.get_ref().registry().deregister(&mut SourceFd(&fd));
+                    ready.extend(back(parked));
+                }
             }
+        }
+        if ready.is_empty() && !std::mem::take(&mut self.rearm) {
+            return Poll::Pending;
         }
         Poll::Ready(ready)
     }
@@ -261,6 +311,19 @@ impl Lot {
     }
 }
 
+/// A connection leaving the lot, its socket back in the runtime (none:
+/// the runtime refused it, and the connection is closed).
+fn back(parked: Parked) -> Option<ParkedConn> {
+    let Parked { stream, permit, peer, idle_since } = parked;
+    match TcpStream::from_std(stream) {
+        Ok(stream) => Some(ParkedConn { stream, permit, peer, idle_since }),
+        Err(e) => {
+            debug!(error = %e, "cannot return a parked connection to the runtime; closing it");
+            None
+        }
+    }
+}
+
 impl Drop for Lot {
     fn drop(&mut self) {
         self.gauge.dec_by(self.len as i64);
@@ -299,7 +362,7 @@ mod tests {
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (stream, _) = l.accept().await.unwrap();
         let permit = permits.try_take().expect("a permit");
-        (ParkedConn { stream, permit, peer: HeaderValue::from_static("127.0.0.1"), idle_since }, client)
+        (ParkedConn { stream, permit, peer: [127, 0, 0, 1].into(), idle_since }, client)
     }
 
     async fn woken(lot: &mut Lot) -> Vec<ParkedConn> {
@@ -316,7 +379,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_sends_gets_its_connection_back_with_the_bytes_unread() {
         let (gauge, permits) = (Gauge::default(), permits());
-        let mut lot = Lot::new(gauge.clone());
+        let mut lot = Lot::new(gauge.clone()).unwrap();
         let (conn, mut client) = parked(&permits, Instant::now()).await;
         assert!(lot.park(conn).is_ok());
         assert_eq!(gauge.get(), 1);
@@ -331,33 +394,34 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_closes_is_closed_by_the_lot_and_returns_its_permit() {
         let (gauge, permits) = (Gauge::default(), permits());
-        let mut lot = Lot::new(gauge.clone());
+        let mut lot = Lot::new(gauge.clone()).unwrap();
         let (conn, client) = parked(&permits, Instant::now()).await;
         assert!(lot.park(conn).is_ok());
         drop(client);
-        let wait = std::future::poll_fn(|cx| match lot.poll_woken(cx) {
-            Poll::Ready(v) if gauge.get() == 0 => Poll::Ready(v),
-            _ => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
+        let wait = std::future::poll_fn(|cx| {
+            let woken = lot.poll_woken(cx);
+            assert!(!matches!(woken, Poll::Ready(v) if !v.is_empty()), "nothing to serve");
+            if gauge.get() == 0 {
+                return Poll::Ready(());
             }
+            cx.waker().wake_by_ref();
+            Poll::Pending
         });
-        let back = tokio::time::timeout(WITHIN, wait).await.expect("the close was noticed");
-        assert!(back.is_empty(), "nothing to serve");
+        tokio::time::timeout(WITHIN, wait).await.expect("the close was noticed");
         assert_eq!(permits.held(), 0);
     }
 
     #[tokio::test]
     async fn a_client_already_sending_is_not_parked() {
         let (gauge, permits) = (Gauge::default(), permits());
-        let mut lot = Lot::new(gauge.clone());
+        let mut lot = Lot::new(gauge.clone()).unwrap();
         let (conn, mut client) = parked(&permits, Instant::now()).await;
         client.write_all(b"G").await.unwrap();
         // The byte may take a moment to arrive on loopback.
         let readable = tokio::time::timeout(WITHIN, conn.stream.readable()).await;
         assert!(readable.is_ok(), "the byte arrived");
         match lot.park(conn) {
-            Err(NotParked::Bytes(_)) => {}
+            Err(NotParked::Ready(_)) => {}
             Err(NotParked::Gone) => panic!("the client is there"),
             Ok(()) => panic!("parked a connection with bytes waiting"),
         }
@@ -367,7 +431,7 @@ mod tests {
     #[tokio::test]
     async fn connections_are_closed_oldest_first_at_the_idle_timeout_and_all_on_a_stop() {
         let (gauge, permits) = (Gauge::default(), permits());
-        let mut lot = Lot::new(gauge.clone());
+        let mut lot = Lot::new(gauge.clone()).unwrap();
         let t0 = Instant::now();
         let (a, mut client_a) = parked(&permits, t0).await;
         let (b, _client_b) = parked(&permits, t0 + MS * 1000).await;
@@ -393,7 +457,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_parked_again_and_again_leaves_no_growing_trail() {
         let (gauge, permits) = (Gauge::default(), permits());
-        let mut lot = Lot::new(gauge.clone());
+        let mut lot = Lot::new(gauge.clone()).unwrap();
         let (mut conn, mut client) = parked(&permits, Instant::now()).await;
         for i in 0..300u32 {
             assert!(lot.park(conn).is_ok());

@@ -49,8 +49,10 @@
 //! # Parking idle connections
 //! hyper keeps ~12 KiB per connection (buffers it never shrinks) for the
 //! connection's lifetime. A keep-alive connection idle for [`PARK_AFTER`] is
-//! therefore parked: hyper is shut down without touching the socket, only
-//! the socket is watched, and the next request gets a fresh hyper connection.
+//! therefore parked: hyper is shut down without touching the socket, its
+//! task ends, and the bare socket waits in the worker's lot (`lot`), one
+//! task watching them all; the next request gets a new task and a fresh
+//! hyper connection.
 //!
 //! # 1xx responses
 //! hyper's client hands the app's 1xx responses to a per-request callback,
@@ -68,7 +70,8 @@
 //! connection notes and its timer's pure decision. `forward`: one request,
 //! from admission to the app's response. `pool`: idle upstream connections.
 //! `headers` and `body`: header rules and the streamed bodies. `answer`:
-//! healthgate's own problem+json answers and forwarding failures. `h2`:
+//! healthgate's own problem+json answers and forwarding failures. `lot`:
+//! parked connections. `h2`:
 //! HTTP/2 clients (told apart by their preface when a connection opens),
 //! the h2c app connection and gRPC status answers (docs/grpc.md).
 
@@ -145,7 +148,7 @@ const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 pub async fn serve(listener: TcpListener, live: LiveCtx, mut drain: DrainSignal) {
     let w = Rc::new(Worker::new(live.load_full(), live));
     let sweeper = tokio::task::spawn_local(sweep_pool(w.clone()));
-    let attendant = tokio::task::spawn_local(attend_lot(w.clone(), drain.clone()));
+    let attendant = w.lot.is_some().then(|| tokio::task::spawn_local(attend_lot(w.clone(), drain.clone())));
     let accepting = Accepting { w: w.clone(), drain: drain.clone() };
     let deadline = accept::run(&listener, &w.ctx.config.name, &w.permits, &mut drain, &accepting).await;
     // Closing the socket makes new connects fail at once (this worker's part
@@ -154,9 +157,13 @@ pub async fn serve(listener: TcpListener, live: LiveCtx, mut drain: DrainSignal)
     drop(listener);
     let _ = timeout_at(deadline, w.permits.all_returned()).await;
     sweeper.abort();
-    attendant.abort();
+    if let Some(attendant) = attendant {
+        attendant.abort();
+    }
     w.pool.borrow_mut().clear();
-    w.lot.borrow_mut().close_all();
+    if let Some(lot) = &w.lot {
+        lot.borrow_mut().close_all();
+    }
 }
 
 /// What the accept loop does with a connection: every one is admitted (the
@@ -198,8 +205,10 @@ struct Worker {
     timer: TimerConfig,
     /// The listener's parked-connections gauge.
     parked: Gauge,
-    /// Idle client connections held as bare sockets ([`attend_lot`]).
-    lot: RefCell<Lot>,
+    /// Idle client connections held as bare sockets ([`attend_lot`]);
+    /// none if its poller could not be created (idle connections then keep
+    /// their tasks).
+    lot: Option<RefCell<Lot>>,
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     upstream_idle_timeout: Option<Duration>,
@@ -263,7 +272,10 @@ impl Worker {
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             timer: TimerConfig { header_read_timeout, client_idle_timeout, tick },
             parked: ctx.registry.parked_connections(&ctx.config.name),
-            lot: RefCell::new(Lot::new(ctx.registry.parked_connections(&ctx.config.name))),
+            lot: Lot::new(ctx.registry.parked_connections(&ctx.config.name))
+                .inspect_err(|e| tracing::warn!(error = %e, "idle connections keep their tasks: no parking lot"))
+                .ok()
+                .map(RefCell::new),
             connect_timeout: limit(c.upstream_connect_timeout),
             response_timeout: limit(c.upstream_response_timeout),
             upstream_idle_timeout: limit(c.upstream_idle_timeout),
@@ -282,15 +294,15 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
     if w.h2.enabled {
         // HTTP/2 with prior knowledge shares the port: told apart by its preface.
         match h2::sniff(&stream, w.timer.header_read_timeout.map(|t| opened + t)).await {
-            h2::Sniffed::Http2 => return h2::connection(w, permit, stream, conn::peer_value(peer), drain).await,
+            h2::Sniffed::Http2 => return h2::connection(w, permit, stream, conn::peer_value(peer.ip()), drain).await,
             h2::Sniffed::Closed => return,
             h2::Sniffed::Http1 => {}
         }
     }
     // The first head's `header_read_timeout` counts from the accept, the
     // wait for the first bytes included.
-    let parked = ParkedConn { stream, permit, peer: conn::peer_value(peer), idle_since: opened };
-    serve_http1(w, parked, IoState::new(opened), drain).await;
+    let client = ParkedConn { stream, permit, peer: peer.ip(), idle_since: opened };
+    serve_http1(w, client, IoState::new(opened), drain).await;
 }
 
 /// Serves HTTP/1.1 on a client connection until it closes, idles out, is
@@ -304,12 +316,12 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
 /// socket goes to the lot, which gives it a new task when the client sends
 /// its next request ([`attend_lot`]).
 async fn serve_http1(w: Rc<Worker>, client: ParkedConn, state: IoState, mut drain: DrainSignal) {
-    let ParkedConn { stream, permit, peer, .. } = client;
+    let ParkedConn { stream, permit, peer: ip, .. } = client;
     let state = Arc::new(state);
     // This task writes the app's 1xx responses (`conn::relay_informational`).
     let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
     state.informational.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waker = Some(waker);
-    let mut conn = Rc::new(Conn::new(w.clone(), state.clone(), peer, permit));
+    let mut conn = Rc::new(Conn::new(w.clone(), state.clone(), conn::peer_value(ip), permit));
     let timer = tokio::time::sleep(w.timer.tick);
     tokio::pin!(timer);
     let mut drain_seen = drain.borrow_and_update().is_some();
@@ -327,20 +339,20 @@ async fn serve_http1(w: Rc<Worker>, client: ParkedConn, state: IoState, mut drai
         };
         // Bytes hyper read past its last request (rare) are served by this
         // task; otherwise the bare socket waits in the lot.
-        if back.prefix.is_empty() {
+        if let (true, Some(lot)) = (back.prefix.is_empty(), &w.lot) {
             match Rc::try_unwrap(conn) {
                 Ok(c) => {
-                    let idle_since = state.idle_since();
-                    let client = ParkedConn { stream: back.stream, permit: c._permit, peer: c.peer, idle_since };
-                    match w.lot.borrow_mut().park(client) {
+                    let client =
+                        ParkedConn { stream: back.stream, permit: c._permit, peer: ip, idle_since: state.idle_since() };
+                    match lot.borrow_mut().park(client) {
                         Ok(()) => {
                             debug!("connection parked");
                             return;
                         }
                         Err(NotParked::Gone) => return,
                         // The client is already sending its next request.
-                        Err(NotParked::Bytes(client)) => {
-                            conn = Rc::new(Conn::new(w.clone(), state.clone(), client.peer, client.permit));
+                        Err(NotParked::Ready(client)) => {
+                            conn = Rc::new(Conn::new(w.clone(), state.clone(), c.peer, client.permit));
                             io = ClientIo {
                                 stream: client.stream,
                                 state: state.clone(),
@@ -363,29 +375,30 @@ async fn serve_http1(w: Rc<Worker>, client: ParkedConn, state: IoState, mut drai
 /// its connection back on a new task, one that closes it is closed; the
 /// idle timeout and the drain's rule for idle connections close the rest.
 async fn attend_lot(w: Rc<Worker>, mut drain: DrainSignal) {
+    let Some(lot) = &w.lot else { return };
     let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let timer = tokio::time::sleep_until(far());
     tokio::pin!(timer);
     let mut drain_seen = drain.borrow_and_update().is_some();
     loop {
-        let due = w.lot.borrow_mut().next_due(&w.timer, drain_idle(&w));
+        let due = lot.borrow_mut().next_due(&w.timer, drain_idle(&w));
         timer.as_mut().reset(due.unwrap_or_else(far));
         tokio::select! {
-            ready = std::future::poll_fn(|cx| w.lot.borrow_mut().poll_woken(cx)) => {
+            ready = std::future::poll_fn(|cx| lot.borrow_mut().poll_woken(cx)) => {
                 for client in ready {
                     let state = IoState::unparked(client.idle_since);
                     tokio::task::spawn_local(serve_http1(w.clone(), client, state, drain.clone()));
                 }
             }
             _ = timer.as_mut() => {
-                let closed = w.lot.borrow_mut().close_due(Instant::now(), &w.timer, drain_idle(&w));
+                let closed = lot.borrow_mut().close_due(Instant::now(), &w.timer, drain_idle(&w));
                 debug!(closed, "parked connections idled out");
             }
             r = drain.changed(), if !drain_seen => {
                 if r.is_err() || drain.borrow_and_update().is_some() {
                     drain_seen = true;
                     if stopped_without_drain(&w, true) {
-                        w.lot.borrow_mut().close_all();
+                        lot.borrow_mut().close_all();
                     }
                 }
             }
