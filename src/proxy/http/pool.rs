@@ -187,11 +187,12 @@ pub(super) fn pool_next_sweep(oldest: Option<Instant>, len: usize, now: Instant,
         // Empty: checked again after the shrink delay (a check-in does not wake the sweeper).
         return now + POOL_SHRINK_AFTER;
     };
-    let shrink = (len > POOL_KEEP_IDLE).then_some(t + POOL_SHRINK_AFTER);
+    // A pool of a few connections may grow by a burst while the sweeper
+    // sleeps (a check-in does not wake it): it looks again within the
+    // shrink delay, so a burst's pool shrinks back within twice that.
+    let shrink = if len > POOL_KEEP_IDLE { t + POOL_SHRINK_AFTER } else { now + POOL_SHRINK_AFTER };
     let expire = timeout.map(|d| t + d);
-    // With neither due (a few connections, no idle timeout), a new
-    // connection may join: look again after the shrink delay.
-    shrink.into_iter().chain(expire).min().unwrap_or(now + POOL_SHRINK_AFTER).max(now)
+    expire.map_or(shrink, |e| e.min(shrink)).max(now)
 }
 
 /// Closes idle upstream connections once they are `upstream_idle_timeout`
@@ -237,7 +238,13 @@ mod tests {
         let t0 = Instant::now();
         let idle = Some(MS * 30_000);
         assert_eq!(pool_next_sweep(Some(t0), 20, t0, idle), t0 + POOL_SHRINK_AFTER);
-        assert_eq!(pool_next_sweep(Some(t0), 3, t0, idle), t0 + MS * 30_000, "few: only the idle timeout");
+        let later = t0 + MS * 10_000;
+        assert_eq!(
+            pool_next_sweep(Some(t0), 3, later, idle),
+            later + POOL_SHRINK_AFTER,
+            "few, none due: look again within the shrink delay, in case a burst filled the pool meanwhile"
+        );
+        assert_eq!(pool_next_sweep(Some(t0), 3, t0 + MS * 29_500, idle), t0 + MS * 30_000, "the idle timeout first");
         assert_eq!(pool_next_sweep(Some(t0), 3, t0, None), t0 + POOL_SHRINK_AFTER, "nothing due: look again later");
         assert_eq!(pool_next_sweep(None, 0, t0, idle), t0 + POOL_SHRINK_AFTER);
         assert_eq!(pool_next_sweep(Some(t0), 20, t0 + MS * 5000, idle), t0 + MS * 5000, "overdue: now");
