@@ -294,7 +294,13 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
     if w.h2.enabled {
         // HTTP/2 with prior knowledge shares the port: told apart by its preface.
         match h2::sniff(&stream, w.timer.header_read_timeout.map(|t| opened + t)).await {
-            h2::Sniffed::Http2 => return h2::connection(w, permit, stream, conn::peer_value(peer.ip()), drain).await,
+            h2::Sniffed::Http2 => {
+                // Boxed: inline, the HTTP/2 session's state would size every
+                // HTTP/1.1 connection's task too (about twice what it needs
+                // while it waits for a head).
+                let session = h2::connection(w, permit, stream, conn::peer_value(peer.ip()), drain);
+                return Box::pin(session).await;
+            }
             h2::Sniffed::Closed => return,
             h2::Sniffed::Http1 => {}
         }
@@ -302,7 +308,7 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
     // The first head's `header_read_timeout` counts from the accept, the
     // wait for the first bytes included.
     let client = ParkedConn { stream, permit, peer: peer.ip(), idle_since: opened };
-    serve_http1(w, client, IoState::new(opened), drain).await;
+    serve_http1(w, client, Arc::new(IoState::new(opened)), drain).await;
 }
 
 /// Serves HTTP/1.1 on a client connection until it closes, idles out, is
@@ -315,9 +321,8 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
 /// shut down without touching the socket (the client sees nothing) and the
 /// socket goes to the lot, which gives it a new task when the client sends
 /// its next request ([`attend_lot`]).
-async fn serve_http1(w: Rc<Worker>, client: ParkedConn, state: IoState, mut drain: DrainSignal) {
+async fn serve_http1(w: Rc<Worker>, client: ParkedConn, state: Arc<IoState>, mut drain: DrainSignal) {
     let ParkedConn { stream, permit, peer: ip, .. } = client;
-    let state = Arc::new(state);
     // This task writes the app's 1xx responses (`conn::relay_informational`).
     let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
     state.informational.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waker = Some(waker);
@@ -386,7 +391,7 @@ async fn attend_lot(w: Rc<Worker>, mut drain: DrainSignal) {
         tokio::select! {
             ready = std::future::poll_fn(|cx| lot.borrow_mut().poll_woken(cx)) => {
                 for client in ready {
-                    let state = IoState::unparked(client.idle_since);
+                    let state = Arc::new(IoState::unparked(client.idle_since));
                     tokio::task::spawn_local(serve_http1(w.clone(), client, state, drain.clone()));
                 }
             }
