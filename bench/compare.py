@@ -391,7 +391,10 @@ def idle_phase(app_port):
         time.sleep(1)
         idle = status_kib(p.pid, "VmRSS")
         socks, ok = idle_connections(p.port, IDLE_CONNS)
-        time.sleep(2)  # let per-connection state settle (healthgate parks idle connections after 100 ms)
+        # Let per-connection state settle: healthgate parks idle connections
+        # after 100 ms, and shrinks the app connection pool a burst filled
+        # 1-2 s after it (POOL_SHRINK_AFTER and the sweeper's look-again delay).
+        time.sleep(3)
         rss = status_kib(p.pid, "VmRSS")
         hwm = status_kib(p.pid, "VmHWM")
         for s in socks:
