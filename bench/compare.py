@@ -390,6 +390,9 @@ def idle_phase(app_port):
         p.wait(200)
         time.sleep(1)
         idle = status_kib(p.pid, "VmRSS")
+        # Idle RSS is mostly pages of the executable (file-backed), not
+        # allocations: kept apart so the two are not mistaken for each other.
+        anon, file = status_kib(p.pid, "RssAnon"), status_kib(p.pid, "RssFile")
         socks, ok = idle_connections(p.port, IDLE_CONNS)
         # Let per-connection state settle: healthgate parks idle connections
         # after 100 ms, and shrinks the app connection pool a burst filled
@@ -400,7 +403,8 @@ def idle_phase(app_port):
         for s in socks:
             s.close()
         p.stop()
-        r = dict(kind="idle", proxy=kind, idle_rss_kib=idle, conns=IDLE_CONNS, answered=ok, rss_kib=rss, hwm_kib=hwm)
+        r = dict(kind="idle", proxy=kind, idle_rss_kib=idle, idle_anon_kib=anon, idle_file_kib=file, conns=IDLE_CONNS,
+                 answered=ok, rss_kib=rss, hwm_kib=hwm)
         RUNS.append(r)
         out[kind] = r
         log(f"  idle {kind:10} idle RSS {idle / 1024:.1f} MiB; {ok}/{IDLE_CONNS} answered, RSS {rss / 1024:.1f} MiB (peak {hwm / 1024:.1f})")
@@ -804,6 +808,9 @@ def memory_table(idle, slow):
         per = lambda r: (r["rss_kib"] - r["idle_rss_kib"]) * 1024 / max(r["answered"], 1)
         md += [
             f"| idle RSS MiB | {hg['idle_rss_kib'] / 1024:.1f} | {ha['idle_rss_kib'] / 1024:.1f} |",
+            f"| of which allocations (RssAnon) / executable and libraries (RssFile), MiB | "
+            f"{hg['idle_anon_kib'] / 1024:.1f} / {hg['idle_file_kib'] / 1024:.1f} | "
+            f"{ha['idle_anon_kib'] / 1024:.1f} / {ha['idle_file_kib'] / 1024:.1f} |",
             f"| RSS with {IDLE_CONNS} idle keep-alive clients, MiB | {hg['rss_kib'] / 1024:.1f} | {ha['rss_kib'] / 1024:.1f} |",
             f"| per idle client (RSS growth / clients), bytes | {per(hg):.0f} | {per(ha):.0f} |",
             f"| clients answered | {hg['answered']} | {ha['answered']} |",
