@@ -69,11 +69,16 @@ enum Seen {
 /// Whether the client sent anything, without consuming it (the socket is
 /// non-blocking).
 fn look(stream: &std::net::TcpStream) -> Seen {
-    match stream.peek(&mut [0]) {
-        Ok(0) => Seen::Gone,
-        Ok(_) => Seen::Bytes,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Seen::Quiet,
-        Err(_) => Seen::Gone,
+    loop {
+        return match stream.peek(&mut [0]) {
+            Ok(0) => Seen::Gone,
+            Ok(_) => Seen::Bytes,
+            // The poller reports edges: a look cut short must be retried,
+            // or bytes that arrived would wait for the next ones.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Seen::Quiet,
+            Err(_) => Seen::Gone,
+        };
     }
 }
 
