@@ -444,13 +444,25 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
-/// Whether healthgate holds `n` more client connections than when it had
-/// `fds0` descriptors open. Descriptors of the warm-up may still have been
+/// Waits until healthgate holds `n` more client connections than when it
+/// had `fds0` descriptors open. Descriptors of the warm-up may still have been
 /// open when `fds0` was counted (a `Connection: close` client sees the end
 /// of its response before healthgate's task drops the socket; pooled app
-/// connections may close), so a few fewer still count as all.
-fn holds_all(pid: u32, fds0: usize, n: usize) -> bool {
-    fds(pid) + WARM_UP_MAY_CLOSE >= fds0 + n
+/// connections may close), so a few fewer still count as all. The failure
+/// says how many it holds.
+fn await_holding(pid: u32, fds0: usize, n: usize) {
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let now = fds(pid);
+        if now + WARM_UP_MAY_CLOSE >= fds0 + n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "healthgate holds {now} descriptors after {n} clients connected ({fds0} before)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Descriptors of the warm-up that may close after they were counted.
@@ -533,7 +545,7 @@ fn ten_thousand_idle_keep_alive_connections_keep_memory_bounded_and_service_up()
         }
         conns
     });
-    eventually_blocking("healthgate holds every connection", WITHIN, || holds_all(pid, fds0, n).then_some(()));
+    await_holding(pid, fds0, n);
     // Idle connections are parked after 100 ms (hyper's buffers released):
     // measure once all of them are.
     eventually_blocking("every idle connection parked", WITHIN, || (parked(&hg) >= n as i64).then_some(()));
@@ -588,7 +600,7 @@ fn stalled_partial_heads_cost_a_few_kib_each_not_hyper_buffers() {
         }
         conns
     });
-    eventually_blocking("healthgate holds every connection", WITHIN, || holds_all(pid, fds0, n).then_some(()));
+    await_holding(pid, fds0, n);
     // Let every partial head be read.
     std::thread::sleep(Duration::from_millis(500));
     let rss1 = rss_kib(pid);
