@@ -164,11 +164,15 @@ def wait_status(port, want, path="/", timeout=60.0):
 # === the app ===
 
 
-def start_app():
+def start_app(h2=False):
+    """nginx answering APP_BODY: HTTP/1.1, or prior-knowledge h2c (plaintext
+    `listen ... http2`) with `h2`."""
     port = free_port()
-    prefix = os.path.join(TMP, "nginx")
+    name = "nginx-h2" if h2 else "nginx"
+    prefix = os.path.join(TMP, name)
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
     conf = os.path.join(prefix, "nginx.conf")
+    listen = "http2" if h2 else "reuseport"
     with open(conf, "w") as f:
         f.write(f"""
 daemon off;
@@ -182,6 +186,7 @@ events {{ worker_connections 20000; }}
 http {{
     access_log off;
     keepalive_requests 10000000;
+    http2_max_requests 10000000;
     keepalive_timeout 300s;
     client_body_temp_path {prefix}/tmp;
     proxy_temp_path {prefix}/tmp;
@@ -189,14 +194,16 @@ http {{
     uwsgi_temp_path {prefix}/tmp;
     scgi_temp_path {prefix}/tmp;
     server {{
-        listen 127.0.0.1:{port} reuseport;
+        listen 127.0.0.1:{port} {listen};
         default_type text/plain;
         location / {{ return 200 "{APP_BODY.strip()}\\n"; }}
     }}
 }}
 """)
-    p = spawn(["nginx", "-p", prefix, "-c", conf], "nginx")
-    wait_status(port, 200, timeout=10)
+    p = spawn(["nginx", "-p", prefix, "-c", conf], name)
+    if not h2:
+        # (the h2c app is waited for through the proxy in front of it)
+        wait_status(port, 200, timeout=10)
     return p, port
 
 
@@ -553,41 +560,6 @@ def callgrind(kind, app_port, mysql, scenario, want, routes=0, path="/", cachesi
 # === HTTP/2 ===
 
 
-def start_h2_app():
-    """nginx serving prior-knowledge h2c (plaintext `listen ... http2`)."""
-    port = free_port()
-    prefix = os.path.join(TMP, "nginx-h2")
-    os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
-    conf = os.path.join(prefix, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(f"""
-daemon off;
-master_process off;
-worker_processes 1;
-user root;
-error_log {prefix}/logs/error.log warn;
-pid {prefix}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    http2_max_requests 10000000;
-    client_body_temp_path {prefix}/tmp;
-    proxy_temp_path {prefix}/tmp;
-    fastcgi_temp_path {prefix}/tmp;
-    uwsgi_temp_path {prefix}/tmp;
-    scgi_temp_path {prefix}/tmp;
-    server {{
-        listen 127.0.0.1:{port} http2;
-        default_type text/plain;
-        location / {{ return 200 "{APP_BODY.strip()}\\n"; }}
-    }}
-}}
-""")
-    p = spawn(["nginx", "-p", prefix, "-c", conf], "nginx-h2")
-    return p, port
-
-
 def h2load(port, duration):
     """h2load, 32 connections x 10 concurrent streams, prior-knowledge h2c."""
     argv = ["h2load", "-c32", "-m10", "-t1", f"-D{duration}", "--warm-up-time=1", f"http://127.0.0.1:{port}/"]
@@ -629,7 +601,7 @@ def h2_phase(dead):
     if not shutil.which("h2load"):
         log("  h2: h2load missing (apt install nghttp2-client); skipped")
         return "h2load missing"
-    app, port = start_h2_app()
+    app, port = start_app(h2=True)
     try:
         wait_listen(port)
         for scenario, mysql, want in (("proxied", MYSQL, 200), ("503", dead, 503)):
@@ -727,7 +699,7 @@ def callgrind_h2_phase(dead):
     if not shutil.which("h2load"):
         log("  callgrind h2: h2load missing (apt install nghttp2-client); skipped")
         return
-    app, port = start_h2_app()
+    app, port = start_app(h2=True)
     try:
         wait_listen(port)
         for kind in ("healthgate", "haproxy"):
