@@ -28,13 +28,6 @@ pub const CANCEL_GRACE: Duration = Duration::from_millis(250);
 /// interval, when shorter): the startup cost of not checking in lockstep.
 pub const MAX_FIRST_CHECK_DELAY: Duration = Duration::from_secs(1);
 
-/// Spread of the checks while a dependency is down (±50 % of
-/// `interval_down`, or `jitter` when larger; none with `jitter: 0`): every down check lands at a
-/// fresh random point of a whole interval, so replicas that an outage lined
-/// up (all released by the same timeout, say) do not reconnect together
-/// when the dependency returns.
-pub const DOWN_JITTER: f64 = 0.5;
-
 /// How often the slow-start gauge follows a ramp.
 const RAMP_TICK: Duration = Duration::from_millis(100);
 
@@ -84,6 +77,7 @@ pub async fn monitor(
         .slow_start
         .map(|_| metrics.fleet.admitted_ratio.get_or_create_owned(&DependencyLabels { dependency: dep.name.clone() }));
 
+    let schedule = Schedule { interval: dep.interval, interval_down: dep.interval_down, jitter: dep.jitter };
     // The first check at a random point of the first interval (at most
     // `MAX_FIRST_CHECK_DELAY`), so replicas started together spread out.
     tokio::select! {
@@ -159,12 +153,8 @@ pub async fn monitor(
             }
         }
 
-        let (base, jitter) = match status.state {
-            DepHealth::Down if dep.jitter > 0.0 => (dep.interval_down, dep.jitter.max(DOWN_JITTER)),
-            DepHealth::Down => (dep.interval_down, 0.0),
-            _ => (dep.interval, dep.jitter),
-        };
-        let wake = started + jittered(base, jitter);
+        let draw = rand::rng().random_range(0.0..1.0);
+        let wake = schedule.next_start(started, Instant::now(), status.state, changed, draw);
         tokio::select! {
             _ = sleep_until(wake) => {}
             _ = stop.wait_for(|s| *s) => break,
@@ -203,13 +193,47 @@ fn first_check_delay(interval: Duration, jitter: f64) -> Duration {
     bound.mul_f64(rand::rng().random_range(0.0..1.0))
 }
 
-/// `base` spread by ±`fraction`, so that many pods do not check in lockstep.
-fn jittered(base: Duration, fraction: f64) -> Duration {
-    if fraction <= 0.0 {
-        return base;
+/// When a dependency's checks start: start to start, spread so that many
+/// replicas do not check in lockstep.
+#[derive(Clone, Copy, Debug)]
+struct Schedule {
+    interval: Duration,
+    interval_down: Duration,
+    /// ±fraction of `interval` while up; 0 turns every randomness off.
+    jitter: f64,
+}
+
+impl Schedule {
+    /// The start of the check after the one that started at `started` and
+    /// ended at `now` with the verdict `state` (`changed`: that check changed
+    /// it). `draw` is uniform in [0, 1).
+    ///
+    /// While up, each interval is spread by ±`jitter`. While down, the checks
+    /// keep a fixed period of `interval_down` at a random phase, drawn when
+    /// the dependency goes down and again after a check that overran its
+    /// period: a fleet's checks then sit uniformly over one `interval_down`,
+    /// so when the dependency returns the replicas reconnect spread evenly
+    /// over one interval (not in a burst), every one within `interval_down`
+    /// of the return. A server that releases every waiting client at once (a
+    /// backlog accepted together, a black hole lifted) ends checks together;
+    /// the redraw after the overrun spreads them again. A fresh random wait
+    /// each round would not be uniform: its next-arrival density peaks just
+    /// after the return.
+    fn next_start(&self, started: Instant, now: Instant, state: DepHealth, changed: bool, draw: f64) -> Instant {
+        match state {
+            DepHealth::Down if self.jitter > 0.0 => {
+                let slot = started + self.interval_down;
+                if changed || slot <= now { now + self.interval_down.mul_f64(draw) } else { slot }
+            }
+            DepHealth::Down => started + self.interval_down,
+            _ => started + jittered(self.interval, self.jitter, draw),
+        }
     }
-    let f = rand::rng().random_range(-fraction..=fraction);
-    base.mul_f64(1.0 + f)
+}
+
+/// `base` spread by ±`fraction`, `draw` (uniform in [0, 1)) choosing where.
+fn jittered(base: Duration, fraction: f64, draw: f64) -> Duration {
+    base.mul_f64(1.0 + fraction * (2.0 * draw - 1.0))
 }
 
 /// Derives the service state from the verdicts whenever one changes, keeps
@@ -297,10 +321,86 @@ mod tests {
 
     #[test]
     fn jitter_stays_within_its_fraction() {
-        for _ in 0..1000 {
-            let d = jittered(Duration::from_secs(2), 0.1);
-            assert!(d >= Duration::from_millis(1800) && d <= Duration::from_millis(2200), "{d:?}");
+        let two = Duration::from_secs(2);
+        assert_eq!(jittered(two, 0.1, 0.0), Duration::from_millis(1800));
+        assert_eq!(jittered(two, 0.1, 0.5), two);
+        assert!(jittered(two, 0.1, 0.999_999) < Duration::from_millis(2200));
+        assert_eq!(jittered(two, 0.0, 0.9), two);
+    }
+
+    const SCHEDULE: Schedule =
+        Schedule { interval: Duration::from_secs(2), interval_down: Duration::from_secs(1), jitter: 0.1 };
+
+    #[test]
+    fn while_up_checks_start_a_jittered_interval_after_the_last_start() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(SCHEDULE.next_start(t0, t0 + ms(50), Up, false, 0.5), t0 + ms(2000));
+        assert_eq!(SCHEDULE.next_start(t0, t0 + ms(50), Up, true, 0.0), t0 + ms(1800));
+        assert_eq!(SCHEDULE.next_start(t0, t0 + ms(50), Unknown, false, 0.75), t0 + ms(2100));
+    }
+
+    #[test]
+    fn going_down_draws_a_phase_within_one_interval_down() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let end = t0 + ms(300);
+        assert_eq!(SCHEDULE.next_start(t0, end, Down, true, 0.0), end);
+        assert_eq!(SCHEDULE.next_start(t0, end, Down, true, 0.25), end + ms(250));
+        assert!(SCHEDULE.next_start(t0, end, Down, true, 0.999_999) < end + ms(1000));
+    }
+
+    #[test]
+    fn while_down_the_phase_is_kept_at_a_fixed_period() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        // The draw does not move a check that ended within its period.
+        for draw in [0.0, 0.5, 0.99] {
+            assert_eq!(SCHEDULE.next_start(t0, t0 + ms(400), Down, false, draw), t0 + ms(1000));
         }
-        assert_eq!(jittered(Duration::from_secs(2), 0.0), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_check_that_overran_its_period_while_down_draws_a_new_phase() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let end = t0 + ms(1500);
+        assert_eq!(SCHEDULE.next_start(t0, end, Down, false, 0.0), end);
+        assert_eq!(SCHEDULE.next_start(t0, end, Down, false, 0.6), end + ms(600));
+    }
+
+    #[test]
+    fn jitter_zero_keeps_a_fixed_schedule_while_down() {
+        let fixed = Schedule { jitter: 0.0, ..SCHEDULE };
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(fixed.next_start(t0, t0 + ms(100), Down, true, 0.7), t0 + ms(1000));
+        assert_eq!(fixed.next_start(t0, t0 + ms(100), Up, true, 0.7), t0 + ms(2000));
+    }
+
+    /// The point of a kept phase: a fleet that went down at random moments
+    /// reconnects evenly over one interval_down after the return. Replays
+    /// 2 000 replicas' schedules with made-up instants.
+    #[test]
+    fn a_fleet_that_went_down_at_random_moments_returns_evenly_over_one_interval_down() {
+        let t0 = Instant::now();
+        let mut rng = rand::rng();
+        let back = t0 + Duration::from_secs(10);
+        let mut bins = [0u32; 10];
+        for _ in 0..2000 {
+            // Down at a random moment within the first 2 s; failing checks take 5 ms.
+            let mut started = t0 + Duration::from_secs(2).mul_f64(rng.random_range(0.0..1.0));
+            let mut changed = true;
+            while started < back {
+                let end = started + Duration::from_millis(5);
+                started = SCHEDULE.next_start(started, end, Down, changed, rng.random_range(0.0..1.0));
+                changed = false;
+            }
+            let after = started - back;
+            assert!(after < SCHEDULE.interval_down, "{after:?}");
+            bins[(after.as_millis() / 100) as usize] += 1;
+        }
+        // 200 expected per 100 ms: a peak after the return would overfill the first bins.
+        assert!(bins.iter().all(|&n| (140..=260).contains(&n)), "{bins:?}");
     }
 }
