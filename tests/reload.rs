@@ -424,6 +424,52 @@ fn a_changed_listen_address_is_refused_naming_the_key_and_nothing_changes() {
     assert_eq!(metric(&hg, "healthgate_config_reloads_total{result=\"failure\"}"), 1.0);
 }
 
+/// A listener's timeouts and limits are applied by a reload to the requests
+/// and connections that start after it: a shorter `upstream_response_timeout`
+/// turns a slow answer into a 504, and a lowered `max_connections` leaves a
+/// new connection waiting while the open one holds the only permit (the open
+/// one is not closed for it).
+#[test]
+fn a_reload_applies_new_timeouts_and_limits_to_later_requests_and_connections() {
+    let app = App::start();
+    app.set_delay(Duration::from_millis(800));
+    let config = |timeout: &str, max: usize| {
+        format!(
+            "workers: 1\nadmin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    \
+             upstream: {}\n    upstream_response_timeout: {timeout}\n    max_connections: {max}\n",
+            app.addr
+        )
+    };
+    let hg = Healthgate::start(&config("5s", 100));
+    hg.wait_state("in_service", WITHIN);
+    assert_eq!(get(hg.listeners[0], "/slow").0, 200, "within the first config's timeout");
+    reload_with(&hg, &config("200ms", 1), "HUP");
+    assert_eq!(get(hg.listeners[0], "/slow").0, 504, "the reloaded response timeout");
+    app.set_delay(Duration::ZERO);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let addr = hg.listeners[0];
+    rt.block_on(async {
+        // The open connection takes the one permit (a connection of the
+        // 504 above may still hold it for a moment: connect until served).
+        let mut first = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        let served = tokio::time::timeout(WITHIN, support::exchange(&mut first, "/one")).await;
+        assert_eq!(served.expect("first connection served").expect("exchange").0, 200);
+        let second = tokio::spawn(async move {
+            let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
+            support::exchange(&mut c, "/two").await
+        });
+        // Proving an absence: the second stays unanswered while the first is open.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!second.is_finished(), "a second connection was served beyond max_connections: 1");
+        assert_eq!(support::exchange(&mut first, "/again").await.expect("first still open").0, 200);
+        drop(first);
+        let (status, ..) =
+            tokio::time::timeout(WITHIN, second).await.expect("served once the permit is free").unwrap().unwrap();
+        assert_eq!(status, 200);
+    });
+}
+
 #[test]
 fn healthgate_ctl_reload_applies_the_file_and_exits_1_when_refused() {
     let dir = tempfile::tempdir().unwrap();

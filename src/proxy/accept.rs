@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, sleep};
 use tracing::{debug, warn};
 
-use super::{DrainSignal, ListenerCtx};
+use super::{DrainSignal, LiveCtx};
 
 /// How often a worker holding a connection at `max_connections` re-checks
 /// for a permit freed by another worker (its own connections wake it at once).
@@ -54,8 +54,10 @@ pub trait Serve {
 pub struct Permits {
     /// Open client connections of the listener, all workers together.
     gauge: Gauge,
-    /// `max_connections`.
-    max: i64,
+    /// The listener's context in force: `max_connections` is read from it at
+    /// every accept, so a reload's new limit applies to new connections
+    /// (lowered, it closes none of the open ones).
+    live: LiveCtx,
     /// Permits this worker's connections hold.
     held: Cell<usize>,
     /// Signalled whenever one of this worker's permits is returned.
@@ -63,11 +65,11 @@ pub struct Permits {
 }
 
 impl Permits {
-    /// This worker's permits of the listener `ctx`.
-    pub fn new(ctx: &ListenerCtx) -> Rc<Permits> {
+    /// This worker's permits of the listener whose context in force is `live`.
+    pub fn new(live: &LiveCtx) -> Rc<Permits> {
         Rc::new(Permits {
-            gauge: ctx.active_connections.clone(),
-            max: i64::try_from(ctx.config.max_connections).unwrap_or(i64::MAX),
+            gauge: live.load().active_connections.clone(),
+            live: live.clone(),
             held: Cell::new(0),
             returned: Notify::new(),
         })
@@ -76,7 +78,8 @@ impl Permits {
     /// Takes a permit, or `None` when the listener is at `max_connections`
     /// (the gauge is then left as it was).
     pub fn try_take(self: &Rc<Self>) -> Option<Permit> {
-        if self.gauge.inc() >= self.max {
+        let max = i64::try_from(self.live.load().config.max_connections).unwrap_or(i64::MAX);
+        if self.gauge.inc() >= max {
             self.gauge.dec();
             return None;
         }
@@ -204,21 +207,32 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::metrics::Metrics;
+    use crate::proxy::{ListenerCtx, live};
     use crate::state::Health;
     use std::path::Path;
+    use std::sync::Arc;
 
-    fn ctx(max: usize) -> std::sync::Arc<ListenerCtx> {
+    fn config(max: usize) -> Config {
         let yaml = format!(
             "listeners:\n  - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    max_connections: {max}\n"
         );
-        let c = Config::from_yaml(&yaml, Path::new("t")).unwrap();
-        ListenerCtx::new(&c, 0, Health::new(&c), Metrics::new(&c))
+        Config::from_yaml(&yaml, Path::new("t")).unwrap()
+    }
+
+    fn listener(max: usize, metrics: &Arc<Metrics>) -> Arc<ListenerCtx> {
+        let c = config(max);
+        ListenerCtx::new(&c, 0, Health::new(&c), metrics.clone())
+    }
+
+    fn ctx(max: usize) -> LiveCtx {
+        live(listener(max, &Metrics::new(&config(max))))
     }
 
     #[test]
     fn the_connection_limit_is_shared_by_every_worker_of_a_listener() {
-        let ctx = ctx(2);
-        let (a, b) = (Permits::new(&ctx), Permits::new(&ctx));
+        let live = ctx(2);
+        let ctx = live.load_full();
+        let (a, b) = (Permits::new(&live), Permits::new(&live));
         let first = a.try_take().expect("permit 1");
         let _second = b.try_take().expect("permit 2");
         assert!(a.try_take().is_none() && b.try_take().is_none());
@@ -232,14 +246,32 @@ mod tests {
 
     #[tokio::test]
     async fn the_drain_sees_when_every_permit_is_returned() {
-        let ctx = ctx(4);
-        let p = Permits::new(&ctx);
+        let p = Permits::new(&ctx(4));
         let (one, two) = (p.try_take().unwrap(), p.try_take().unwrap());
         let wait = tokio::time::timeout(Duration::from_millis(20), p.all_returned()).await;
         assert!(wait.is_err(), "two permits still held");
         drop(one);
         drop(two);
         tokio::time::timeout(Duration::from_secs(5), p.all_returned()).await.expect("all returned");
+    }
+
+    #[test]
+    fn a_reloaded_limit_applies_to_the_next_connection_and_closes_none() {
+        let live = ctx(3);
+        let metrics = live.load().registry.clone();
+        let p = Permits::new(&live);
+        let held: Vec<Permit> = (0..3).map(|_| p.try_take().unwrap()).collect();
+        assert!(p.try_take().is_none());
+        live.store(listener(5, &metrics));
+        let more: Vec<Permit> = (0..2).map(|_| p.try_take().expect("raised limit")).collect();
+        assert!(p.try_take().is_none());
+        live.store(listener(2, &metrics));
+        assert_eq!(p.held(), 5, "a lowered limit closes nothing");
+        drop(more);
+        drop(held);
+        let _a = p.try_take().unwrap();
+        let _b = p.try_take().unwrap();
+        assert!(p.try_take().is_none(), "the lowered limit holds for new connections");
     }
 
     #[test]

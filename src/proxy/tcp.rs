@@ -182,7 +182,7 @@ impl Worker {
             bytes_out: bytes("out"),
             duration: m.tcp_connection_duration.get_or_create_owned(&ListenerLabels { listener: name.clone() }),
             buffers: RefCell::new(Vec::new()),
-            permits: Permits::new(&ctx),
+            permits: Permits::new(&live),
             cut: watch::Sender::new(0),
             stop: watch::Sender::new(false),
             draining: watch::Sender::new(false),
@@ -232,7 +232,7 @@ impl Worker {
     /// A slot for holding one more refused connection, or `None` at
     /// `reject_hold_max` (the gauge is then left as it was).
     fn hold_slot(self: &Rc<Self>) -> Option<HoldSlot> {
-        let max = i64::try_from(self.ctx.config.tcp.reject_hold_max).unwrap_or(i64::MAX);
+        let max = i64::try_from(self.live.load().config.tcp.reject_hold_max).unwrap_or(i64::MAX);
         if self.held.inc() >= max {
             self.held.dec();
             return None;
@@ -380,7 +380,10 @@ enum End {
 /// One admitted client connection: connect upstream, relay, record.
 async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, permit: Permit) {
     let _permit = permit;
-    let tcp = &worker.ctx.config.tcp;
+    // The config in force as the session starts: it keeps these settings for
+    // its life, a reload applies to later sessions.
+    let config = &worker.live.load_full().config;
+    let tcp = &config.tcp;
     // Subscribed before connecting, so an outage during the connect counts;
     // `stop` is read by value, so a deadline that passed before this task
     // first ran is seen too.
@@ -414,7 +417,7 @@ async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, per
     let end = {
         let Record { traffic, buffers, .. } = &mut record;
         let cuts = Cuts { outage: &mut cut, stop: &mut stop };
-        relay(&worker, &mut client, &mut upstream, buffers, traffic, worker.ctx.config.idle_timeout, cuts).await
+        relay(&worker, &mut client, &mut upstream, buffers, traffic, config.idle_timeout, cuts).await
     };
     debug!(listener = %worker.ctx.config.name, %peer, ?end, bytes_in = record.traffic.total[0].get(),
         bytes_out = record.traffic.total[1].get(), "tcp connection ended");

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
+use super::AppTimeouts;
 use super::BAD_GATEWAY_BODY;
 use super::BAD_REQUEST_BODY;
 use super::GATEWAY_TIMEOUT_BODY;
@@ -164,7 +165,8 @@ async fn respond<'w>(
                 let (status, body) = route.responses.body(class, missing, &ctx.health);
                 let (parts, req_body) = req.into_parts();
                 let expects = parts.headers.contains_key(header::EXPECT);
-                let keep_alive = req_body.is_end_stream() || Box::pin(settle_body(req_body, expects, w)).await;
+                let bound = super::limit(ctx.config.http.header_read_timeout);
+                let keep_alive = req_body.is_end_stream() || Box::pin(settle_body(req_body, expects, bound)).await;
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
                 // The request's header map is reused for the response: it
                 // is dropped anyway, and this saves allocating a new one.
@@ -191,7 +193,7 @@ async fn respond<'w>(
             return reply(metrics, busy, start, Outcome::BadRequest, status, NOT_IMPLEMENTED_BODY, true);
         }
         req.headers_mut().remove(header::EXPECT);
-        return super::h2::forward(busy, req, metrics, outcome, start).await;
+        return super::h2::forward(busy, req, ctx, metrics, outcome, start).await;
     }
     let (mut parts, body) = req.into_parts();
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
@@ -223,7 +225,7 @@ async fn respond<'w>(
     if version == Version::HTTP_11 {
         relay_informational(&mut req, &busy.0, gate.clone());
     }
-    let sent = send(&busy.0, req, start).await;
+    let sent = send(&busy.0, req, start, AppTimeouts::of(&ctx.config.http)).await;
     if busy.0.state.informational_pending.load(Relaxed) {
         // The app's 1xx responses go out before whatever final answer.
         informational_written(&busy.0.state).await;
@@ -348,6 +350,7 @@ pub(super) async fn send(
     conn: &Conn,
     mut req: Request<ReqBody>,
     start: Instant,
+    timeouts: AppTimeouts,
 ) -> Result<(Response<Incoming>, SendRequest<ReqBody>, Arc<AtomicU64>), Fail> {
     let w = &*conn.worker;
     let _wait = UpstreamWait(conn);
@@ -361,13 +364,13 @@ pub(super) async fn send(
             // Boxed: connecting is rare on a warm pool, and inline it would
             // grow every request's future (moved by hyper) by ~500 bytes.
             None => {
-                let (tx, read) = Box::pin(w.connect()).await?;
-                conn.upstream_due.set(w.response_timeout.map(|t| Instant::now() + t));
+                let (tx, read) = Box::pin(w.connect(timeouts.connect)).await?;
+                conn.upstream_due.set(timeouts.response.map(|t| Instant::now() + t));
                 (tx, read, None)
             }
         };
         if conn.upstream_due.get().is_none() {
-            conn.upstream_due.set(w.response_timeout.map(|t| start + t));
+            conn.upstream_due.set(timeouts.response.map(|t| start + t));
         }
         let mut response = std::pin::pin!(tx.try_send_request(req));
         let result = std::future::poll_fn(|cx| {
@@ -552,7 +555,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
 ///
 /// A client waiting for `100 Continue` (`expects`) has not sent its body:
 /// it is not asked for just to be discarded.
-pub(super) async fn settle_body(mut body: Incoming, expects: bool, w: &Worker) -> bool {
+pub(super) async fn settle_body(mut body: Incoming, expects: bool, bound: Option<Duration>) -> bool {
     if body.is_end_stream() {
         return true;
     }
@@ -567,6 +570,6 @@ pub(super) async fn settle_body(mut body: Incoming, expects: bool, w: &Worker) -
         }
         true
     };
-    let bound = w.timer.header_read_timeout.unwrap_or(Duration::from_secs(10));
+    let bound = bound.unwrap_or(Duration::from_secs(10));
     tokio::time::timeout(bound, drain).await.unwrap_or(false)
 }

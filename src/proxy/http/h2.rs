@@ -45,7 +45,7 @@ use super::body::{Kind, ReqBody, ResBody};
 use super::conn::{Busy, Conn, IoState};
 use super::headers::{CHUNKED_VALUE, prepare_request, prepare_response};
 use super::target::canonicalize;
-use super::{BAD_GATEWAY_BODY, BAD_REQUEST_BODY, GATEWAY_TIMEOUT_BODY, TOO_LARGE_BODY, Worker};
+use super::{AppTimeouts, BAD_GATEWAY_BODY, BAD_REQUEST_BODY, GATEWAY_TIMEOUT_BODY, TOO_LARGE_BODY, Worker};
 use crate::config::UpstreamProtocol;
 use crate::grpc::status::{self as grpc, LocalStatus};
 use crate::metrics::{Outcome, RouteMetrics};
@@ -78,8 +78,6 @@ where
 
 /// A worker's HTTP/2 settings and its connection to an h2c app.
 pub(super) struct H2 {
-    server: hyper::server::conn::http2::Builder<LocalExec>,
-    client: hyper::client::conn::http2::Builder<LocalExec>,
     /// The worker's HTTP/2 connection to the app (`upstream_protocol: h2c`),
     /// shared by all its requests; replaced once closed.
     upstream: RefCell<Option<hyper::client::conn::http2::SendRequest<ReqBody>>>,
@@ -92,25 +90,26 @@ pub(super) struct H2 {
 impl H2 {
     /// The settings of one listener.
     pub(super) fn new(c: &crate::config::HttpListenerConfig) -> H2 {
-        let mut server = hyper::server::conn::http2::Builder::new(LocalExec);
-        server
-            .max_concurrent_streams(c.http2_max_concurrent_streams)
-            .max_header_list_size(c.http2_max_header_list_size)
-            .max_pending_accept_reset_streams(c.http2_max_pending_accept_reset_streams)
-            .max_local_error_reset_streams(c.http2_max_local_error_reset_streams)
-            // What a stream may hold for a client that does not read (a
-            // zero window): the app's body waits beyond it (hyper: 400 KiB).
-            .max_send_buf_size(MAX_SEND_BUF);
-        let mut client = hyper::client::conn::http2::Builder::new(LocalExec);
-        client.max_header_list_size(c.http2_max_header_list_size.max(64 * 1024));
         H2 {
-            server,
-            client,
             upstream: RefCell::new(None),
             upstream_h2c: c.upstream_protocol == UpstreamProtocol::H2c,
             enabled: c.http2,
         }
     }
+}
+
+/// The HTTP/2 server settings of a listener's client connections.
+pub(super) fn server(c: &crate::config::HttpListenerConfig) -> hyper::server::conn::http2::Builder<LocalExec> {
+    let mut server = hyper::server::conn::http2::Builder::new(LocalExec);
+    server
+        .max_concurrent_streams(c.http2_max_concurrent_streams)
+        .max_header_list_size(c.http2_max_header_list_size)
+        .max_pending_accept_reset_streams(c.http2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(c.http2_max_local_error_reset_streams)
+        // What a stream may hold for a client that does not read (a
+        // zero window): the app's body waits beyond it (hyper: 400 KiB).
+        .max_send_buf_size(MAX_SEND_BUF);
+    server
 }
 
 /// What a new client connection speaks.
@@ -187,12 +186,13 @@ pub(super) async fn connection(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(conn, req).await) }
     });
-    let mut http = std::pin::pin!(w.h2.server.serve_connection(TokioIo::new(stream), svc));
+    let limits = w.limits();
+    let mut http = std::pin::pin!(limits.h2_server.serve_connection(TokioIo::new(stream), svc));
     let mut drain_seen = drain.borrow_and_update().is_some();
     if drain_seen {
         http.as_mut().graceful_shutdown();
     }
-    let idle = w.timer.client_idle_timeout;
+    let idle = limits.timer.client_idle_timeout;
     let tick = idle.unwrap_or(Duration::from_secs(3600)).min(Duration::from_secs(1));
     let mut closing = false;
     loop {
@@ -259,7 +259,7 @@ async fn handle(conn: Rc<Conn>, mut req: Request<Incoming>) -> Response<ResBody>
             local_error(&route.metrics, busy, start, (is_grpc, false), Outcome::BadRequest, Fail::TooLarge)
         } else {
             match admit(&ctx, route) {
-                Ok(outcome) => forward(busy, req, &route.metrics, outcome, start).await,
+                Ok(outcome) => forward(busy, req, &ctx, &route.metrics, outcome, start).await,
                 Err((class, missing)) => short_circuit(busy, req, route, class, missing, start, is_grpc),
             }
         }
@@ -375,6 +375,7 @@ fn local_error(
 pub(super) async fn forward(
     busy: Busy,
     req: Request<Incoming>,
+    ctx: &ListenerCtx,
     metrics: &RouteMetrics,
     outcome: Outcome,
     start: Instant,
@@ -385,9 +386,10 @@ pub(super) async fn forward(
     let h1_client = client_version != Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
     let te_trailers = parts.headers.get_all(header::TE).iter().any(|v| super::headers::has_token(v, "trailers"));
-    let max_body = w.ctx.config.http.max_body_bytes;
+    let max_body = ctx.config.http.max_body_bytes;
     prepare_request(&mut parts.headers, &busy.0, None, client_version);
-    let deadline = w.response_timeout.map(|t| start + t);
+    let timeouts = AppTimeouts::of(&ctx.config.http);
+    let deadline = timeouts.response.map(|t| start + t);
     let body = ReqBody { inner: Some(body), left: if max_body > 0 { max_body } else { u64::MAX }, hold: None };
 
     let sent = if w.h2.upstream_h2c {
@@ -399,7 +401,7 @@ pub(super) async fn forward(
             parts.headers.insert(header::TE, TE_TRAILERS.clone());
         }
         parts.version = Version::HTTP_2;
-        send_h2(&w, Request::from_parts(parts, body), deadline)
+        send_h2(&w, Request::from_parts(parts, body), deadline, timeouts.connect)
             .await
             .map(|res| (res, None, Arc::<AtomicU64>::default()))
     } else {
@@ -426,7 +428,9 @@ pub(super) async fn forward(
             parts.headers.insert(header::TRANSFER_ENCODING, CHUNKED_VALUE.clone());
         }
         parts.version = Version::HTTP_11;
-        send_h1(&w, Request::from_parts(parts, body), deadline).await.map(|(res, tx, read)| (res, Some(tx), read))
+        send_h1(&w, Request::from_parts(parts, body), deadline, timeouts.connect)
+            .await
+            .map(|(res, tx, read)| (res, Some(tx), read))
     };
     let (res, tx, read) = match sent {
         Ok(r) => r,
@@ -485,12 +489,13 @@ async fn send_h1(
     w: &Worker,
     mut req: Request<ReqBody>,
     deadline: Option<Instant>,
+    connect_timeout: Option<Duration>,
 ) -> Result<(Response<Incoming>, hyper::client::conn::http1::SendRequest<ReqBody>, Arc<AtomicU64>), Fail> {
     loop {
         let (mut tx, read, pooled) = match w.checkout() {
             Some((tx, _, read)) => (tx, read, true),
             None => {
-                let (tx, read) = Box::pin(w.connect()).await?;
+                let (tx, read) = Box::pin(w.connect(connect_timeout)).await?;
                 (tx, read, false)
             }
         };
@@ -511,13 +516,18 @@ async fn send_h1(
 /// Sends a request over the worker's HTTP/2 connection to the app (opened
 /// on first use, reopened once closed). A request the connection never
 /// sent (it was closing: `GOAWAY`) is sent once more on a new one.
-async fn send_h2(w: &Worker, mut req: Request<ReqBody>, deadline: Option<Instant>) -> Result<Response<Incoming>, Fail> {
+async fn send_h2(
+    w: &Worker,
+    mut req: Request<ReqBody>,
+    deadline: Option<Instant>,
+    connect_timeout: Option<Duration>,
+) -> Result<Response<Incoming>, Fail> {
     loop {
         let cached = w.h2.upstream.borrow().as_ref().filter(|t| !t.is_closed()).cloned();
         let (mut tx, fresh) = match cached {
             Some(tx) => (tx, false),
             None => {
-                let tx = Box::pin(connect_h2(w)).await?;
+                let tx = Box::pin(connect_h2(w, connect_timeout)).await?;
                 *w.h2.upstream.borrow_mut() = Some(tx.clone());
                 (tx, true)
             }
@@ -553,9 +563,16 @@ async fn send_h2(w: &Worker, mut req: Request<ReqBody>, deadline: Option<Instant
 }
 
 /// Opens the worker's HTTP/2 connection to the app.
-async fn connect_h2(w: &Worker) -> Result<hyper::client::conn::http2::SendRequest<ReqBody>, Fail> {
-    let (stream, deadline) = w.connect_upstream().await?;
-    let handshake = w.h2.client.handshake(TokioIo::new(stream));
+async fn connect_h2(
+    w: &Worker,
+    timeout: Option<Duration>,
+) -> Result<hyper::client::conn::http2::SendRequest<ReqBody>, Fail> {
+    let (stream, deadline) = w.connect_upstream(timeout).await?;
+    // The app's header limit as configured when this shared connection opens.
+    let list_size = w.live.load().config.http.http2_max_header_list_size;
+    let mut client = hyper::client::conn::http2::Builder::new(LocalExec);
+    client.max_header_list_size(list_size.max(64 * 1024));
+    let handshake = client.handshake(TokioIo::new(stream));
     let (tx, conn) = match timeout_at(deadline, handshake).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

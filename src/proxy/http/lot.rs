@@ -356,7 +356,7 @@ mod tests {
     fn permits() -> Rc<Permits> {
         let yaml = "listeners:\n  - name: h\n    protocol: http\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n";
         let c = Config::from_yaml(yaml, Path::new("t")).unwrap();
-        Permits::new(&ListenerCtx::new(&c, 0, Health::new(&c), Metrics::new(&c)))
+        Permits::new(&crate::proxy::live(ListenerCtx::new(&c, 0, Health::new(&c), Metrics::new(&c))))
     }
 
     fn cfg(idle_ms: Option<u64>) -> TimerConfig {

@@ -113,6 +113,7 @@ use tracing::debug;
 
 use super::accept::{self, Permit, Permits, Serve};
 use super::{DrainSignal, ListenerCtx, LiveCtx};
+use crate::config::{HttpListenerConfig, ListenerConfig};
 use crate::metrics::Outcome;
 use conn::{ClientIo, Conn, DrainIdle, HeadRead, IoState, TimerAction, TimerConfig, decide};
 use forward::{handle, tunnel};
@@ -183,14 +184,16 @@ impl Serve for Accepting {
     }
 }
 
-/// Per-worker state: config-derived constants, the upstream pool, counters.
+/// Per-worker state: the listener's context, the upstream pool, counters.
 struct Worker {
-    /// The context at start: the connection-level settings (a reload refuses
-    /// to change them). What a request needs comes from `live`.
+    /// The context at start: the settings a reload refuses to change (the
+    /// listener's name, the app's address, protocol options).
     ctx: Arc<ListenerCtx>,
     /// The context in force, loaded once per request.
     live: LiveCtx,
-    http: hyper::server::conn::http1::Builder,
+    /// The connection-level settings of the context in force, and that
+    /// context ([`Worker::limits`]).
+    limits: RefCell<(Arc<ListenerCtx>, Rc<Limits>)>,
     client: hyper::client::conn::http1::Builder,
     /// Idle upstream connections, oldest first (used from the back: the
     /// most recently used connection is the least likely to have been
@@ -201,19 +204,12 @@ struct Worker {
     permits: Rc<Permits>,
     /// `Host` for a request that has none (HTTP/1.0): the upstream's authority.
     upstream_host: HeaderValue,
-    /// The client connection timer's limits.
-    timer: TimerConfig,
     /// The listener's parked-connections gauge.
     parked: Gauge,
     /// Idle client connections held as bare sockets ([`attend_lot`]);
     /// none if its poller could not be created (idle connections then keep
     /// their tasks).
     lot: Option<RefCell<Lot>>,
-    connect_timeout: Option<Duration>,
-    response_timeout: Option<Duration>,
-    upstream_idle_timeout: Option<Duration>,
-    /// An upgraded tunnel with no traffic for this long is closed.
-    tunnel_idle_timeout: Option<Duration>,
     /// HTTP/2: client settings and the h2c connection to the app.
     h2: h2::H2,
     /// hyper does not read a client whose request is at the app (`half_close`):
@@ -221,15 +217,24 @@ struct Worker {
     watch_resets: bool,
 }
 
-/// A zero duration means "no limit". Huge values are capped at a year so
-/// that `Instant + Duration` can never overflow (a panic aborts the process).
-fn limit(d: Duration) -> Option<Duration> {
-    (!d.is_zero()).then_some(d.min(Duration::from_secs(365 * 24 * 3600)))
+/// A listener's connection-level timeouts and limits. A connection takes
+/// the ones in force when it starts serving (and again when it comes back
+/// from the lot), so a reload applies them to new and returning
+/// connections while a connection in the middle of a request keeps its own.
+struct Limits {
+    http: hyper::server::conn::http1::Builder,
+    /// The HTTP/2 settings of a client connection (`http2_*`).
+    h2_server: hyper::server::conn::http2::Builder<h2::LocalExec>,
+    /// The client connection timer's limits.
+    timer: TimerConfig,
+    max_header_bytes: usize,
+    /// An upgraded tunnel with no traffic for this long is closed.
+    tunnel_idle_timeout: Option<Duration>,
 }
 
-impl Worker {
-    fn new(ctx: Arc<ListenerCtx>, live: LiveCtx) -> Worker {
-        let c = &ctx.config.http;
+impl Limits {
+    fn new(l: &ListenerConfig) -> Limits {
+        let c = &l.http;
         let mut http = hyper::server::conn::http1::Builder::new();
         // Our own timer handles header and idle timeouts (see module doc),
         // so hyper needs none and allocates no timer per request.
@@ -249,8 +254,6 @@ impl Worker {
         if c.max_headers != HYPER_DEFAULT_MAX_HEADERS {
             http.max_headers(c.max_headers);
         }
-        let mut client = hyper::client::conn::http1::Builder::new();
-        client.writev(false);
         let header_read_timeout = limit(c.header_read_timeout);
         let client_idle_timeout = limit(c.client_idle_timeout);
         // The timer never sleeps longer than the shorter timeout, so a
@@ -263,28 +266,70 @@ impl Worker {
         .min(PARK_AFTER)
         // A deadline is first looked at within one tick of being set.
         .min(limit(c.upstream_response_timeout).unwrap_or(Duration::MAX));
-        Worker {
+        Limits {
             http,
+            h2_server: h2::server(c),
+            timer: TimerConfig { header_read_timeout, client_idle_timeout, tick },
+            max_header_bytes: c.max_header_bytes.max(1),
+            tunnel_idle_timeout: limit(l.idle_timeout),
+        }
+    }
+}
+
+/// The app-side timeouts of one request, from the config in force when it
+/// arrived (a reload during the request does not change them).
+#[derive(Clone, Copy, Debug)]
+struct AppTimeouts {
+    /// `upstream_connect_timeout`.
+    connect: Option<Duration>,
+    /// `upstream_response_timeout`.
+    response: Option<Duration>,
+}
+
+impl AppTimeouts {
+    fn of(c: &HttpListenerConfig) -> AppTimeouts {
+        AppTimeouts { connect: limit(c.upstream_connect_timeout), response: limit(c.upstream_response_timeout) }
+    }
+}
+
+/// A zero duration means "no limit". Huge values are capped at a year so
+/// that `Instant + Duration` can never overflow (a panic aborts the process).
+fn limit(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d.min(Duration::from_secs(365 * 24 * 3600)))
+}
+
+impl Worker {
+    fn new(ctx: Arc<ListenerCtx>, live: LiveCtx) -> Worker {
+        let mut client = hyper::client::conn::http1::Builder::new();
+        client.writev(false);
+        Worker {
+            limits: RefCell::new((ctx.clone(), Rc::new(Limits::new(&ctx.config)))),
             client,
             pool: RefCell::new(VecDeque::new()),
-            permits: Permits::new(&ctx),
+            permits: Permits::new(&live),
             upstream_host: HeaderValue::from_str(&ctx.config.upstream.to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
-            timer: TimerConfig { header_read_timeout, client_idle_timeout, tick },
             parked: ctx.registry.parked_connections(&ctx.config.name),
             lot: Lot::new(ctx.registry.parked_connections(&ctx.config.name))
                 .inspect_err(|e| tracing::warn!(error = %e, "idle connections keep their tasks: no parking lot"))
                 .ok()
                 .map(RefCell::new),
-            connect_timeout: limit(c.upstream_connect_timeout),
-            response_timeout: limit(c.upstream_response_timeout),
-            upstream_idle_timeout: limit(c.upstream_idle_timeout),
-            tunnel_idle_timeout: limit(ctx.config.idle_timeout),
-            h2: h2::H2::new(c),
-            watch_resets: !c.abort_on_client_close,
+            h2: h2::H2::new(&ctx.config.http),
+            watch_resets: !ctx.config.http.abort_on_client_close,
             ctx,
             live,
         }
+    }
+
+    /// The connection-level settings in force, rebuilt (once per worker)
+    /// after a reload swapped the listener's context.
+    fn limits(&self) -> Rc<Limits> {
+        let live = self.live.load();
+        let mut limits = self.limits.borrow_mut();
+        if !Arc::ptr_eq(&limits.0, &live) {
+            *limits = (Arc::clone(&live), Rc::new(Limits::new(&live.config)));
+        }
+        limits.1.clone()
     }
 }
 
@@ -293,7 +338,7 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
     let opened = Instant::now();
     if w.h2.enabled {
         // HTTP/2 with prior knowledge shares the port: told apart by its preface.
-        match h2::sniff(&stream, w.timer.header_read_timeout.map(|t| opened + t)).await {
+        match h2::sniff(&stream, w.limits().timer.header_read_timeout.map(|t| opened + t)).await {
             h2::Sniffed::Http2 => {
                 // Boxed: inline, the HTTP/2 session's state would size every
                 // HTTP/1.1 connection's task too (about twice what it needs
@@ -327,17 +372,20 @@ async fn serve_http1(w: Rc<Worker>, client: ParkedConn, state: Arc<IoState>, mut
     let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
     state.informational.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waker = Some(waker);
     let mut conn = Rc::new(Conn::new(w.clone(), state.clone(), conn::peer_value(ip), permit));
-    let timer = tokio::time::sleep(w.timer.tick);
+    // This connection's timeouts and limits until it is parked (a reload
+    // applies to it when it comes back).
+    let limits = w.limits();
+    let timer = tokio::time::sleep(limits.timer.tick);
     tokio::pin!(timer);
     let mut drain_seen = drain.borrow_and_update().is_some();
-    let max_line = w.ctx.config.http.max_header_bytes;
+    let max_line = limits.max_header_bytes;
     let mut io = ClientIo { stream, state: state.clone(), prefix: Bytes::new(), max_line };
     let mut parked = false;
     loop {
-        if !wait_for_head(&w, &mut io, parked, timer.as_mut(), &mut drain, &mut drain_seen).await {
+        if !wait_for_head(&w, &limits, &mut io, parked, timer.as_mut(), &mut drain, &mut drain_seen).await {
             return;
         }
-        let session = serve_hyper(&w, &conn, io, timer.as_mut(), &mut drain, &mut drain_seen);
+        let session = serve_hyper(&w, &limits, &conn, io, timer.as_mut(), &mut drain, &mut drain_seen);
         let back = match Box::pin(session).await {
             Some(back) => back,
             None => return,
@@ -386,7 +434,9 @@ async fn attend_lot(w: Rc<Worker>, mut drain: DrainSignal) {
     tokio::pin!(timer);
     let mut drain_seen = drain.borrow_and_update().is_some();
     loop {
-        let due = lot.borrow_mut().next_due(&w.timer, drain_idle(&w));
+        // Parked connections follow the idle timeout in force.
+        let timer_config = w.limits().timer;
+        let due = lot.borrow_mut().next_due(&timer_config, drain_idle(&w));
         timer.as_mut().reset(due.unwrap_or_else(far));
         tokio::select! {
             ready = std::future::poll_fn(|cx| lot.borrow_mut().poll_woken(cx)) => {
@@ -396,7 +446,7 @@ async fn attend_lot(w: Rc<Worker>, mut drain: DrainSignal) {
                 }
             }
             _ = timer.as_mut() => {
-                let closed = lot.borrow_mut().close_due(Instant::now(), &w.timer, drain_idle(&w));
+                let closed = lot.borrow_mut().close_due(Instant::now(), &timer_config, drain_idle(&w));
                 debug!(closed, "parked connections idled out");
             }
             r = drain.changed(), if !drain_seen => {
@@ -418,21 +468,23 @@ async fn attend_lot(w: Rc<Worker>, mut drain: DrainSignal) {
 /// one wait here, holding the socket and a buffer the size of what arrived.
 /// Returns false when the connection is to be closed: the client closed
 /// it, its head is too slow, it idled out or the drain closes it.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn wait_for_head(
     w: &Worker,
+    limits: &Limits,
     io: &mut ClientIo,
     parked: bool,
     mut timer: Pin<&mut tokio::time::Sleep>,
     drain: &mut DrainSignal,
     drain_seen: &mut bool,
 ) -> bool {
-    let limit = w.ctx.config.http.max_header_bytes.max(1);
+    let limit = limits.max_header_bytes;
     // Bytes hyper read but did not parse before it was parked (normally none).
     let mut buf = std::mem::take(&mut io.prefix).to_vec();
     let mut gauge = (parked && buf.is_empty()).then(|| Parked::new(&w.parked));
     let mut ready = !buf.is_empty() && conn::head_ready(&buf);
     while !ready && buf.len() < limit {
-        let until = conn::head_wait_until(&io.state, &w.timer, drain_idle(w));
+        let until = conn::head_wait_until(&io.state, &limits.timer, drain_idle(w));
         timer.as_mut().reset(until.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600)));
         tokio::select! {
             // Bytes that arrive as the timer fires are read.
@@ -478,8 +530,10 @@ async fn wait_for_head(
 /// Runs hyper on a connection whose next request head is buffered, until
 /// the connection is parked (the socket is given back), closes or is
 /// upgraded (`None`).
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn serve_hyper(
     w: &Worker,
+    limits: &Limits,
     conn: &Rc<Conn>,
     io: ClientIo,
     mut timer: Pin<&mut tokio::time::Sleep>,
@@ -495,14 +549,14 @@ async fn serve_hyper(
         })
     };
     let now = Instant::now();
-    timer.as_mut().reset(match decide(state, None, now, &w.timer) {
+    timer.as_mut().reset(match decide(state, None, now, &limits.timer) {
         TimerAction::Rearm(t) => t,
         _ => now,
     });
     // Without hyper's `with_upgrades`: a request carrying `Upgrade` makes
     // hyper hold its socket for an upgrade even after a refusal, so the
     // tunnel is started here instead, only after a relayed `101`.
-    let mut http = w.http.serve_connection(TokioIo::new(io), svc);
+    let mut http = limits.http.serve_connection(TokioIo::new(io), svc);
     if stopped_without_drain(w, *drain_seen) {
         Pin::new(&mut http).graceful_shutdown();
     }
@@ -512,7 +566,7 @@ async fn serve_hyper(
         tokio::select! {
             biased;
             r = Pin::new(&mut http) => break r,
-            _ = timer.as_mut(), if timer_on => match timer_action(w, state, conn.upstream_due.get()) {
+            _ = timer.as_mut(), if timer_on => match timer_action(w, &limits.timer, state, conn.upstream_due.get()) {
                 // The reset check runs when hyper polls its socket, next in this loop.
                 TimerAction::Rearm(t) if w.watch_resets && state.busy.load(Relaxed) > 0 => {
                     state.check_reset.store(true, Relaxed);
@@ -579,7 +633,7 @@ async fn serve_hyper(
         let mut client = tokio_io.into_inner();
         client.prefix = read_buf;
         state.parking.store(false, Relaxed);
-        tunnel(client, app, conn.clone(), w.tunnel_idle_timeout).await;
+        tunnel(client, app, conn.clone(), limits.tunnel_idle_timeout).await;
         return None;
     }
     // Without parking, hyper finished the connection (closed it).
@@ -604,9 +658,9 @@ fn drain_idle(w: &Worker) -> Option<DrainIdle> {
 }
 
 /// The connection timer's decision now, the drain's idle rule included.
-fn timer_action(w: &Worker, state: &IoState, upstream_due: Option<Instant>) -> TimerAction {
+fn timer_action(w: &Worker, timer: &TimerConfig, state: &IoState, upstream_due: Option<Instant>) -> TimerAction {
     let now = Instant::now();
-    let action = decide(state, upstream_due, now, &w.timer);
+    let action = decide(state, upstream_due, now, timer);
     match drain_idle(w) {
         Some(d) => d.apply(state, action, now),
         None => action,

@@ -80,8 +80,9 @@ impl Worker {
     pub(super) fn checkout(&self) -> Option<(SendRequest<ReqBody>, Duration, Arc<AtomicU64>)> {
         let mut pool = self.pool.borrow_mut();
         let now = Instant::now();
+        let idle_timeout = super::limit(self.live.load().config.http.upstream_idle_timeout);
         while let Some(mut p) = pool.pop_back() {
-            if self.upstream_idle_timeout.is_some_and(|t| p.since + t <= now) {
+            if idle_timeout.is_some_and(|t| p.since + t <= now) {
                 // The newest one expired, so did every older one.
                 pool.clear();
                 return None;
@@ -98,7 +99,7 @@ impl Worker {
 
     /// Returns a connection whose exchange completed to the pool.
     pub(super) fn checkin(&self, tx: SendRequest<ReqBody>, read: Arc<AtomicU64>) {
-        let max = self.ctx.config.http.upstream_pool_max_idle;
+        let max = self.live.load().config.http.upstream_pool_max_idle;
         if max == 0 || tx.is_closed() {
             return;
         }
@@ -111,8 +112,11 @@ impl Worker {
 
     /// Opens a new upstream connection (resolving the host each time, every
     /// address tried, bounded by `upstream_connect_timeout`).
-    pub(super) async fn connect(&self) -> Result<(SendRequest<ReqBody>, Arc<AtomicU64>), Fail> {
-        let (stream, _) = self.connect_upstream().await?;
+    pub(super) async fn connect(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<(SendRequest<ReqBody>, Arc<AtomicU64>), Fail> {
+        let (stream, _) = self.connect_upstream(timeout).await?;
         let read = Arc::<AtomicU64>::default();
         let io = UpstreamIo { stream, read: read.clone() };
         let (tx, conn) = self.client.handshake(TokioIo::new(io)).await.map_err(|e| {
@@ -130,8 +134,8 @@ impl Worker {
     /// A socket to the app: its host resolved each time, every address
     /// tried, within `upstream_connect_timeout`; with that deadline, which
     /// the protocol handshake that follows shares.
-    pub(super) async fn connect_upstream(&self) -> Result<(TcpStream, Instant), Fail> {
-        let budget = self.connect_timeout.unwrap_or(Duration::from_secs(3600));
+    pub(super) async fn connect_upstream(&self, timeout: Option<Duration>) -> Result<(TcpStream, Instant), Fail> {
+        let budget = timeout.unwrap_or(Duration::from_secs(3600));
         let deadline = Instant::now() + budget;
         let upstream = &self.ctx.config.upstream;
         let addrs = net::resolve(upstream, deadline).await.map_err(|e| {
@@ -199,8 +203,9 @@ pub(super) fn pool_next_sweep(oldest: Option<Instant>, len: usize, now: Instant,
 /// old, and shrinks the pool after a burst (see [`POOL_SHRINK_AFTER`]);
 /// dropping the last `SendRequest` ends hyper's connection task.
 pub(super) async fn sweep_pool(w: Rc<Worker>) {
-    let timeout = w.upstream_idle_timeout;
     loop {
+        // The config in force: a reload's new idle timeout applies to the pool at once.
+        let timeout = super::limit(w.live.load().config.http.upstream_idle_timeout);
         let next = {
             let pool = w.pool.borrow();
             pool_next_sweep(pool.front().map(|p| p.since), pool.len(), Instant::now(), timeout)
