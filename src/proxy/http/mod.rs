@@ -230,6 +230,10 @@ struct Limits {
     max_header_bytes: usize,
     /// An upgraded tunnel with no traffic for this long is closed.
     tunnel_idle_timeout: Option<Duration>,
+    /// The worker's app connection pool: read from this snapshot (a borrow,
+    /// not a load of the shared context on every request).
+    upstream_idle_timeout: Option<Duration>,
+    pool_max_idle: usize,
 }
 
 impl Limits {
@@ -272,6 +276,8 @@ impl Limits {
             timer: TimerConfig { header_read_timeout, client_idle_timeout, tick },
             max_header_bytes: c.max_header_bytes.max(1),
             tunnel_idle_timeout: limit(l.idle_timeout),
+            upstream_idle_timeout: limit(c.upstream_idle_timeout),
+            pool_max_idle: c.upstream_pool_max_idle,
         }
     }
 }

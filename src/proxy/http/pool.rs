@@ -80,7 +80,7 @@ impl Worker {
     pub(super) fn checkout(&self) -> Option<(SendRequest<ReqBody>, Duration, Arc<AtomicU64>)> {
         let mut pool = self.pool.borrow_mut();
         let now = Instant::now();
-        let idle_timeout = super::limit(self.live.load().config.http.upstream_idle_timeout);
+        let idle_timeout = self.limits.borrow().1.upstream_idle_timeout;
         while let Some(mut p) = pool.pop_back() {
             if idle_timeout.is_some_and(|t| p.since + t <= now) {
                 // The newest one expired, so did every older one.
@@ -99,7 +99,7 @@ impl Worker {
 
     /// Returns a connection whose exchange completed to the pool.
     pub(super) fn checkin(&self, tx: SendRequest<ReqBody>, read: Arc<AtomicU64>) {
-        let max = self.live.load().config.http.upstream_pool_max_idle;
+        let max = self.limits.borrow().1.pool_max_idle;
         if max == 0 || tx.is_closed() {
             return;
         }
@@ -204,8 +204,9 @@ pub(super) fn pool_next_sweep(oldest: Option<Instant>, len: usize, now: Instant,
 /// dropping the last `SendRequest` ends hyper's connection task.
 pub(super) async fn sweep_pool(w: Rc<Worker>) {
     loop {
-        // The config in force: a reload's new idle timeout applies to the pool at once.
-        let timeout = super::limit(w.live.load().config.http.upstream_idle_timeout);
+        // The settings in force: the sweeper, which runs at least every
+        // `POOL_SHRINK_AFTER`, takes a reload's pool settings to the worker.
+        let timeout = w.limits().upstream_idle_timeout;
         let next = {
             let pool = w.pool.borrow();
             pool_next_sweep(pool.front().map(|p| p.since), pool.len(), Instant::now(), timeout)
