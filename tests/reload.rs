@@ -426,26 +426,32 @@ fn a_changed_listen_address_is_refused_naming_the_key_and_nothing_changes() {
 
 /// A listener's timeouts and limits are applied by a reload to the requests
 /// and connections that start after it: a shorter `upstream_response_timeout`
-/// turns a slow answer into a 504, and a lowered `max_connections` leaves a
-/// new connection waiting while the open one holds the only permit (the open
-/// one is not closed for it).
+/// turns a slow answer into a 504, `via: false` drops the `Via` header, and
+/// a lowered `max_connections` leaves a new connection waiting while the open
+/// one holds the only permit (the open one is not closed for it).
 #[test]
 fn a_reload_applies_new_timeouts_and_limits_to_later_requests_and_connections() {
     let app = App::start();
     app.set_delay(Duration::from_millis(800));
-    let config = |timeout: &str, max: usize| {
+    let config = |timeout: &str, max: usize, via: bool| {
         format!(
             "workers: 1\nadmin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    \
-             upstream: {}\n    upstream_response_timeout: {timeout}\n    max_connections: {max}\n",
+             upstream: {}\n    upstream_response_timeout: {timeout}\n    max_connections: {max}\n    via: {via}\n",
             app.addr
         )
     };
-    let hg = Healthgate::start(&config("5s", 100));
+    let has_via = |addr| {
+        let (_, head, _) = http_request(addr, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        head.to_ascii_lowercase().contains("\r\nvia: 1.1 healthgate")
+    };
+    let hg = Healthgate::start(&config("5s", 100, true));
     hg.wait_state("in_service", WITHIN);
     assert_eq!(get(hg.listeners[0], "/slow").0, 200, "within the first config's timeout");
-    reload_with(&hg, &config("200ms", 1), "HUP");
+    assert!(has_via(hg.listeners[0]), "Via with the first config");
+    reload_with(&hg, &config("200ms", 1, false), "HUP");
     assert_eq!(get(hg.listeners[0], "/slow").0, 504, "the reloaded response timeout");
     app.set_delay(Duration::ZERO);
+    assert!(!has_via(hg.listeners[0]), "via: false applied");
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let addr = hg.listeners[0];

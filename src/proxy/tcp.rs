@@ -133,7 +133,7 @@ async fn watch_outages(worker: Rc<Worker>) {
 /// A worker's state for one listener: metric handles resolved once, the
 /// buffer pool and the signal that closes existing connections.
 struct Worker {
-    /// The context at start: the connection-level settings (a reload refuses to change them).
+    /// The context at start: the listener's name and app address (a reload refuses to change them).
     ctx: Arc<ListenerCtx>,
     /// The context in force: what an admission needs.
     live: LiveCtx,
@@ -219,7 +219,7 @@ impl Worker {
                 None => info!(listener = %self.ctx.config.name, "tcp listener resumed: admitting connections"),
             }
         }
-        if self.ctx.config.tcp.on_outage != TcpOnOutage::CloseExisting || self.permits.held() == 0 {
+        if self.live.load().config.tcp.on_outage != TcpOnOutage::CloseExisting || self.permits.held() == 0 {
             return;
         }
         // Only out of service cuts: a degraded refusal (`admit_degraded: false`) keeps what is open.
@@ -349,7 +349,7 @@ async fn hold(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, wait: Dur
     }
     worker.rejected.inc();
     debug!(listener = %worker.ctx.config.name, %peer, "tcp held connection rejected");
-    end_client(&stream, worker.ctx.config.tcp.reject);
+    end_client(&stream, worker.live.load().config.tcp.reject);
 }
 
 // === connection ===

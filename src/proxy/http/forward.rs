@@ -208,7 +208,7 @@ async fn respond<'w>(
             parts.headers.insert(header::HOST, w.upstream_host.clone());
         }
     }
-    prepare_request(&mut parts.headers, &busy.0, upgrade_value, version);
+    prepare_request(&mut parts.headers, &busy.0, &ctx.config.http, upgrade_value, version);
     if body.size_hint().exact().is_none() {
         // Forwarded chunked whatever the method: hyper would send a GET or
         // HEAD without its body (RFC 9112 §6: framing is method-independent).
@@ -223,7 +223,7 @@ async fn respond<'w>(
         gate
     });
     if version == Version::HTTP_11 {
-        relay_informational(&mut req, &busy.0, gate.clone());
+        relay_informational(&mut req, &busy.0, ctx.config.http.via, gate.clone());
     }
     let sent = send(&busy.0, req, start, AppTimeouts::of(&ctx.config.http)).await;
     if busy.0.state.informational_pending.load(Relaxed) {
@@ -253,7 +253,7 @@ async fn respond<'w>(
                 let upgrade_value = res.headers().get(header::UPGRADE).cloned();
                 let (mut parts, _) = res.into_parts();
                 // A 101 has no body: its codings do not matter.
-                let _ = prepare_response(&mut parts.headers, w, parts.version);
+                let _ = prepare_response(&mut parts.headers, ctx.config.http.via, parts.version);
                 parts.version = Version::HTTP_11;
                 if let Some(v) = upgrade_value {
                     parts.headers.insert(header::CONNECTION, UPGRADE_VALUE.clone());
@@ -266,7 +266,7 @@ async fn respond<'w>(
                 return Response::from_parts(parts, ResBody::full(Bytes::new(), busy));
             }
             let (mut parts, mut body) = res.into_parts();
-            if let Err(e) = prepare_response(&mut parts.headers, w, parts.version) {
+            if let Err(e) = prepare_response(&mut parts.headers, ctx.config.http.via, parts.version) {
                 // Dropping the body and `tx` closes that upstream connection.
                 debug!(error = %e, "response not relayed");
                 return reply(
@@ -420,9 +420,8 @@ pub(super) async fn send(
 /// `100` opens the gate instead: hyper's server then sends its own `100` as
 /// the body is asked for, so it is not relayed twice. hyper keeps one
 /// informational callback per request; this is it.
-pub(super) fn relay_informational<B>(req: &mut Request<B>, conn: &Conn, gate: Option<Arc<Gate>>) {
+pub(super) fn relay_informational<B>(req: &mut Request<B>, conn: &Conn, via: bool, gate: Option<Arc<Gate>>) {
     let state = conn.state.clone();
-    let via = conn.worker.ctx.config.http.via;
     hyper::ext::on_informational(req, move |res| {
         if let Some(gate) = &gate
             && res.status() == StatusCode::CONTINUE

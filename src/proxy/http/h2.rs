@@ -83,18 +83,12 @@ pub(super) struct H2 {
     upstream: RefCell<Option<hyper::client::conn::http2::SendRequest<ReqBody>>>,
     /// `upstream_protocol: h2c`.
     pub(super) upstream_h2c: bool,
-    /// Accept HTTP/2 clients (`http2`).
-    pub(super) enabled: bool,
 }
 
 impl H2 {
     /// The settings of one listener.
     pub(super) fn new(c: &crate::config::HttpListenerConfig) -> H2 {
-        H2 {
-            upstream: RefCell::new(None),
-            upstream_h2c: c.upstream_protocol == UpstreamProtocol::H2c,
-            enabled: c.http2,
-        }
+        H2 { upstream: RefCell::new(None), upstream_h2c: c.upstream_protocol == UpstreamProtocol::H2c }
     }
 }
 
@@ -387,7 +381,7 @@ pub(super) async fn forward(
     let (mut parts, body) = req.into_parts();
     let te_trailers = parts.headers.get_all(header::TE).iter().any(|v| super::headers::has_token(v, "trailers"));
     let max_body = ctx.config.http.max_body_bytes;
-    prepare_request(&mut parts.headers, &busy.0, None, client_version);
+    prepare_request(&mut parts.headers, &busy.0, &ctx.config.http, None, client_version);
     let timeouts = AppTimeouts::of(&ctx.config.http);
     let deadline = timeouts.response.map(|t| start + t);
     let body = ReqBody { inner: Some(body), left: if max_body > 0 { max_body } else { u64::MAX }, hold: None };
@@ -444,7 +438,7 @@ pub(super) async fn forward(
     };
     let (mut parts, body) = res.into_parts();
     if parts.status == StatusCode::SWITCHING_PROTOCOLS
-        || prepare_response(&mut parts.headers, &w, parts.version).is_err()
+        || prepare_response(&mut parts.headers, ctx.config.http.via, parts.version).is_err()
     {
         // Dropping the body and `tx` closes that upstream connection.
         return local_error(metrics, busy, start, (is_grpc, h1_client), Outcome::UpstreamError, Fail::Upstream);

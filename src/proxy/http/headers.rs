@@ -5,8 +5,8 @@ use bytes::{BufMut, BytesMut};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{StatusCode, Version};
 
-use super::Worker;
 use super::conn::Conn;
+use crate::config::HttpListenerConfig;
 use crate::proxy::PROBLEM_JSON;
 
 pub(super) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -178,8 +178,13 @@ pub struct UnsupportedCoding;
 
 /// Request headers for the app: hop-by-hop removed, the upgrade pair
 /// restored, `X-Forwarded-For`/`-Proto` and `Via` per config. `Host` is kept.
-pub(super) fn prepare_request(h: &mut HeaderMap, conn: &Conn, upgrade: Option<HeaderValue>, version: Version) {
-    let cfg = &conn.worker.ctx.config.http;
+pub(super) fn prepare_request(
+    h: &mut HeaderMap,
+    conn: &Conn,
+    cfg: &HttpListenerConfig,
+    upgrade: Option<HeaderValue>,
+    version: Version,
+) {
     strip_hop_by_hop(h);
     if let Some(u) = upgrade {
         h.insert(header::CONNECTION, UPGRADE_VALUE.clone());
@@ -264,7 +269,7 @@ pub(super) fn append_forwarded_for(h: &mut HeaderMap, peer: &HeaderValue) {
 ///
 /// One pass over the names decides all of it; an ordinary response costs no
 /// extra lookup.
-pub(super) fn prepare_response(h: &mut HeaderMap, w: &Worker, version: Version) -> Result<(), UnsupportedCoding> {
+pub(super) fn prepare_response(h: &mut HeaderMap, via_on: bool, version: Version) -> Result<(), UnsupportedCoding> {
     let mut present = 0u16;
     let mut length = false;
     for name in h.keys() {
@@ -294,7 +299,7 @@ pub(super) fn prepare_response(h: &mut HeaderMap, w: &Worker, version: Version) 
         }
     }
     strip_present(h, present);
-    if w.ctx.config.http.via {
+    if via_on {
         h.append(header::VIA, via(version));
     }
     Ok(())

@@ -187,7 +187,7 @@ impl Serve for Accepting {
 /// Per-worker state: the listener's context, the upstream pool, counters.
 struct Worker {
     /// The context at start: the settings a reload refuses to change (the
-    /// listener's name, the app's address, protocol options).
+    /// listener's name, the app's address and protocol) and the shared state.
     ctx: Arc<ListenerCtx>,
     /// The context in force, loaded once per request.
     live: LiveCtx,
@@ -210,11 +210,8 @@ struct Worker {
     /// none if its poller could not be created (idle connections then keep
     /// their tasks).
     lot: Option<RefCell<Lot>>,
-    /// HTTP/2: client settings and the h2c connection to the app.
+    /// HTTP/2: the h2c connection to the app.
     h2: h2::H2,
-    /// hyper does not read a client whose request is at the app (`half_close`):
-    /// the connection timer looks for a reset instead.
-    watch_resets: bool,
 }
 
 /// A listener's connection-level timeouts and limits. A connection takes
@@ -223,8 +220,13 @@ struct Worker {
 /// connections while a connection in the middle of a request keeps its own.
 struct Limits {
     http: hyper::server::conn::http1::Builder,
+    /// Accept HTTP/2 clients (`http2`).
+    h2_enabled: bool,
     /// The HTTP/2 settings of a client connection (`http2_*`).
     h2_server: hyper::server::conn::http2::Builder<h2::LocalExec>,
+    /// hyper does not read a client whose request is at the app (`half_close`):
+    /// the connection timer looks for a reset instead.
+    watch_resets: bool,
     /// The client connection timer's limits.
     timer: TimerConfig,
     max_header_bytes: usize,
@@ -272,7 +274,9 @@ impl Limits {
         .min(limit(c.upstream_response_timeout).unwrap_or(Duration::MAX));
         Limits {
             http,
+            h2_enabled: c.http2,
             h2_server: h2::server(c),
+            watch_resets: !c.abort_on_client_close,
             timer: TimerConfig { header_read_timeout, client_idle_timeout, tick },
             max_header_bytes: c.max_header_bytes.max(1),
             tunnel_idle_timeout: limit(l.idle_timeout),
@@ -321,7 +325,6 @@ impl Worker {
                 .ok()
                 .map(RefCell::new),
             h2: h2::H2::new(&ctx.config.http),
-            watch_resets: !ctx.config.http.abort_on_client_close,
             ctx,
             live,
         }
@@ -342,9 +345,10 @@ impl Worker {
 /// Serves one client connection until it closes, idles out or is drained.
 async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: SocketAddr, drain: DrainSignal) {
     let opened = Instant::now();
-    if w.h2.enabled {
+    let limits = w.limits();
+    if limits.h2_enabled {
         // HTTP/2 with prior knowledge shares the port: told apart by its preface.
-        match h2::sniff(&stream, w.limits().timer.header_read_timeout.map(|t| opened + t)).await {
+        match h2::sniff(&stream, limits.timer.header_read_timeout.map(|t| opened + t)).await {
             h2::Sniffed::Http2 => {
                 // Boxed: inline, the HTTP/2 session's state would size every
                 // HTTP/1.1 connection's task too (about twice what it needs
@@ -574,7 +578,7 @@ async fn serve_hyper(
             r = Pin::new(&mut http) => break r,
             _ = timer.as_mut(), if timer_on => match timer_action(w, &limits.timer, state, conn.upstream_due.get()) {
                 // The reset check runs when hyper polls its socket, next in this loop.
-                TimerAction::Rearm(t) if w.watch_resets && state.busy.load(Relaxed) > 0 => {
+                TimerAction::Rearm(t) if limits.watch_resets && state.busy.load(Relaxed) > 0 => {
                     state.check_reset.store(true, Relaxed);
                     timer.as_mut().reset(t);
                 }
