@@ -28,7 +28,7 @@ MySQL check at a port with nothing listening, so both answer 503 themselves.
 
 Environment: QUICK=1 (one repeat, short runs), REPEATS, DURATION (s),
 CONNS (e.g. "32,256"), IDLE_CONNS, SLOW_CONNS, CG_REQUESTS, HG_BIN,
-SKIP_CALLGRIND=1 (no callgrind or callgrind-h2 phase), PHASES (subset of
+SKIP_CALLGRIND=1 (no valgrind phase: callgrind, cachesim, callgrind-h2), PHASES (subset of
 load,multicore,routes,idle,slowloris,callgrind,cachesim,syscalls,h2,
 callgrind-h2; a partial run writes results/partial.* instead of latest.*).
 """
@@ -66,7 +66,7 @@ ALL_PHASES = {"load", "multicore", "routes", "idle", "slowloris", "callgrind", "
               "callgrind-h2"}
 PHASES = set(os.environ.get("PHASES", ",".join(sorted(ALL_PHASES))).split(","))
 if os.environ.get("SKIP_CALLGRIND") == "1":
-    PHASES -= {"callgrind", "callgrind-h2"}
+    PHASES -= {"callgrind", "cachesim", "callgrind-h2"}
 HG_BIN = os.environ.get("HG_BIN", os.path.join(ROOT, "target", "release", "healthgate"))
 FLOOR_BIN = None  # built from bench/floor.c into TMP by main()
 MYSQL = "127.0.0.1:3306"
