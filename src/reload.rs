@@ -541,6 +541,7 @@ mod tests {
             config("workers: 3\nlisteners:\n  - name: web\n    listen: 127.0.0.1:9\n    upstream: 127.0.0.1:3001\n");
         let keys: Vec<String> = diff(&a, &b).refused.into_iter().map(|r| r.key).collect();
         assert!(keys.contains(&"listeners[0].listen".to_string()), "{keys:?}");
+        assert!(keys.contains(&"workers".to_string()), "{keys:?}");
         assert!(keys.contains(&"listeners[0].upstream".to_string()), "{keys:?}");
         let c = config(&format!("{LISTENER}  - name: two\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n"));
         let p = diff(&a, &c);
