@@ -36,7 +36,7 @@ use tracing::{error, info};
 
 use crate::admin::Admin;
 use crate::check::AnyCheck;
-use crate::config::{Config, ConfigError, DependencyConfig, ListenerConfig};
+use crate::config::{Config, ConfigError, DependencyConfig, ListenerConfig, ListenerProtocol};
 use crate::control::{Control, ReloadAsk};
 use crate::metrics::{DepLabels, Metrics, ResultLabels};
 use crate::monitor::{self, CANCEL_GRACE};
@@ -173,9 +173,10 @@ pub fn diff(old: &Config, new: &Config) -> Plan {
 }
 
 /// The settings of a listener that differ and that a reload does not apply
-/// (key, what): its socket, and the app's address and protocol, which the
-/// worker's upstream connections are made for. Everything else is taken by
-/// each request or connection from the config in force when it starts.
+/// (key, what): its socket, and for an HTTP listener the app's address and
+/// protocol, which each worker's pooled or multiplexed app connections are
+/// made for. Everything else, a TCP listener's `upstream` included, is taken
+/// by each request or connection from the config in force when it starts.
 fn listener_changes(o: &ListenerConfig, n: &ListenerConfig) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     let mut check = |key: &'static str, same: bool| {
@@ -186,8 +187,10 @@ fn listener_changes(o: &ListenerConfig, n: &ListenerConfig) -> Vec<(&'static str
     check("name", o.name == n.name);
     check("protocol", o.protocol == n.protocol);
     check("listen", o.listen == n.listen);
-    check("upstream", o.upstream == n.upstream);
-    check("upstream_protocol", o.http.upstream_protocol == n.http.upstream_protocol);
+    if o.protocol == ListenerProtocol::Http {
+        check("upstream", o.upstream == n.upstream);
+        check("upstream_protocol", o.http.upstream_protocol == n.http.upstream_protocol);
+    }
     out
 }
 
@@ -562,7 +565,7 @@ mod tests {
              http2_max_concurrent_streams: 10\n    http2_max_pending_accept_reset_streams: 5\n    \
              via: false\n    x_forwarded_for: false\n    x_forwarded_proto: false\n    http2: false\n    \
              abort_on_client_close: true\n  \
-             - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:1\n    connect_timeout: 1s\n    \
+             - name: l4\n    protocol: tcp\n    listen: 127.0.0.1:0\n    upstream: broker:5672\n    connect_timeout: 1s\n    \
              reject_delay: 2s\n    reject_hold_max: 9\n    max_connections: 3\n    on_outage: close_existing\n"
         ));
         let p = diff(&a, &b);

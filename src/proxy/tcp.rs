@@ -133,7 +133,7 @@ async fn watch_outages(worker: Rc<Worker>) {
 /// A worker's state for one listener: metric handles resolved once, the
 /// buffer pool and the signal that closes existing connections.
 struct Worker {
-    /// The context at start: the listener's name and app address (a reload refuses to change them).
+    /// The context at start: the listener's name (a reload refuses to change it).
     ctx: Arc<ListenerCtx>,
     /// The context in force: what an admission needs.
     live: LiveCtx,
@@ -391,7 +391,7 @@ async fn connection(worker: Rc<Worker>, client: TcpStream, peer: SocketAddr, per
     let mut stop = worker.stop.subscribe();
     let connect_deadline = Instant::now() + tcp.connect_timeout;
     let upstream = tokio::select! {
-        r = net::connect(&worker.ctx.config.upstream, connect_deadline) => r,
+        r = net::connect(&config.upstream, connect_deadline) => r,
         _ = cut.changed() => {
             worker.rejected.inc();
             end_client(&client, tcp.reject);
