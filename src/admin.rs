@@ -215,7 +215,10 @@ impl Admin {
                     o.insert("type".into(), json!(d.kind));
                     o.insert("impact".into(), json!(d.impact));
                     // `state` is what gating uses; `checked_state` what the check says.
-                    o.insert("state".into(), json!(self.health.effective(i)));
+                    // Both from the one snapshot `since` and the counts come from: a
+                    // second read could see a verdict published in between, with
+                    // the previous verdict's `since`.
+                    o.insert("state".into(), json!(self.health.effective_of(i, checked)));
                     o.insert("checked_state".into(), json!(checked));
                     o.insert("forced".into(), json!(self.health.force(i)));
                     o.insert("for_seconds".into(), json!(for_seconds));

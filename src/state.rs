@@ -770,10 +770,18 @@ impl Health {
 
     /// The verdict gating uses for dependency `index`: the forced one, else the checked one.
     pub fn effective(&self, index: usize) -> DepHealth {
+        let checked = self.slot(index).map_or(DepHealth::Unknown, |d| d.tx.borrow().state);
+        self.effective_of(index, checked)
+    }
+
+    /// The verdict gating uses for dependency `index` whose check said
+    /// `checked`: callers holding a status snapshot pass its state, so that
+    /// what they show together (state, since, counts) comes from one read.
+    pub fn effective_of(&self, index: usize, checked: DepHealth) -> DepHealth {
         match self.force(index) {
             Some(Force::Up) => DepHealth::Up,
             Some(Force::Down) => DepHealth::Down,
-            None => self.slot(index).map_or(DepHealth::Unknown, |d| d.tx.borrow().state),
+            None => checked,
         }
     }
 
@@ -1016,6 +1024,19 @@ mod tests {
         h.set_force(0, Some(Force::Up));
         assert_eq!(h.admission(0b1), Admission::Admit);
         assert_eq!(h.compute_service_state(), ServiceState::InService);
+    }
+
+    #[test]
+    fn the_state_shown_with_a_snapshot_is_the_snapshots_after_a_later_publish() {
+        let h = health(&[("db", "out_of_service")]);
+        set(&h, 0, DepHealth::Up);
+        let snapshot = h.deps()[0].status();
+        set(&h, 0, DepHealth::Down);
+        // What `/status` shows beside the snapshot's `since` and counts.
+        assert_eq!(h.effective_of(0, snapshot.state), DepHealth::Up);
+        assert_eq!(h.effective(0), DepHealth::Down);
+        h.set_force(0, Some(Force::Down));
+        assert_eq!(h.effective_of(0, snapshot.state), DepHealth::Down, "an override still decides");
     }
 
     #[test]
