@@ -328,13 +328,16 @@ mod tests {
         assert_eq!(jittered(two, 0.0, 0.9), two);
     }
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
     const SCHEDULE: Schedule =
         Schedule { interval: Duration::from_secs(2), interval_down: Duration::from_secs(1), jitter: 0.1 };
 
     #[test]
     fn while_up_checks_start_a_jittered_interval_after_the_last_start() {
         let t0 = Instant::now();
-        let ms = |n| Duration::from_millis(n);
         assert_eq!(SCHEDULE.next_start(t0, t0 + ms(50), Up, false, 0.5), t0 + ms(2000));
         assert_eq!(SCHEDULE.next_start(t0, t0 + ms(50), Up, true, 0.0), t0 + ms(1800));
         assert_eq!(SCHEDULE.next_start(t0, t0 + ms(50), Unknown, false, 0.75), t0 + ms(2100));
@@ -343,7 +346,6 @@ mod tests {
     #[test]
     fn going_down_draws_a_phase_within_one_interval_down() {
         let t0 = Instant::now();
-        let ms = |n| Duration::from_millis(n);
         let end = t0 + ms(300);
         assert_eq!(SCHEDULE.next_start(t0, end, Down, true, 0.0), end);
         assert_eq!(SCHEDULE.next_start(t0, end, Down, true, 0.25), end + ms(250));
@@ -353,7 +355,6 @@ mod tests {
     #[test]
     fn while_down_the_phase_is_kept_at_a_fixed_period() {
         let t0 = Instant::now();
-        let ms = |n| Duration::from_millis(n);
         // The draw does not move a check that ended within its period.
         for draw in [0.0, 0.5, 0.99] {
             assert_eq!(SCHEDULE.next_start(t0, t0 + ms(400), Down, false, draw), t0 + ms(1000));
@@ -363,7 +364,6 @@ mod tests {
     #[test]
     fn a_check_that_overran_its_period_while_down_draws_a_new_phase() {
         let t0 = Instant::now();
-        let ms = |n| Duration::from_millis(n);
         let end = t0 + ms(1500);
         assert_eq!(SCHEDULE.next_start(t0, end, Down, false, 0.0), end);
         assert_eq!(SCHEDULE.next_start(t0, end, Down, false, 0.6), end + ms(600));
@@ -373,7 +373,6 @@ mod tests {
     fn jitter_zero_keeps_a_fixed_schedule_while_down() {
         let fixed = Schedule { jitter: 0.0, ..SCHEDULE };
         let t0 = Instant::now();
-        let ms = |n| Duration::from_millis(n);
         assert_eq!(fixed.next_start(t0, t0 + ms(100), Down, true, 0.7), t0 + ms(1000));
         assert_eq!(fixed.next_start(t0, t0 + ms(100), Up, true, 0.7), t0 + ms(2000));
     }
