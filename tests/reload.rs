@@ -476,6 +476,56 @@ fn a_reload_applies_new_timeouts_and_limits_to_later_requests_and_connections() 
     });
 }
 
+/// A TCP listener's `upstream` changed by a reload: new sessions go to the
+/// new address, a session already open stays with the one it connected to.
+#[test]
+fn a_tcp_listeners_reloaded_upstream_takes_new_sessions_and_open_ones_stay() {
+    use std::io::{Read, Write};
+    // Each server answers every chunk with its name and the chunk.
+    let server = |name: &'static [u8]| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n @ 1..) = s.read(&mut buf) {
+                        if s.write_all(&[name, &buf[..n]].concat()).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    };
+    let (a, b) = (server(b"A"), server(b"B"));
+    let config = |up: SocketAddr| {
+        format!(
+            "workers: 1\nadmin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: l4\n    protocol: tcp\n    \
+             listen: 127.0.0.1:0\n    upstream: \"{up}\"\n"
+        )
+    };
+    let ask = |s: &mut std::net::TcpStream| {
+        s.write_all(b"?").unwrap();
+        let mut reply = [0u8; 2];
+        s.read_exact(&mut reply).expect("a reply through the listener");
+        String::from_utf8_lossy(&reply).to_string()
+    };
+    let session = |addr| {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(STEP)).unwrap();
+        s
+    };
+    let hg = Healthgate::start(&config(a));
+    hg.wait_state("in_service", WITHIN);
+    let mut open = session(hg.listeners[0]);
+    assert_eq!(ask(&mut open), "A?");
+    reload_with(&hg, &config(b), "HUP");
+    assert_eq!(ask(&mut session(hg.listeners[0])), "B?", "a new session goes to the new upstream");
+    assert_eq!(ask(&mut open), "A?", "the open session stays with its upstream");
+}
+
 #[test]
 fn healthgate_ctl_reload_applies_the_file_and_exits_1_when_refused() {
     let dir = tempfile::tempdir().unwrap();
