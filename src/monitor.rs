@@ -199,7 +199,7 @@ fn first_check_delay(interval: Duration, jitter: f64) -> Duration {
 struct Schedule {
     interval: Duration,
     interval_down: Duration,
-    /// ±fraction of `interval` while up; 0 turns every randomness off.
+    /// ±fraction of each interval; 0 turns every randomness off.
     jitter: f64,
 }
 
@@ -208,22 +208,24 @@ impl Schedule {
     /// ended at `now` with the verdict `state` (`changed`: that check changed
     /// it). `draw` is uniform in [0, 1).
     ///
-    /// While up, each interval is spread by ±`jitter`. While down, the checks
-    /// keep a fixed period of `interval_down` at a random phase, drawn when
-    /// the dependency goes down and again after a check that overran its
-    /// period: a fleet's checks then sit uniformly over one `interval_down`,
-    /// so when the dependency returns the replicas reconnect spread evenly
-    /// over one interval (not in a burst), every one within `interval_down`
-    /// of the return. A server that releases every waiting client at once (a
-    /// backlog accepted together, a black hole lifted) ends checks together;
-    /// the redraw after the overrun spreads them again. A fresh random wait
-    /// each round would not be uniform: its next-arrival density peaks just
-    /// after the return.
+    /// Each interval (`interval`, or `interval_down` while down) is spread by
+    /// ±`jitter`. Going down, and after a check that overran its interval,
+    /// the next check comes at a random point of one `interval_down`: a
+    /// fleet's down checks then sit evenly over that interval (from any
+    /// instant, the next arrival is uniform over `(1 − jitter) ×
+    /// interval_down` and fades out by `(1 + jitter) × interval_down`), so
+    /// when the dependency returns the replicas reconnect spread over one
+    /// interval, not in a burst, each within `(1 + jitter) × interval_down`.
+    /// A server that releases every waiting client at once (a backlog
+    /// accepted together, a black hole lifted) ends checks together; the
+    /// redraw after the overrun spreads them again, and the jitter keeps
+    /// phases drifting apart. A wide spread each round (±50 %) would not be
+    /// even: its next-arrival density falls from half an interval on.
     fn next_start(&self, started: Instant, now: Instant, state: DepHealth, changed: bool, draw: f64) -> Instant {
         match state {
             DepHealth::Down if self.jitter > 0.0 => {
-                let slot = started + self.interval_down;
-                if changed || slot <= now { now + self.interval_down.mul_f64(draw) } else { slot }
+                let next = started + jittered(self.interval_down, self.jitter, draw);
+                if changed || next <= now { now + self.interval_down.mul_f64(draw) } else { next }
             }
             DepHealth::Down => started + self.interval_down,
             _ => started + jittered(self.interval, self.jitter, draw),
@@ -353,16 +355,15 @@ mod tests {
     }
 
     #[test]
-    fn while_down_the_phase_is_kept_at_a_fixed_period() {
+    fn while_down_checks_start_a_jittered_interval_down_after_the_last_start() {
         let t0 = Instant::now();
-        // The draw does not move a check that ended within its period.
-        for draw in [0.0, 0.5, 0.99] {
-            assert_eq!(SCHEDULE.next_start(t0, t0 + ms(400), Down, false, draw), t0 + ms(1000));
-        }
+        assert_eq!(SCHEDULE.next_start(t0, t0 + ms(400), Down, false, 0.0), t0 + ms(900));
+        assert_eq!(SCHEDULE.next_start(t0, t0 + ms(400), Down, false, 0.5), t0 + ms(1000));
+        assert!(SCHEDULE.next_start(t0, t0 + ms(400), Down, false, 0.999_999) < t0 + ms(1100));
     }
 
     #[test]
-    fn a_check_that_overran_its_period_while_down_draws_a_new_phase() {
+    fn a_check_that_overran_its_interval_while_down_draws_a_new_phase() {
         let t0 = Instant::now();
         let end = t0 + ms(1500);
         assert_eq!(SCHEDULE.next_start(t0, end, Down, false, 0.0), end);
@@ -377,29 +378,34 @@ mod tests {
         assert_eq!(fixed.next_start(t0, t0 + ms(100), Up, true, 0.7), t0 + ms(2000));
     }
 
-    /// The point of a kept phase: a fleet that went down at random moments
-    /// reconnects evenly over one interval_down after the return. Replays
-    /// 2 000 replicas' schedules with made-up instants.
+    /// The point of the schedule: a fleet that went down at random moments
+    /// reconnects evenly over one interval_down after the return, all within
+    /// (1 + jitter) × interval_down. Replays 2 000 replicas' schedules with
+    /// made-up instants.
     #[test]
     fn a_fleet_that_went_down_at_random_moments_returns_evenly_over_one_interval_down() {
         let t0 = Instant::now();
         let mut rng = rand::rng();
         let back = t0 + Duration::from_secs(10);
-        let mut bins = [0u32; 10];
+        let mut bins = [0u32; 11];
         for _ in 0..2000 {
             // Down at a random moment within the first 2 s; failing checks take 5 ms.
             let mut started = t0 + Duration::from_secs(2).mul_f64(rng.random_range(0.0..1.0));
             let mut changed = true;
             while started < back {
-                let end = started + Duration::from_millis(5);
+                let end = started + ms(5);
                 started = SCHEDULE.next_start(started, end, Down, changed, rng.random_range(0.0..1.0));
                 changed = false;
             }
             let after = started - back;
-            assert!(after < SCHEDULE.interval_down, "{after:?}");
+            assert!(after < ms(1100), "{after:?}");
             bins[(after.as_millis() / 100) as usize] += 1;
         }
-        // 200 expected per 100 ms: a peak after the return would overfill the first bins.
-        assert!(bins.iter().all(|&n| (140..=260).contains(&n)), "{bins:?}");
+        // 200 expected in each 100 ms up to 0.9 s; from there the jitter fades
+        // the density out linearly to 1.1 s (150 and 50 expected in the last
+        // two bins). A density that falls earlier, or a peak, would empty or
+        // overfill bins (bounds ±4.5 standard deviations).
+        assert!(bins[..9].iter().all(|&n| (140..=260).contains(&n)), "{bins:?}");
+        assert!((100..=200).contains(&bins[9]) && (15..=90).contains(&bins[10]), "{bins:?}");
     }
 }
