@@ -844,11 +844,15 @@ def report(started, info, idle, slow, h2_note, cmd):
         md.append(f"- {k}: {v}")
     md.append(f"- loadavg_at_end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
     md.append(f"- command: `{cmd}`")
-    md.append(f"- load: wrk -t1 (-t2 in the 2-worker rows), keep-alive, {DURATION} s per run, {REPEATS} runs per cell, "
-              "interleaved; medians shown (CPU µs/req of every run in brackets); user and sys from /proc/PID/stat; "
-              "floor = bench/floor.c (same syscalls, no HTTP work)\n")
-    md.append("| path | conns | proxy | req/s | p50 µs | p99 µs | p99.9 µs | CPU µs/req | user µs/req | sys µs/req | peak RSS MiB |")
-    md.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    if rows:
+        md.append(f"- load: wrk -t1 (-t2 in the 2-worker rows), keep-alive, {DURATION} s per run, {REPEATS} runs per "
+                  "cell, interleaved; medians shown (CPU µs/req of every run in brackets); user and sys from "
+                  "/proc/PID/stat; floor = bench/floor.c (same syscalls, no HTTP work)\n")
+        md.append("| path | conns | proxy | req/s | p50 µs | p99 µs | p99.9 µs | CPU µs/req | user µs/req | sys µs/req "
+                  "| peak RSS MiB |")
+        md.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    else:
+        md.append("")
     for scenario, conns, hg, ha, fl in rows:
         for name, a in (("healthgate", hg), ("HAProxy", ha), ("floor", fl)):
             if a is None:
