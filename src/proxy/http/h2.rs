@@ -45,7 +45,7 @@ use super::body::{Kind, ReqBody, ResBody};
 use super::conn::{Busy, Conn, IoState};
 use super::headers::{CHUNKED_VALUE, prepare_request, prepare_response};
 use super::target::canonicalize;
-use super::{AppTimeouts, BAD_GATEWAY_BODY, BAD_REQUEST_BODY, GATEWAY_TIMEOUT_BODY, TOO_LARGE_BODY, Worker};
+use super::{AppTimeouts, BAD_GATEWAY_BODY, BAD_REQUEST_BODY, GATEWAY_TIMEOUT_BODY, Limits, TOO_LARGE_BODY, Worker};
 use crate::config::UpstreamProtocol;
 use crate::grpc::status::{self as grpc, LocalStatus};
 use crate::metrics::{Outcome, RouteMetrics};
@@ -165,6 +165,7 @@ pub(super) async fn sniff(stream: &TcpStream, deadline: Option<Instant>) -> Snif
 /// end of the worker).
 pub(super) async fn connection(
     w: Rc<Worker>,
+    limits: Rc<Limits>,
     permit: Permit,
     stream: TcpStream,
     peer: HeaderValue,
@@ -180,7 +181,6 @@ pub(super) async fn connection(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(conn, req).await) }
     });
-    let limits = w.limits();
     let mut http = std::pin::pin!(limits.h2_server.serve_connection(TokioIo::new(stream), svc));
     let mut drain_seen = drain.borrow_and_update().is_some();
     if drain_seen {

@@ -353,7 +353,7 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
                 // Boxed: inline, the HTTP/2 session's state would size every
                 // HTTP/1.1 connection's task too (about twice what it needs
                 // while it waits for a head).
-                let session = h2::connection(w, permit, stream, conn::peer_value(peer.ip()), drain);
+                let session = h2::connection(w, limits, permit, stream, conn::peer_value(peer.ip()), drain);
                 return Box::pin(session).await;
             }
             h2::Sniffed::Closed => return,
@@ -363,7 +363,7 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
     // The first head's `header_read_timeout` counts from the accept, the
     // wait for the first bytes included.
     let client = ParkedConn { stream, permit, peer: peer.ip(), idle_since: opened };
-    serve_http1(w, client, Arc::new(IoState::new(opened)), drain).await;
+    serve_http1(w, limits, client, Arc::new(IoState::new(opened)), drain).await;
 }
 
 /// Serves HTTP/1.1 on a client connection until it closes, idles out, is
@@ -375,16 +375,21 @@ async fn connection(w: Rc<Worker>, permit: Permit, stream: TcpStream, peer: Sock
 /// it waits). When the connection has been idle for [`PARK_AFTER`], hyper is
 /// shut down without touching the socket (the client sees nothing) and the
 /// socket goes to the lot, which gives it a new task when the client sends
-/// its next request ([`attend_lot`]).
-async fn serve_http1(w: Rc<Worker>, client: ParkedConn, state: Arc<IoState>, mut drain: DrainSignal) {
+/// its next request ([`attend_lot`]). `limits` are the connection's
+/// timeouts and limits until it is parked (a reload applies to it when it
+/// comes back).
+async fn serve_http1(
+    w: Rc<Worker>,
+    limits: Rc<Limits>,
+    client: ParkedConn,
+    state: Arc<IoState>,
+    mut drain: DrainSignal,
+) {
     let ParkedConn { stream, permit, peer: ip, .. } = client;
     // This task writes the app's 1xx responses (`conn::relay_informational`).
     let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
     state.informational.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waker = Some(waker);
     let mut conn = Rc::new(Conn::new(w.clone(), state.clone(), conn::peer_value(ip), permit));
-    // This connection's timeouts and limits until it is parked (a reload
-    // applies to it when it comes back).
-    let limits = w.limits();
     let timer = tokio::time::sleep(limits.timer.tick);
     tokio::pin!(timer);
     let mut drain_seen = drain.borrow_and_update().is_some();
@@ -445,18 +450,20 @@ async fn attend_lot(w: Rc<Worker>, mut drain: DrainSignal) {
     let mut drain_seen = drain.borrow_and_update().is_some();
     loop {
         // Parked connections follow the idle timeout in force.
-        let timer_config = w.limits().timer;
-        let due = lot.borrow_mut().next_due(&timer_config, drain_idle(&w));
+        let limits = w.limits();
+        let due = lot.borrow_mut().next_due(&limits.timer, drain_idle(&w));
         timer.as_mut().reset(due.unwrap_or_else(far));
         tokio::select! {
             ready = std::future::poll_fn(|cx| lot.borrow_mut().poll_woken(cx)) => {
+                // Returning connections take the settings in force now.
+                let limits = w.limits();
                 for client in ready {
                     let state = Arc::new(IoState::unparked(client.idle_since));
-                    tokio::task::spawn_local(serve_http1(w.clone(), client, state, drain.clone()));
+                    tokio::task::spawn_local(serve_http1(w.clone(), limits.clone(), client, state, drain.clone()));
                 }
             }
             _ = timer.as_mut() => {
-                let closed = lot.borrow_mut().close_due(Instant::now(), &timer_config, drain_idle(&w));
+                let closed = lot.borrow_mut().close_due(Instant::now(), &limits.timer, drain_idle(&w));
                 debug!(closed, "parked connections idled out");
             }
             r = drain.changed(), if !drain_seen => {
